@@ -1,0 +1,107 @@
+"""`python -m app [serve|check]`: run the gateway, or test the Freelancer credentials."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+import uvicorn
+
+from app.config import Settings
+from app.errors import (
+    UpstreamAuthError,
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamRateLimited,
+    UpstreamTimeout,
+    UserNotFound,
+)
+from app.upstream import FreelancerClient, create_http_client
+
+CHECK_USER_ID = 1
+
+
+def configure_logging(level: str) -> None:
+    """One log format for the app and uvicorn, at LOG_LEVEL."""
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", force=True
+    )
+
+
+def serve(settings: Settings) -> None:
+    """Serve on HOST:PORT until SIGINT/SIGTERM."""
+    from app.main import create_app
+
+    configure_logging(settings.log_level)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        access_log=settings.access_log,
+        timeout_graceful_shutdown=int(settings.shutdown_grace_s) or None,
+    )
+
+
+async def check(settings: Settings, user_id: int) -> int:
+    """Call Freelancer once and print a one-line verdict; 0 when it answered."""
+    token = settings.freelancer_oauth_token is not None
+    client_id = settings.freelancer_client_id is not None
+    if token:
+        print("credentials: FREELANCER_OAUTH_TOKEN is set")
+    elif client_id:
+        print("credentials: FREELANCER_CLIENT_ID is set (no OAuth token)")
+    elif settings.freelancer_api_base is None:
+        print(
+            "FAIL not configured: set FREELANCER_OAUTH_TOKEN (or FREELANCER_CLIENT_ID) in the "
+            "environment or .env; without them the gateway runs in demo mode on its simulator"
+        )
+        return 2
+    else:
+        print("credentials: none set; calling FREELANCER_API_BASE without them")
+    print(f"calling {settings.upstream_base}/{user_id}/ ...")
+    async with create_http_client(settings) as http:
+        client = FreelancerClient(http, base_url=settings.upstream_base)
+        try:
+            user = await client.fetch_user(user_id)
+        except UserNotFound:
+            print(f"OK Freelancer answered (user {user_id} does not exist)")
+            return 0
+        except UpstreamAuthError as exc:
+            if "401" in exc.message:
+                print(f"FAIL 401: the token is invalid or expired ({exc.message})")
+            else:
+                print(f"FAIL 403: the token lacks permissions or is rate limited ({exc.message})")
+            return 1
+        except UpstreamRateLimited as exc:
+            print(f"FAIL 429: rate limited; retry after {exc.retry_after:.0f} s")
+            return 1
+        except (UpstreamConnectError, UpstreamTimeout) as exc:
+            print(f"FAIL network: {exc.message}; check the network and FREELANCER_API_BASE")
+            return 1
+        except UpstreamError as exc:
+            print(f"FAIL upstream: {exc.message}")
+            return 1
+    print(f"OK Freelancer answered: user {user.user_id} is {user.username!r}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the command line and run it."""
+    parser = argparse.ArgumentParser(prog="python -m app", description=__doc__)
+    commands = parser.add_subparsers(dest="command")
+    commands.add_parser("serve", help="run the gateway (the default)")
+    check_cmd = commands.add_parser("check", help="test the Freelancer credentials")
+    check_cmd.add_argument("--user-id", type=int, default=CHECK_USER_ID)
+    args = parser.parse_args(argv)
+    settings = Settings()
+    if args.command == "check":
+        return asyncio.run(check(settings, args.user_id))
+    serve(settings)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""Settings, read from the environment and `.env`.
+
+There is no module-level instance: `Settings()` is built by whoever starts the service
+(`app.main`, `python -m app`), and tests build their own.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+FREELANCER_USERS_API = "https://www.freelancer.com/api/users/0.1/users"
+
+UpstreamKind = Literal["freelancer", "simulator"]
+
+
+class Settings(BaseSettings):
+    """Every setting of the gateway; `.env.template` documents each one."""
+
+    model_config = SettingsConfigDict(
+        env_file=".env", env_file_encoding="utf-8", extra="ignore", case_sensitive=False
+    )
+
+    # Serving
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    access_log: bool = False
+    max_users_per_request: int = Field(100, ge=1, le=1000)
+    max_body_bytes: int = Field(64 * 1024, ge=1024)
+    wait_timeout_s: float = Field(10.0, gt=0)
+    shutdown_grace_s: float = Field(10.0, ge=0)
+
+    # Store: MongoDB when MONGODB_URL is set, else SQLite at SQLITE_PATH.
+    mongodb_url: SecretStr | None = None
+    database_name: str = "user_crawler"
+    sqlite_path: Path = Path("./data/users.db")
+    store_timeout_s: float = Field(5.0, gt=0)
+    store_save_attempts: int = Field(3, ge=1)
+
+    # Freelancer
+    freelancer_api_base: str | None = None
+    freelancer_oauth_token: SecretStr | None = None
+    freelancer_client_id: str | None = None
+    upstream_timeout_s: float = Field(30.0, gt=0)
+    upstream_max_attempts: int = Field(3, ge=1)
+    upstream_backoff_s: float = Field(0.5, ge=0)
+    upstream_concurrency: int = Field(4, ge=1)
+    upstream_rate_per_min: float = Field(50.0, gt=0)
+    upstream_burst: int = Field(10, ge=1)
+    simulator_latency_ms: float = Field(100.0, ge=0)
+
+    # Batching and bounds
+    batch_size: int = Field(100, ge=1, le=100)
+    batch_window_ms: float = Field(5.0, ge=0)
+    queue_max: int = Field(1000, ge=1)
+    max_waiters_per_id: int = Field(1000, ge=1)
+
+    # Failure handling
+    breaker_failures: int = Field(5, ge=1)
+    breaker_cooldown_s: float = Field(30.0, gt=0)
+    not_found_ttl_s: float = Field(3600.0, ge=0)
+    error_ttl_s: float = Field(30.0, ge=0)
+    negative_cache_size: int = Field(100_000, ge=1)
+
+    # Freshness and memory
+    cache_ttl_s: float = Field(86400.0, gt=0)
+    stale_if_error_s: float = Field(3600.0, ge=0)
+    refresh_interval_s: float = Field(0.0, ge=0)
+    memory_cache_size: int = Field(100_000, ge=1000)
+
+    @model_validator(mode="after")
+    def _check_bounds(self) -> Settings:
+        if self.queue_max < self.max_users_per_request:
+            raise ValueError("QUEUE_MAX must be at least MAX_USERS_PER_REQUEST")
+        return self
+
+    @property
+    def upstream_kind(self) -> UpstreamKind:
+        """`simulator` (demo mode) when no credentials and no API base are configured."""
+        if (
+            self.freelancer_oauth_token is None
+            and self.freelancer_client_id is None
+            and self.freelancer_api_base is None
+        ):
+            return "simulator"
+        return "freelancer"
+
+    @property
+    def upstream_base(self) -> str:
+        """The users endpoint the gateway calls (`.../users/0.1/users`)."""
+        return (self.freelancer_api_base or FREELANCER_USERS_API).rstrip("/")
+
+    @property
+    def store_kind(self) -> Literal["mongodb", "sqlite"]:
+        """`mongodb` when MONGODB_URL is set, else the embedded `sqlite` store."""
+        return "mongodb" if self.mongodb_url is not None else "sqlite"

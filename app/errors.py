@@ -1,0 +1,133 @@
+"""The gateway's exceptions, and the status code and JSON body each maps to.
+
+    GatewayError
+    ├── InvalidRequest         400/422  the client sent something we cannot serve
+    ├── UserNotFound           404      Freelancer says there is no such user
+    ├── Overloaded             503      a bound was hit; retry after `retry_after` s
+    ├── ShuttingDown           503      the process is draining
+    ├── StoreUnavailable       503      the store could not be read or written
+    ├── UserUnavailable        503/504  one id could not be fetched (single-user endpoint)
+    └── UpstreamError                   a call to Freelancer failed (never reaches a client)
+        ├── UpstreamTimeout
+        ├── UpstreamConnectError
+        ├── UpstreamServerError         5xx
+        ├── UpstreamBadResponse         malformed JSON or an unexpected shape
+        ├── UpstreamRateLimited         429, with `retry_after`
+        ├── UpstreamAuthError           401/403: credentials, not retried
+        ├── UpstreamRejected            another 4xx: not retried
+        └── UpstreamCircuitOpen         the breaker is open: no call was made
+
+This module knows status codes but not FastAPI: `app.main` installs the one handler that
+turns any `GatewayError` into a response with `status_code` and `body()`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class GatewayError(Exception):
+    """Base of every error the gateway raises on purpose."""
+
+    status_code = 500
+    code = "internal_error"
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after = retry_after
+
+    def body(self) -> dict[str, Any]:
+        """The JSON error body: `{"error": code, "detail": message}`."""
+        return {"error": self.code, "detail": self.message}
+
+
+class InvalidRequest(GatewayError):
+    status_code = 422
+    code = "invalid_request"
+
+    def __init__(self, message: str, *, status_code: int = 422) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+
+
+class UserNotFound(GatewayError):
+    status_code = 404
+    code = "not_found"
+
+
+class Overloaded(GatewayError):
+    status_code = 503
+    code = "overloaded"
+
+
+class ShuttingDown(GatewayError):
+    status_code = 503
+    code = "shutting_down"
+
+
+class StoreUnavailable(GatewayError):
+    status_code = 503
+    code = "store_unavailable"
+
+
+class UserUnavailable(GatewayError):
+    """One id could not be answered: 504 when it timed out, 503 when upstream is failing."""
+
+    code = "unavailable"
+
+    def __init__(self, message: str, *, reason: str, status_code: int) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.status_code = status_code
+
+    def body(self) -> dict[str, Any]:
+        return {**super().body(), "reason": self.reason}
+
+
+class UpstreamError(GatewayError):
+    """A call to Freelancer failed. `retryable` says whether trying again can help."""
+
+    status_code = 502
+    code = "upstream_error"
+    retryable = True
+    reason = "upstream_error"
+
+
+class UpstreamTimeout(UpstreamError):
+    reason = "timeout"
+
+
+class UpstreamConnectError(UpstreamError):
+    pass
+
+
+class UpstreamServerError(UpstreamError):
+    pass
+
+
+class UpstreamBadResponse(UpstreamError):
+    pass
+
+
+class UpstreamRateLimited(UpstreamError):
+    reason = "rate_limited"
+
+
+class UpstreamAuthError(UpstreamError):
+    retryable = False
+    reason = "auth"
+
+
+class UpstreamRejected(UpstreamError):
+    """Freelancer refused the request itself (a 4xx other than 401/403/429)."""
+
+    retryable = False
+    status: int = 400
+
+
+class UpstreamCircuitOpen(UpstreamError):
+    """The circuit breaker refused the call: Freelancer has been failing."""
+
+    retryable = False
+    reason = "breaker_open"

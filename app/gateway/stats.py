@@ -1,0 +1,40 @@
+"""Counters since start, read by `/api/stats` and exported to Prometheus at scrape time."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass(slots=True)
+class GatewayStats:
+    """Plain integer counters: incrementing one costs the hot path nothing measurable."""
+
+    requests: int = 0
+    ids_requested: int = 0
+    cache_hits: int = 0
+    stale_hits: int = 0
+    cache_misses: int = 0
+    fetched: int = 0
+    coalesced: int = 0
+    not_found: int = 0
+    negative_hits: int = 0
+    unavailable: int = 0
+    unavailable_reasons: Counter[str] = field(default_factory=Counter)
+    upstream_calls: int = 0
+    upstream_users_fetched: int = 0
+    upstream_ids_requested: int = 0
+    upstream_errors: int = 0
+    upstream_retries: int = 0
+    refreshes_queued: int = 0
+    shed: int = 0
+    store_errors: int = 0
+    store_save_failures: int = 0
+    worker_restarts: int = 0
+
+    def snapshot(self) -> dict[str, Any]:
+        """All counters as a JSON-ready dict."""
+        data = asdict(self)
+        data["unavailable_reasons"] = dict(self.unavailable_reasons)
+        return data

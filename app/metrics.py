@@ -1,0 +1,77 @@
+"""Prometheus metrics, read from the gateway's counters at scrape time (free on the hot path)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from app.gateway import Gateway
+
+COUNTERS = {
+    "requests": "User lookup requests served.",
+    "ids_requested": "Ids asked for, after folding duplicates.",
+    "cache_hits": "Ids answered fresh from memory or the store.",
+    "stale_hits": "Ids answered with a stale copy while a refresh runs.",
+    "cache_misses": "Ids that needed Freelancer.",
+    "fetched": "Ids whose fetch a request started.",
+    "coalesced": "Ids that joined a fetch already in flight.",
+    "not_found": "Ids answered as not existing.",
+    "negative_hits": "Ids answered not found from the negative cache.",
+    "unavailable": "Ids answered unavailable.",
+    "upstream_calls": "HTTP calls to Freelancer.",
+    "upstream_users_fetched": "Users Freelancer returned.",
+    "upstream_ids_requested": "Ids sent to Freelancer.",
+    "upstream_errors": "Failed calls to Freelancer.",
+    "upstream_retries": "Retried calls to Freelancer.",
+    "refreshes_queued": "Background refreshes queued.",
+    "shed": "Requests refused with 503 because a bound was hit.",
+    "store_errors": "Store reads that failed.",
+    "store_save_failures": "Store saves that failed.",
+    "worker_restarts": "Times the fetch worker was restarted.",
+}
+
+
+class GatewayCollector(Collector):
+    """Exports the gateway's counters and gauges under `gateway_`."""
+
+    def __init__(self, gateway: Callable[[], Gateway | None]) -> None:
+        self._gateway = gateway
+
+    def collect(self) -> Iterator[Metric]:
+        gateway = self._gateway()
+        if gateway is None:
+            return
+        stats = gateway.stats
+        for name, doc in COUNTERS.items():
+            yield CounterMetricFamily(f"gateway_{name}", doc, value=getattr(stats, name))
+        reasons = CounterMetricFamily(
+            "gateway_unavailable_by_reason",
+            "Ids answered unavailable, by reason.",
+            labels=["reason"],
+        )
+        for reason, count in stats.unavailable_reasons.items():
+            reasons.add_metric([reason], count)
+        yield reasons
+        for name, doc, value in (
+            ("queue_size", "Ids waiting for the worker.", gateway.queue_size),
+            ("processing", "Ids with a fetch in flight.", gateway.processing_count),
+            ("memory_cache_users", "Users in the in-memory LRU.", gateway.memory_cache_size),
+            ("healthy", "1 when healthy, 0 when degraded.", 0 if gateway.problems() else 1),
+        ):
+            yield GaugeMetricFamily(f"gateway_{name}", doc, value=value)
+        state = GaugeMetricFamily(
+            "gateway_upstream_state", "1 for the upstream's current state.", labels=["state"]
+        )
+        for name in ("ok", "throttled", "open"):
+            state.add_metric([name], 1 if gateway.upstream_state == name else 0)
+        yield state
+
+
+def create_registry(gateway: Callable[[], Gateway | None]) -> CollectorRegistry:
+    """A registry of this app's own (not the process-global one, so apps can coexist)."""
+    registry = CollectorRegistry()
+    registry.register(GatewayCollector(gateway))
+    return registry

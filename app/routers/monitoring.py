@@ -1,0 +1,90 @@
+"""Health, queue and stats for operators, and Prometheus metrics."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from app.dependencies import GatewayDep
+from app.errors import StoreUnavailable
+from app.models import ErrorResponse, Health, QueueInfo, Stats
+
+router = APIRouter(tags=["monitoring"])
+
+
+@router.get("/", response_model=Health, summary="Health")
+async def health(gateway: GatewayDep) -> Health:
+    """Whether the service is healthy, which store and upstream it uses, and its queue."""
+    problems = gateway.problems()
+    return Health(
+        status="degraded" if problems else "healthy",
+        problems=problems,
+        queue_size=gateway.queue_size,
+        processing_count=gateway.processing_count,
+        store=gateway.settings.store_kind,
+        upstream=gateway.settings.upstream_kind,
+        upstream_state=gateway.upstream_state,
+    )
+
+
+@router.get("/healthz", summary="Liveness", response_model=dict[str, str])
+async def liveness() -> dict[str, str]:
+    """200 while the process serves HTTP."""
+    return {"status": "alive"}
+
+
+@router.get(
+    "/readyz",
+    summary="Readiness",
+    response_model=dict[str, str],
+    responses={503: {"model": ErrorResponse}},
+)
+async def readiness(gateway: GatewayDep) -> dict[str, str]:
+    """200 when the store answers; 503 naming the store's setting when it does not."""
+    try:
+        await gateway.store.ping()
+    except StoreUnavailable:
+        gateway.store_ready = False
+        raise
+    gateway.store_ready = True
+    return {"status": "ready"}
+
+
+@router.get("/api/queue", response_model=QueueInfo, summary="Queue")
+async def queue(gateway: GatewayDep) -> QueueInfo:
+    """Ids queued and in flight."""
+    return QueueInfo(
+        queue_size=gateway.queue_size,
+        processing_count=gateway.processing_count,
+        currently_processing=gateway.processing_ids(),
+        queue_limit=gateway.settings.queue_max,
+    )
+
+
+@router.get("/api/stats", response_model=Stats, summary="Statistics")
+async def stats(gateway: GatewayDep) -> Stats:
+    """Counters since start and the size of the cache."""
+    try:
+        total: int | None = await gateway.store.count()
+    except StoreUnavailable:
+        total = None
+    return Stats(
+        store=gateway.settings.store_kind,
+        total_users_cached=total,
+        memory_cache_size=gateway.memory_cache_size,
+        queue_size=gateway.queue_size,
+        processing_count=gateway.processing_count,
+        upstream_state=gateway.upstream_state,
+        **gateway.stats.snapshot(),
+    )
+
+
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics",
+    response_class=Response,
+    responses={200: {"content": {"text/plain": {}}}},
+)
+async def metrics(request: Request) -> Response:
+    """The gateway's counters and request latencies in Prometheus' text format."""
+    return Response(generate_latest(request.app.state.registry), media_type=CONTENT_TYPE_LATEST)

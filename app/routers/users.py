@@ -1,0 +1,115 @@
+"""User lookups and cache administration: HTTP in, gateway call, HTTP out."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import orjson
+from fastapi import APIRouter, Path, Request, Response
+
+from app.dependencies import GatewayDep
+from app.errors import UserNotFound, UserUnavailable
+from app.models import (
+    DEFAULT_MAX_IDS,
+    INT64_MAX,
+    ClearExpiredResponse,
+    ErrorResponse,
+    EvictResponse,
+    RevalidateRequest,
+    RevalidateResponse,
+    User,
+    UsersResponse,
+    parse_user_ids,
+    users_request_schema,
+)
+
+router = APIRouter(tags=["users"])
+
+UserIdPath = Annotated[int, Path(ge=1, le=INT64_MAX, description="A Freelancer user id")]
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (400, 413, 422, 503)
+}
+
+
+def json_response(body: Any) -> Response:
+    """Serialize with orjson straight to bytes (no pydantic pass on the hot path)."""
+    return Response(orjson.dumps(body), media_type="application/json")
+
+
+@router.post(
+    "/api/users",
+    response_model=UsersResponse,
+    responses=ERRORS,
+    summary="Look up a batch of users",
+    openapi_extra={"requestBody": users_request_schema(DEFAULT_MAX_IDS)},
+)
+async def lookup_users(request: Request, gateway: GatewayDep) -> Response:
+    """Answer up to MAX_USERS_PER_REQUEST ids from the cache, fetching misses once each."""
+    user_ids = parse_user_ids(await request.body(), max_ids=gateway.settings.max_users_per_request)
+    result = await gateway.lookup(user_ids)
+    return json_response(result.body())
+
+
+@router.get(
+    "/api/users/{user_id}",
+    response_model=User,
+    responses={**ERRORS, 404: {"model": ErrorResponse}, 504: {"model": ErrorResponse}},
+    summary="Look up one user",
+)
+async def lookup_user(user_id: UserIdPath, gateway: GatewayDep) -> Response:
+    """One user: 404 if Freelancer has no such user, 504 if not fetched in time, 503 if failing."""
+    result = await gateway.lookup([user_id])
+    if result.users:
+        return json_response(result.users[0])
+    if result.not_found:
+        raise UserNotFound(f"Freelancer has no user {user_id}")
+    reason = result.errors[str(user_id)]
+    if reason == "timeout":
+        raise UserUnavailable(
+            f"user {user_id} was not fetched within WAIT_TIMEOUT_S; it will be cached when it is",
+            reason=reason,
+            status_code=504,
+        )
+    raise UserUnavailable(
+        f"user {user_id} is unavailable: Freelancer is failing ({reason})",
+        reason=reason,
+        status_code=503,
+    )
+
+
+@router.delete(
+    "/api/users/{user_id}",
+    response_model=EvictResponse,
+    responses=ERRORS,
+    summary="Evict one user from every cache",
+)
+async def evict_user(user_id: UserIdPath, gateway: GatewayDep) -> EvictResponse:
+    """Remove a user from the store, the memory cache and the negative caches."""
+    return EvictResponse(user_id=user_id, evicted=await gateway.evict(user_id))
+
+
+@router.post(
+    "/api/users/revalidate",
+    response_model=RevalidateResponse,
+    responses=ERRORS,
+    status_code=202,
+    summary="Queue background refreshes",
+)
+async def revalidate(body: RevalidateRequest, gateway: GatewayDep) -> RevalidateResponse:
+    """Refresh these ids (or every user older than `older_than_s`) in the background."""
+    if body.user_ids is not None:
+        queued = await gateway.revalidate(list(dict.fromkeys(body.user_ids)))
+    else:
+        queued = await gateway.revalidate_older_than(body.older_than_s or 0.0)
+    return RevalidateResponse(queued=queued)
+
+
+@router.post(
+    "/api/cache/clear-expired",
+    response_model=ClearExpiredResponse,
+    responses=ERRORS,
+    summary="Remove expired users",
+)
+async def clear_expired(gateway: GatewayDep) -> ClearExpiredResponse:
+    """Delete users fetched longer ago than CACHE_TTL_S + STALE_IF_ERROR_S."""
+    return ClearExpiredResponse(removed=await gateway.clear_expired())

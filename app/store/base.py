@@ -1,0 +1,53 @@
+"""The interface every user store implements (SQLite embedded, MongoDB in production)."""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from typing import Protocol
+
+from app.domain import UserRecord
+
+
+class UserStore(Protocol):
+    """Where cached users live; the source of truth behind the in-memory LRU.
+
+    Every method raises `app.errors.StoreUnavailable` (with a message that names the
+    setting to check, `setting`) when the backing database cannot be reached or fails.
+    """
+
+    kind: str
+    """`sqlite` or `mongodb`: shown in `GET /` and `/api/stats`."""
+    setting: str
+    """The setting that points at this store (`SQLITE_PATH`, `MONGODB_URL`), for messages."""
+
+    async def open(self) -> None:
+        """Connect and create the schema / indexes. Safe to call again after a failure."""
+
+    async def close(self) -> None:
+        """Release connections. Safe to call when `open` failed or was never called."""
+
+    async def ping(self) -> None:
+        """Raise StoreUnavailable unless the store answers now."""
+
+    async def get_many(self, user_ids: Collection[int]) -> dict[int, UserRecord]:
+        """The stored users among `user_ids`, in one query; absent ids are left out."""
+        ...
+
+    async def upsert_many(self, users: Sequence[UserRecord]) -> None:
+        """Insert or update users in one round trip; a stored `created_at` is never overwritten."""
+
+    async def delete(self, user_id: int) -> bool:
+        """Remove one user; True when it was there."""
+        ...
+
+    async def count(self) -> int:
+        """How many users are stored."""
+        ...
+
+    async def delete_fetched_before(self, cutoff: float) -> int:
+        """Remove users whose `fetched_at` is before `cutoff` (Unix s); how many went."""
+        ...
+
+    async def fetched_before(self, cutoff: float, *, limit: int) -> list[UserRecord]:
+        """Up to `limit` users whose `fetched_at` is before `cutoff`, oldest first."""
+        ...

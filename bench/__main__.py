@@ -1,0 +1,363 @@
+"""`make bench`: the gateway and the simulator as separate processes on loopback.
+
+Workloads, in order: cold overlap, one miss, warm-up to 100 000 users and memory, hot
+cached batches under wrk, and the same wrk load against a trivial FastAPI handler for
+scale. Prints one table, writes bench/results.json, exits 1 when a target is missed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench.procs import Process, free_port
+
+HERE = Path(__file__).resolve().parent
+SIM_LATENCY_MS = 100.0
+HOT_BATCH = 50
+HOT_CONNECTIONS = 16
+MEMORY_USERS = 100_000
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process, from /proc."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
+
+
+def sim_stats(sim: Process) -> dict[str, Any]:
+    stats: dict[str, Any] = httpx.get(f"{sim.url}/_sim/stats", timeout=5).json()
+    return stats
+
+
+def sim_configure(sim: Process, **config: Any) -> None:
+    httpx.post(f"{sim.url}/_sim/config", json=config, timeout=5).raise_for_status()
+
+
+def post_users(client: httpx.Client, url: str, ids: list[int]) -> tuple[float, dict[str, Any]]:
+    started = time.perf_counter()
+    response = client.post(f"{url}/api/users", json={"user_ids": ids}, timeout=30)
+    elapsed = time.perf_counter() - started
+    response.raise_for_status()
+    body: dict[str, Any] = response.json()
+    return elapsed, body
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def cold_overlap(gateway: Process, sim: Process) -> dict[str, Any]:
+    """20 concurrent clients x 50 ids drawn from 500 unique ids, all uncached."""
+    rng = random.Random(7)
+    universe = list(range(10_000_001, 10_000_501))
+    batches = [rng.sample(universe, 50) for _ in range(20)]
+    unique = len({i for b in batches for i in b})
+    before = sim_stats(sim)
+    with httpx.Client() as client, ThreadPoolExecutor(20) as pool:
+        started = time.perf_counter()
+        results = list(pool.map(lambda ids: post_users(client, gateway.url, ids), batches))
+        wall = time.perf_counter() - started
+    after = sim_stats(sim)
+    latencies = [r[0] for r in results]
+    unavailable = sum(len(r[1]["unavailable"]) for r in results)
+    calls = after["calls"] - before["calls"]
+    lookups = after["ids_requested"] - before["ids_requested"]
+    return {
+        "upstream_calls": calls,
+        "upstream_lookups": lookups,
+        "unique_ids": unique,
+        "unavailable": unavailable,
+        "wall_s": wall,
+        "requests": len(batches),
+        "rps": len(batches) / wall,
+        "p50_ms": percentile(latencies, 0.5) * 1000,
+        "p99_ms": percentile(latencies, 0.99) * 1000,
+        "checks": {
+            "lookups == unique ids": lookups == unique,
+            "upstream calls <= 10": calls <= 10,
+            "wall <= 1.0 s": wall <= 1.0,
+            "nothing unavailable": unavailable == 0,
+        },
+    }
+
+
+def one_miss(gateway: Process, sim: Process) -> dict[str, Any]:
+    """A single uncached id at a time, 20 times."""
+    latencies = []
+    with httpx.Client() as client:
+        for uid in range(20_000_001, 20_000_021):
+            elapsed, body = post_users(client, gateway.url, [uid])
+            assert body["users"], body
+            latencies.append(elapsed)
+    p50 = statistics.median(latencies) * 1000
+    return {
+        "upstream_calls": 20,
+        "requests": 20,
+        "p50_ms": p50,
+        "p99_ms": max(latencies) * 1000,
+        "checks": {f"p50 <= {SIM_LATENCY_MS:.0f} + 30 ms": p50 <= SIM_LATENCY_MS + 30},
+    }
+
+
+def warm(gateway: Process, sim: Process, count: int) -> dict[str, Any]:
+    """Cache `count` users (ids 1..count) with the simulator answering at once."""
+    sim_configure(sim, latency_ms=0)
+    before = sim_stats(sim)
+    chunks = [list(range(i, min(i + 100, count + 1))) for i in range(1, count + 1, 100)]
+    started = time.perf_counter()
+    with httpx.Client() as client, ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda ids: post_users(client, gateway.url, ids), chunks))
+    wall = time.perf_counter() - started
+    unavailable = sum(len(r[1]["unavailable"]) for r in results)
+    after = sim_stats(sim)
+    rss = rss_mb(gateway.pid)
+    return {
+        "users": count,
+        "upstream_calls": after["calls"] - before["calls"],
+        "upstream_lookups": after["ids_requested"] - before["ids_requested"],
+        "unique_ids": count,
+        "wall_s": wall,
+        "unavailable": unavailable,
+        "rss_mb": rss,
+        "checks": {"RSS <= 300 MB": rss <= 300, "nothing unavailable": unavailable == 0},
+    }
+
+
+def wrk_script(path: Path, max_id: int) -> None:
+    """A wrk Lua script that POSTs 50-id batches of cached ids, 200 different bodies."""
+    rng = random.Random(11)
+    bodies = [
+        json.dumps({"user_ids": rng.sample(range(1, max_id + 1), HOT_BATCH)}) for _ in range(200)
+    ]
+    lua = ["wrk.method = 'POST'", "wrk.headers['Content-Type'] = 'application/json'"]
+    lua.append("local bodies = {" + ",".join(f"[[{b}]]" for b in bodies) + "}")
+    lua.append("local i = 0")
+    lua.append(
+        "request = function() i = i % #bodies + 1 return wrk.format(nil, nil, nil, bodies[i]) end"
+    )
+    path.write_text("\n".join(lua) + "\n")
+
+
+def run_wrk(url: str, script: Path, seconds: int) -> dict[str, Any]:
+    """wrk with 2 threads and HOT_CONNECTIONS connections; requests/s and latency."""
+    out = subprocess.run(
+        [
+            "wrk",
+            "-t2",
+            f"-c{HOT_CONNECTIONS}",
+            f"-d{seconds}s",
+            "--latency",
+            "-s",
+            str(script),
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=seconds + 60,
+        check=True,
+    ).stdout
+
+    def ms(label: str) -> float:
+        match = re.search(rf"^\s+{label}\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+        if not match:
+            raise RuntimeError(f"no {label} in wrk output:\n{out}")
+        value, unit = float(match.group(1)), match.group(2)
+        return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
+
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    socket_errors = re.search(r"Socket errors: (.*)", out)
+    return {
+        "rps": rps,
+        "p50_ms": ms("50%"),
+        "p99_ms": ms("99%"),
+        "non_2xx": int(errors.group(1)) if errors else 0,
+        "socket_errors": socket_errors.group(1) if socket_errors else "",
+    }
+
+
+def hot(gateway: Process, sim: Process, max_id: int, seconds: int, work: Path) -> dict[str, Any]:
+    script = work / "hot.lua"
+    wrk_script(script, max_id)
+    run_wrk(f"{gateway.url}/api/users", script, 2)  # warm the connections and the code
+    before = sim_stats(sim)
+    result = run_wrk(f"{gateway.url}/api/users", script, seconds)
+    result["upstream_calls"] = sim_stats(sim)["calls"] - before["calls"]
+    result["lookups_per_s"] = result["rps"] * HOT_BATCH
+    result["checks"] = {
+        "rps >= 3000": result["rps"] >= 3000,
+        "p99 <= 15 ms": result["p99_ms"] <= 15,
+        "no errors": result["non_2xx"] == 0 and not result["socket_errors"],
+        "no upstream calls": result["upstream_calls"] == 0,
+    }
+    return result
+
+
+def baseline(work: Path, seconds: int) -> dict[str, Any]:
+    """The same load against a FastAPI handler that returns a fixed 50-user body."""
+    port = free_port()
+    proc = Process(
+        [sys.executable, "-m", "bench.baseline", "--port", str(port)],
+        port,
+        work / "base.log",
+        cwd=HERE.parent,
+    )
+    proc.start("/")
+    try:
+        script = work / "hot.lua"
+        run_wrk(f"{proc.url}/api/users", script, 2)
+        return run_wrk(f"{proc.url}/api/users", script, seconds)
+    finally:
+        proc.stop()
+
+
+def machine() -> str:
+    cpu = "unknown cpu"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    import os
+
+    mem = int(Path("/proc/meminfo").read_text().split()[1]) // (1024 * 1024)
+    return f"{cpu}, {os.cpu_count()} cores, {mem} GiB, Python {platform.python_version()}"
+
+
+def table(results: dict[str, Any]) -> str:
+    rows = [
+        (
+            "workload",
+            "upstream calls",
+            "lookups/unique",
+            "wall s",
+            "req/s",
+            "p50 ms",
+            "p99 ms",
+            "RSS MB",
+            "targets",
+        )
+    ]
+    for name, r in results["workloads"].items():
+        lookups = f"{r['upstream_lookups']}/{r['unique_ids']}" if "upstream_lookups" in r else "-"
+
+        def num(key: str, fmt: str, r: dict[str, Any] = r) -> str:
+            return format(r[key], fmt) if key in r else "-"
+
+        failed = [k for k, ok in r.get("checks", {}).items() if not ok]
+        rows.append(
+            (
+                name,
+                str(r.get("upstream_calls", "-")),
+                lookups,
+                num("wall_s", ".2f"),
+                num("rps", ".0f"),
+                num("p50_ms", ".1f"),
+                num("p99_ms", ".1f"),
+                num("rss_mb", ".0f"),
+                "ok" if not failed else "MISSED: " + "; ".join(failed),
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--hot-seconds", type=int, default=10)
+    parser.add_argument("--users", type=int, default=MEMORY_USERS)
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        print("wrk is needed: apt-get install wrk (the Makefile's bench target does this)")
+        return 2
+    with tempfile.TemporaryDirectory(prefix="gateway-bench-") as tmp:
+        work = Path(tmp)
+        sim_port, app_port = free_port(), free_port()
+        sim = Process(
+            [
+                sys.executable,
+                "-m",
+                "app.simulator",
+                "--port",
+                str(sim_port),
+                "--latency-ms",
+                str(SIM_LATENCY_MS),
+            ],
+            sim_port,
+            work / "sim.log",
+            cwd=work,
+        )
+        gateway = Process(
+            [sys.executable, "-m", "app"],
+            app_port,
+            work / "gateway.log",
+            cwd=work,
+            env={
+                "PORT": str(app_port),
+                "SQLITE_PATH": str(work / "users.db"),
+                "FREELANCER_API_BASE": f"{sim.url}/api/users/0.1/users",
+                # The simulator is not Freelancer: the bench measures the gateway, not the
+                # 50/min budget (the token bucket is unit-tested on a fake clock).
+                "UPSTREAM_RATE_PER_MIN": "1000000",
+                "UPSTREAM_BURST": "1000",
+                "LOG_LEVEL": "WARNING",
+            },
+        )
+        sim.start("/_sim/stats")
+        gateway.start()
+        try:
+            workloads: dict[str, Any] = {}
+            workloads["cold overlap"] = cold_overlap(gateway, sim)
+            workloads["one miss"] = one_miss(gateway, sim)
+            workloads[f"memory ({args.users} users)"] = warm(gateway, sim, args.users)
+            workloads["hot (50-id batches)"] = hot(gateway, sim, args.users, args.hot_seconds, work)
+            base = baseline(work, args.hot_seconds)
+            workloads["fixed-body FastAPI"] = base
+        finally:
+            gateway.stop()
+            sim.stop()
+    hot_rps = workloads["hot (50-id batches)"]["rps"]
+    results = {
+        "machine": machine(),
+        "date": time.strftime("%Y-%m-%d"),
+        "workloads": workloads,
+        "hot_vs_fixed_body": hot_rps / base["rps"],
+    }
+    (HERE / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(f"machine: {results['machine']}")
+    print(table(results))
+    print(f"hot / fixed-body FastAPI: {results['hot_vs_fixed_body']:.0%}")
+    missed = [
+        f"{name}: {check}"
+        for name, r in workloads.items()
+        for check, ok in r.get("checks", {}).items()
+        if not ok
+    ]
+    if missed:
+        print("targets missed:\n  " + "\n  ".join(missed))
+        return 1
+    print("all targets met")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""Child processes serving HTTP on loopback, for the end-to-end tests and the benchmark."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+STARTUP_S = 20.0
+STOP_S = 20.0
+
+
+def free_port() -> int:
+    """A port nothing listens on now, on 127.0.0.1."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class Process:
+    """A child process serving HTTP on 127.0.0.1:port, with its output in a log file."""
+
+    args: list[str]
+    port: int
+    log: Path
+    env: dict[str, str] = field(default_factory=dict)
+    cwd: Path | None = None
+    popen: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        assert self.popen is not None
+        return self.popen.pid
+
+    def start(self, ready_path: str = "/healthz") -> None:
+        """Start it and wait (at most STARTUP_S) until `ready_path` answers 200."""
+        env = {**os.environ, **self.env}
+        with self.log.open("ab") as out:
+            self.popen = subprocess.Popen(
+                self.args, env=env, cwd=self.cwd, stdout=out, stderr=subprocess.STDOUT
+            )
+        deadline = time.monotonic() + STARTUP_S
+        while time.monotonic() < deadline:
+            if self.popen.poll() is not None:
+                raise AssertionError(f"{self.args} exited early:\n{self.output()}")
+            try:
+                if httpx.get(self.url + ready_path, timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+        raise AssertionError(f"{self.args} did not start in {STARTUP_S} s:\n{self.output()}")
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        """Send `sig`, wait at most STOP_S for the exit (kill after that); the exit code."""
+        assert self.popen is not None
+        if self.popen.poll() is None:
+            self.popen.send_signal(sig)
+            try:
+                self.popen.wait(STOP_S)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(STOP_S)
+                raise AssertionError(
+                    f"{self.args} ignored signal {sig}:\n{self.output()}"
+                ) from None
+        return self.popen.returncode
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""

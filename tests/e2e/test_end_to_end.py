@@ -1,0 +1,71 @@
+"""The real app and the standalone simulator as separate processes, over real HTTP."""
+
+from __future__ import annotations
+
+import signal
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.e2e.conftest import Process
+
+pytestmark = pytest.mark.e2e
+
+IDS = [*range(1, 21), 97]  # the simulator has no user 97 (ids divisible by 97 do not exist)
+
+
+def lookup(process: Process, ids: list[int]) -> dict[str, Any]:
+    response = httpx.post(f"{process.url}/api/users", json={"user_ids": ids}, timeout=15)
+    assert response.status_code == 200, response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+def simulator_stats(simulator: Process) -> dict[str, Any]:
+    stats: dict[str, Any] = httpx.get(f"{simulator.url}/_sim/stats", timeout=5).json()
+    return stats
+
+
+def test_cold_batch_then_cache_then_restart_serves_from_the_store(
+    gateway_process: Process, simulator: Process
+) -> None:
+    gateway_process.start()
+    health = httpx.get(gateway_process.url + "/", timeout=5).json()
+    assert (health["status"], health["store"], health["upstream"]) == (
+        "healthy",
+        "sqlite",
+        "freelancer",
+    )
+
+    cold = lookup(gateway_process, IDS)
+    assert [u["user_id"] for u in cold["users"]] == list(range(1, 21))
+    assert {u["source"] for u in cold["users"]} == {"fetched"}
+    assert cold["not_found"] == [97]
+    assert all(
+        u["avatar_url"] is None or u["avatar_url"].startswith("https://") for u in cold["users"]
+    )
+    after_cold = simulator_stats(simulator)
+    assert after_cold["unique_ids"] == 21
+    assert after_cold["duplicate_lookups"] == 0
+
+    warm = lookup(gateway_process, IDS)
+    assert [u["user_id"] for u in warm["users"]] == list(range(1, 21))
+    assert {u["source"] for u in warm["users"]} == {"cache"}
+    assert warm["not_found"] == [97]
+    assert simulator_stats(simulator)["calls"] == after_cold["calls"], "no new upstream call"
+
+    assert gateway_process.stop(signal.SIGTERM) == 0
+    gateway_process.start()
+    restarted = lookup(gateway_process, list(range(1, 21)))
+    assert [u["user_id"] for u in restarted["users"]] == list(range(1, 21))
+    assert {u["source"] for u in restarted["users"]} == {"cache"}
+    assert [u["created_at"] for u in restarted["users"]] == [u["created_at"] for u in cold["users"]]
+    assert simulator_stats(simulator)["calls"] == after_cold["calls"], "served from the store"
+
+    single = httpx.get(f"{gateway_process.url}/api/users/194", timeout=15)
+    assert single.status_code == 404
+    assert single.json()["error"] == "not_found"
+    stats = httpx.get(f"{gateway_process.url}/api/stats", timeout=5).json()
+    assert stats["store"] == "sqlite"
+    assert stats["total_users_cached"] == 20
