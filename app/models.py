@@ -10,10 +10,13 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from app.errors import InvalidRequest
 
-INT64_MAX = 2**63 - 1
+# The largest id accepted: 2^53 - 1. It fits the int64 MongoDB stores, and every JSON client
+# (JavaScript's numbers included) holds it exactly, so a schema with this bound cannot be
+# misread through float rounding (fuzzers and clients near 2^63 round past the limit).
+MAX_USER_ID = 2**53 - 1
 DEFAULT_MAX_IDS = 100
 
-UserId = Annotated[int, Field(strict=True, ge=1, le=INT64_MAX, examples=[1001])]
+UserId = Annotated[int, Field(strict=True, ge=1, le=MAX_USER_ID, examples=[1001])]
 Reason = Literal["timeout", "upstream_error", "rate_limited", "breaker_open", "auth", "shutdown"]
 
 
@@ -176,9 +179,9 @@ def parse_user_ids(body: bytes, *, max_ids: int) -> list[int]:
         )
     for index, uid in enumerate(ids):
         # `type(...) is int` on purpose: JSON `true` is an int to Python, 1.0 is a float.
-        if type(uid) is not int or not 0 < uid <= INT64_MAX:
+        if type(uid) is not int or not 0 < uid <= MAX_USER_ID:
             raise InvalidRequest(
-                f"user_ids[{index}] must be a positive integer below 2^63, not {_show(uid)}"
+                f"user_ids[{index}] must be a positive integer up to 2^53 - 1, not {_show(uid)}"
             )
     return list(dict.fromkeys(ids))
 

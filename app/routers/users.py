@@ -11,7 +11,7 @@ from app.dependencies import GatewayDep
 from app.errors import UserNotFound, UserUnavailable
 from app.models import (
     DEFAULT_MAX_IDS,
-    INT64_MAX,
+    MAX_USER_ID,
     ClearExpiredResponse,
     ErrorResponse,
     EvictResponse,
@@ -25,7 +25,7 @@ from app.models import (
 
 router = APIRouter(tags=["users"])
 
-UserIdPath = Annotated[int, Path(ge=1, le=INT64_MAX, description="A Freelancer user id")]
+UserIdPath = Annotated[int, Path(ge=1, le=MAX_USER_ID, description="A Freelancer user id")]
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (400, 413, 422, 503)
 }
@@ -50,8 +50,24 @@ async def lookup_users(request: Request, gateway: GatewayDep) -> Response:
     return json_response(result.body())
 
 
+@router.post(
+    "/api/users/revalidate",
+    response_model=RevalidateResponse,
+    responses=ERRORS,
+    status_code=202,
+    summary="Queue background refreshes",
+)
+async def revalidate(body: RevalidateRequest, gateway: GatewayDep) -> RevalidateResponse:
+    """Refresh these ids (or every user older than `older_than_s`) in the background."""
+    if body.user_ids is not None:
+        queued = await gateway.revalidate(list(dict.fromkeys(body.user_ids)))
+    else:
+        queued = await gateway.revalidate_older_than(body.older_than_s or 0.0)
+    return RevalidateResponse(queued=queued)
+
+
 @router.get(
-    "/api/users/{user_id}",
+    "/api/users/{user_id:int}",
     response_model=User,
     responses={**ERRORS, 404: {"model": ErrorResponse}, 504: {"model": ErrorResponse}},
     summary="Look up one user",
@@ -78,30 +94,14 @@ async def lookup_user(user_id: UserIdPath, gateway: GatewayDep) -> Response:
 
 
 @router.delete(
-    "/api/users/{user_id}",
+    "/api/users/{user_id:int}",
     response_model=EvictResponse,
-    responses=ERRORS,
+    responses={**ERRORS, 404: {"model": ErrorResponse}},
     summary="Evict one user from every cache",
 )
 async def evict_user(user_id: UserIdPath, gateway: GatewayDep) -> EvictResponse:
     """Remove a user from the store, the memory cache and the negative caches."""
     return EvictResponse(user_id=user_id, evicted=await gateway.evict(user_id))
-
-
-@router.post(
-    "/api/users/revalidate",
-    response_model=RevalidateResponse,
-    responses=ERRORS,
-    status_code=202,
-    summary="Queue background refreshes",
-)
-async def revalidate(body: RevalidateRequest, gateway: GatewayDep) -> RevalidateResponse:
-    """Refresh these ids (or every user older than `older_than_s`) in the background."""
-    if body.user_ids is not None:
-        queued = await gateway.revalidate(list(dict.fromkeys(body.user_ids)))
-    else:
-        queued = await gateway.revalidate_older_than(body.older_than_s or 0.0)
-    return RevalidateResponse(queued=queued)
 
 
 @router.post(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -9,6 +10,16 @@ from pathlib import Path
 import pytest
 
 from bench.procs import Process, free_port
+
+
+def assert_clean_exit(process: Process) -> None:
+    """SIGTERM, then: lifespan shut down, the signal re-raised by uvicorn (or 0), no noise."""
+    code = process.stop(signal.SIGTERM)
+    log = process.output()
+    assert code in (0, -signal.SIGTERM), log
+    assert "gateway stopped" in log and "Application shutdown complete" in log, log
+    for bad in ("Task was destroyed", "Unclosed", "Traceback", "never retrieved"):
+        assert bad not in log, log
 
 
 @pytest.fixture

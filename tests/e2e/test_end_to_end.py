@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import signal
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.e2e.conftest import Process
+from tests.e2e.conftest import Process, assert_clean_exit
 
 pytestmark = pytest.mark.e2e
 
@@ -55,7 +54,7 @@ def test_cold_batch_then_cache_then_restart_serves_from_the_store(
     assert warm["not_found"] == [97]
     assert simulator_stats(simulator)["calls"] == after_cold["calls"], "no new upstream call"
 
-    assert gateway_process.stop(signal.SIGTERM) == 0
+    assert_clean_exit(gateway_process)
     gateway_process.start()
     restarted = lookup(gateway_process, list(range(1, 21)))
     assert [u["user_id"] for u in restarted["users"]] == list(range(1, 21))
