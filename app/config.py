@@ -93,8 +93,3 @@ class Settings(BaseSettings):
     def upstream_base(self) -> str:
         """The users endpoint the gateway calls (`.../users/0.1/users`)."""
         return (self.freelancer_api_base or FREELANCER_USERS_API).rstrip("/")
-
-    @property
-    def store_kind(self) -> Literal["mongodb", "sqlite"]:
-        """`mongodb` when MONGODB_URL is set, else the embedded `sqlite` store."""
-        return "mongodb" if self.mongodb_url is not None else "sqlite"

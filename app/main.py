@@ -101,7 +101,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.gateway = gateway
         log.info(
             "gateway started: store=%s upstream=%s batch_size=%d concurrency=%d",
-            settings.store_kind,
+            store.kind,
             settings.upstream_kind if transport is None or base == SIMULATOR_BASE else "custom",
             settings.batch_size,
             settings.upstream_concurrency,

@@ -21,7 +21,7 @@ async def health(gateway: GatewayDep) -> Health:
         problems=problems,
         queue_size=gateway.queue_size,
         processing_count=gateway.processing_count,
-        store=gateway.settings.store_kind,
+        store=gateway.store.kind,
         upstream=gateway.settings.upstream_kind,
         upstream_state=gateway.upstream_state,
     )
@@ -69,7 +69,7 @@ async def stats(gateway: GatewayDep) -> Stats:
     except StoreUnavailable:
         total = None
     return Stats(
-        store=gateway.settings.store_kind,
+        store=gateway.store.kind,
         total_users_cached=total,
         memory_cache_size=gateway.memory_cache_size,
         queue_size=gateway.queue_size,

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
-from typing import Protocol
+from typing import Literal, Protocol
 
 from app.domain import UserRecord
+
+StoreKind = Literal["sqlite", "mongodb"]
 
 
 class UserStore(Protocol):
@@ -15,10 +17,15 @@ class UserStore(Protocol):
     setting to check, `setting`) when the backing database cannot be reached or fails.
     """
 
-    kind: str
-    """`sqlite` or `mongodb`: shown in `GET /` and `/api/stats`."""
-    setting: str
-    """The setting that points at this store (`SQLITE_PATH`, `MONGODB_URL`), for messages."""
+    @property
+    def kind(self) -> StoreKind:
+        """`sqlite` or `mongodb`: shown in `GET /` and `/api/stats`."""
+        ...
+
+    @property
+    def setting(self) -> str:
+        """The setting that points at this store (`SQLITE_PATH`, `MONGODB_URL`), for messages."""
+        ...
 
     async def open(self) -> None:
         """Connect and create the schema / indexes. Safe to call again after a failure."""

@@ -7,7 +7,7 @@ import sqlite3
 from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import aiosqlite
 
@@ -54,7 +54,7 @@ CHUNK = 500
 class SqliteUserStore:
     """Users in a SQLite file at SQLITE_PATH; survives restarts."""
 
-    kind = "sqlite"
+    kind: Literal["sqlite"] = "sqlite"
     setting = "SQLITE_PATH"
 
     def __init__(self, path: Path, *, timeout_s: float = 5.0) -> None:

@@ -1,0 +1,168 @@
+"""The production store: a MongoDB collection through PyMongo's async API."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Collection, Sequence
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from pymongo import ASCENDING, AsyncMongoClient, UpdateOne
+from pymongo.errors import PyMongoError
+
+from app.domain import UserRecord
+from app.errors import StoreUnavailable
+
+PROJECTION = {"_id": 0}
+
+
+class MongoUserStore:
+    """Users in `{database}.users`, one document per user, unique on `user_id`.
+
+    The client is a parameter so tests can pass a stand-in; it is closed with the store
+    when `owns_client`.
+    """
+
+    kind: Literal["mongodb"] = "mongodb"
+    setting = "MONGODB_URL"
+
+    def __init__(
+        self,
+        client: AsyncMongoClient[dict[str, Any]],
+        *,
+        database: str,
+        collection: str = "users",
+        timeout_s: float = 5.0,
+        owns_client: bool = True,
+    ) -> None:
+        self._client = client
+        self._users = client[database][collection]
+        self.timeout_s = timeout_s
+        self._owns_client = owns_client
+
+    async def open(self) -> None:
+        """Create the indexes (idempotent); fails while the server cannot be reached."""
+        async with self._guard():
+            await self._users.create_index([("user_id", ASCENDING)], unique=True)
+            await self._users.create_index([("fetched_at", ASCENDING)])
+
+    async def close(self) -> None:
+        """Close the client when this store owns it."""
+        if self._owns_client:
+            await self._client.close()
+
+    async def ping(self) -> None:
+        """Raise StoreUnavailable unless the server answers."""
+        async with self._guard():
+            await self._users.find_one({}, PROJECTION)
+
+    async def get_many(self, user_ids: Collection[int]) -> dict[int, UserRecord]:
+        """The stored users among `user_ids`, in one `$in` query."""
+        if not user_ids:
+            return {}
+        async with self._guard():
+            cursor = self._users.find({"user_id": {"$in": list(user_ids)}}, PROJECTION)
+            documents = await cursor.to_list(None)
+        return {doc["user_id"]: _record(doc) for doc in documents}
+
+    async def upsert_many(self, users: Sequence[UserRecord]) -> None:
+        """One unordered bulk_write of upserts; `created_at` only on insert."""
+        if not users:
+            return
+        operations = []
+        for user in users:
+            document = _document(user)
+            created_at = document.pop("created_at")
+            operations.append(
+                UpdateOne(
+                    {"user_id": user.user_id},
+                    {"$set": document, "$setOnInsert": {"created_at": created_at}},
+                    upsert=True,
+                )
+            )
+        async with self._guard():
+            await self._users.bulk_write(operations, ordered=False)
+
+    async def delete(self, user_id: int) -> bool:
+        """Remove one user; True when it was there."""
+        async with self._guard():
+            result = await self._users.delete_one({"user_id": user_id})
+        return result.deleted_count > 0
+
+    async def count(self) -> int:
+        """How many users are stored."""
+        async with self._guard():
+            return await self._users.count_documents({})
+
+    async def delete_fetched_before(self, cutoff: float) -> int:
+        """Remove users fetched before `cutoff`; how many went."""
+        async with self._guard():
+            result = await self._users.delete_many({"fetched_at": {"$lt": _datetime(cutoff)}})
+        return result.deleted_count
+
+    async def fetched_before(self, cutoff: float, *, limit: int) -> list[UserRecord]:
+        """Up to `limit` users fetched before `cutoff`, oldest first."""
+        async with self._guard():
+            cursor = (
+                self._users.find({"fetched_at": {"$lt": _datetime(cutoff)}}, PROJECTION)
+                .sort("fetched_at", ASCENDING)
+                .limit(limit)
+            )
+            documents = await cursor.to_list(None)
+        return [_record(doc) for doc in documents]
+
+    @asynccontextmanager
+    async def _guard(self) -> AsyncIterator[None]:
+        """Bound the operation in time; driver errors become StoreUnavailable (no URL in it)."""
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                yield
+        except (PyMongoError, TimeoutError) as exc:
+            reason = "timed out" if isinstance(exc, TimeoutError) else type(exc).__name__
+            raise StoreUnavailable(f"MongoDB store failed: {reason}; check MONGODB_URL") from exc
+
+
+def _datetime(ts: float) -> datetime:
+    return datetime.fromtimestamp(ts, UTC)
+
+
+def _timestamp(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, datetime):
+        aware = value if value.tzinfo else value.replace(tzinfo=UTC)
+        return aware.timestamp()
+    return float(value)
+
+
+def _document(user: UserRecord) -> dict[str, Any]:
+    return {
+        "user_id": user.user_id,
+        "username": user.username,
+        "display_name": user.display_name,
+        "country": user.country,
+        "city": user.city,
+        "role": user.role,
+        "registration_date": None
+        if user.registration_date is None
+        else _datetime(user.registration_date),
+        "avatar_url": user.avatar_url,
+        "created_at": _datetime(user.created_at),
+        "fetched_at": _datetime(user.fetched_at),
+    }
+
+
+def _record(doc: dict[str, Any]) -> UserRecord:
+    return UserRecord(
+        user_id=int(doc["user_id"]),
+        username=doc.get("username") or str(doc["user_id"]),
+        display_name=doc.get("display_name"),
+        country=doc.get("country"),
+        city=doc.get("city"),
+        role=doc.get("role"),
+        registration_date=_timestamp(doc.get("registration_date")),
+        avatar_url=doc.get("avatar_url"),
+        created_at=_timestamp(doc.get("created_at")) or 0.0,
+        fetched_at=_timestamp(doc.get("fetched_at")) or 0.0,
+    )

@@ -1,0 +1,73 @@
+"""What only the MongoDB store does: indexes, one round trip per batch, clear failures."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pymongo import AsyncMongoClient
+
+from app.config import Settings
+from app.domain import UserRecord
+from app.errors import StoreUnavailable
+from app.store import SqliteUserStore, create_store
+from app.store.mongo import MongoUserStore
+from tests.store.conftest import mongomock_store
+
+
+async def test_open_creates_a_unique_index_on_user_id() -> None:
+    store = mongomock_store()
+    await store.open()
+    indexes = await store._users.index_information()
+    unique = [i for i in indexes.values() if i["key"] == [("user_id", 1)]]
+    assert unique and unique[0].get("unique") is True
+
+
+async def test_a_batch_is_one_bulk_write_and_one_find(monkeypatch: pytest.MonkeyPatch) -> None:
+    store = mongomock_store()
+    await store.open()
+    calls: list[str] = []
+    collection: Any = store._users
+    for name in ("bulk_write", "find", "update_one", "find_one"):
+        original = getattr(collection, name)
+
+        def counted(*args: Any, _name: str = name, _original: Any = original, **kw: Any) -> Any:
+            calls.append(_name)
+            return _original(*args, **kw)
+
+        monkeypatch.setattr(collection, name, counted)
+    now = time.time()
+    await store.upsert_many(
+        [UserRecord(i, f"u{i}", created_at=now, fetched_at=now) for i in range(100)]
+    )
+    found = await store.get_many(list(range(100)))
+    assert len(found) == 100
+    assert calls == ["bulk_write", "find"]
+
+
+async def test_an_unreachable_server_fails_in_time_without_showing_the_url() -> None:
+    url = "mongodb://admin:hunter2@127.0.0.1:1/?serverSelectionTimeoutMS=200"
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(url, tz_aware=True)
+    store = MongoUserStore(client, database="x", timeout_s=2)
+    started = time.monotonic()
+    with pytest.raises(StoreUnavailable) as caught:
+        await store.open()
+    assert time.monotonic() - started < 5
+    assert "MONGODB_URL" in str(caught.value)
+    assert "hunter2" not in str(caught.value) and "127.0.0.1" not in str(caught.value)
+    with pytest.raises(StoreUnavailable):
+        await store.get_many([1])
+    await store.close()
+
+
+def test_create_store_picks_the_store_from_the_settings(tmp_path: Path) -> None:
+    sqlite = create_store(Settings(_env_file=None, sqlite_path=tmp_path / "u.db"))  # type: ignore[call-arg]
+    assert isinstance(sqlite, SqliteUserStore)
+    assert not (tmp_path / "u.db").exists(), "nothing is opened by the factory"
+    mongo = create_store(
+        Settings(_env_file=None, mongodb_url="mongodb://127.0.0.1:1", database_name="db1")  # type: ignore[call-arg]
+    )
+    assert isinstance(mongo, MongoUserStore)
+    assert (mongo.kind, mongo.setting) == ("mongodb", "MONGODB_URL")
