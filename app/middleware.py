@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import orjson
 from prometheus_client import CollectorRegistry, Histogram
@@ -29,7 +30,9 @@ class BodyLimitMiddleware:
                 if not value.isdigit() or int(value) > self.max_bytes:
                     await self._reject(send)
                     return
-                break
+                # The server holds the body to its declared length: nothing to count.
+                await self.app(scope, receive, send)
+                return
         received = 0
         started = False
 
@@ -86,6 +89,7 @@ class MetricsMiddleware:
             registry=registry,
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
         )
+        self._children: dict[tuple[str, str, int], Any] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -103,9 +107,10 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, send_status)
         finally:
-            route = scope.get("route")
-            # The template (`/api/users/{user_id}`), never the raw path: bounded cardinality.
-            template = getattr(route, "path", "unmatched")
-            self.latency.labels(scope["method"], template, str(status)).observe(
-                time.perf_counter() - started
-            )
+            # The route's template (`/api/users/{user_id}`), never the raw path: the
+            # label set stays bounded, so the children can be kept.
+            key = (scope["method"], getattr(scope.get("route"), "path", "unmatched"), status)
+            child = self._children.get(key)
+            if child is None:
+                child = self._children[key] = self.latency.labels(*key[:2], str(status))
+            child.observe(time.perf_counter() - started)

@@ -18,8 +18,10 @@ import logging
 import random
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Literal
+
+import orjson
 
 from app.config import Settings
 from app.domain import UserRecord
@@ -33,7 +35,7 @@ from app.errors import (
     UpstreamRateLimited,
 )
 from app.gateway.breaker import CircuitBreaker
-from app.gateway.cache import LRU, CachedUser, ExpiringMap
+from app.gateway.cache import LRU, CachedUser, ExpiringMap, cache_entry, fetched_at, record_of
 from app.gateway.ratelimit import TokenBucket
 from app.gateway.stats import GatewayStats
 from app.store.base import UserStore
@@ -77,24 +79,44 @@ class Fetch:
     waiters: int = 0
 
 
+_SUFFIX: dict[str, bytes] = {
+    source: b',"source":"%s","stale":%s}'
+    % (source.encode(), b"true" if source == "stale" else b"false")
+    for source in ("cache", "stale", "fetched", "shared")
+}
+
+
 @dataclass(slots=True)
 class LookupResult:
     """The answer for one request, ids in request order."""
 
-    users: list[dict[str, Any]]
+    users: list[tuple[CachedUser, Source]]
     not_found: list[int]
     unavailable: list[int]
     errors: dict[str, str]
 
-    def body(self) -> dict[str, Any]:
-        """The JSON body of `POST /api/users`."""
-        return {
-            "users": self.users,
-            "total_count": len(self.users),
-            "not_found": self.not_found,
-            "unavailable": self.unavailable,
-            "errors": self.errors,
-        }
+    @property
+    def user_ids(self) -> list[int]:
+        """The ids of the users found, in request order."""
+        return [entry[0][0] for entry, _ in self.users]
+
+    def user_json(self, index: int) -> bytes:
+        """One user object as JSON."""
+        entry, source = self.users[index]
+        return entry[1] + _SUFFIX[source]
+
+    def to_json(self) -> bytes:
+        """The JSON body of `POST /api/users`, spliced from pre-rendered users."""
+        users = b",".join([entry[1] + _SUFFIX[source] for entry, source in self.users])
+        rest = orjson.dumps(
+            {
+                "total_count": len(self.users),
+                "not_found": self.not_found,
+                "unavailable": self.unavailable,
+                "errors": self.errors,
+            }
+        )
+        return b'{"users":[' + users + b"]," + rest[1:]
 
 
 def backoff_s(attempt: int, base: float) -> float:
@@ -209,15 +231,15 @@ class Gateway:
         for uid in user_ids:
             entry = lru_get(uid)
             if entry is not None:
-                fetched_at = entry.record.fetched_at
-                if fetched_at > fresh_after:
+                fetched = fetched_at(entry)
+                if fetched > fresh_after:
                     answers[uid] = ("cache", entry)
                     continue
-                if fetched_at > servable_after:
+                if fetched > servable_after:
                     answers[uid] = ("stale", entry)
-                    self._schedule_refresh(uid, entry.record, PRIORITY_REFRESH, now)
+                    self._schedule_refresh(uid, record_of(entry), PRIORITY_REFRESH, now)
                     continue
-                previous[uid] = entry.record  # too stale to serve: a miss that keeps created_at
+                previous[uid] = record_of(entry)  # too stale to serve: a miss that keeps created_at
             if self._not_found.get(uid, now) is not None:
                 answers[uid] = ("cache", NOT_FOUND)
                 continue
@@ -289,8 +311,8 @@ class Gateway:
     def _remember(self, record: UserRecord) -> None:
         """Put a stored record in memory unless memory already holds a newer copy."""
         held = self._lru.get(record.user_id)
-        if held is None or held.record.fetched_at < record.fetched_at:
-            self._lru.put(record.user_id, CachedUser.of(record))
+        if held is None or fetched_at(held) < record.fetched_at:
+            self._lru.put(record.user_id, cache_entry(record))
 
     def _check_bounds(self, new: int, joined: list[tuple[int, Fetch]]) -> None:
         """Refuse the whole request, before registering anything, when a bound is hit."""
@@ -334,14 +356,14 @@ class Gateway:
         self, user_ids: Sequence[int], answers: dict[int, tuple[Source, Outcome]]
     ) -> LookupResult:
         stats = self.stats
-        users: list[dict[str, Any]] = []
+        users: list[tuple[CachedUser, Source]] = []
         not_found: list[int] = []
         unavailable: list[int] = []
         errors: dict[str, str] = {}
         for uid in user_ids:
             source, outcome = answers[uid]
             if not isinstance(outcome, Failure):
-                users.append({**outcome.public, "source": source, "stale": source == "stale"})
+                users.append((outcome, source))
                 if source == "cache":
                     stats.cache_hits += 1
                 elif source == "stale":
@@ -373,7 +395,7 @@ class Gateway:
         cutoff = time.time() - self.settings.cache_ttl_s - self.settings.stale_if_error_s
         removed = await self.store.delete_fetched_before(cutoff)
         for uid, entry in self._lru.items():
-            if entry.record.fetched_at < cutoff:
+            if fetched_at(entry) < cutoff:
                 self._lru.pop(uid)
         return removed
 
@@ -384,7 +406,7 @@ class Gateway:
         queued = 0
         for uid in user_ids:
             entry = self._lru.get(uid)
-            record = entry.record if entry is not None else stored.get(uid)
+            record = record_of(entry) if entry is not None else stored.get(uid)
             queued += self._schedule_refresh(uid, record, PRIORITY_SWEEP, now)
         return queued
 
@@ -584,9 +606,9 @@ class Gateway:
                     gone.append(uid)
                 continue
             if previous is not None:
-                record = replace(record, created_at=previous.created_at)
+                record = record._replace(created_at=previous.created_at)
             records.append(record)
-            outcomes[uid] = CachedUser.of(record)
+            outcomes[uid] = cache_entry(record)
         self.stats.upstream_users_fetched += len(records)
         return outcomes, records, gone
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-import orjson
 from fastapi import APIRouter, Path, Request, Response
 
 from app.dependencies import GatewayDep
@@ -31,11 +30,6 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def json_response(body: Any) -> Response:
-    """Serialize with orjson straight to bytes (no pydantic pass on the hot path)."""
-    return Response(orjson.dumps(body), media_type="application/json")
-
-
 @router.post(
     "/api/users",
     response_model=UsersResponse,
@@ -47,7 +41,7 @@ async def lookup_users(request: Request, gateway: GatewayDep) -> Response:
     """Answer up to MAX_USERS_PER_REQUEST ids from the cache, fetching misses once each."""
     user_ids = parse_user_ids(await request.body(), max_ids=gateway.settings.max_users_per_request)
     result = await gateway.lookup(user_ids)
-    return json_response(result.body())
+    return Response(result.to_json(), media_type="application/json")
 
 
 @router.post(
@@ -76,7 +70,7 @@ async def lookup_user(user_id: UserIdPath, gateway: GatewayDep) -> Response:
     """One user: 404 if Freelancer has no such user, 504 if not fetched in time, 503 if failing."""
     result = await gateway.lookup([user_id])
     if result.users:
-        return json_response(result.users[0])
+        return Response(result.user_json(0), media_type="application/json")
     if result.not_found:
         raise UserNotFound(f"Freelancer has no user {user_id}")
     reason = result.errors[str(user_id)]

@@ -124,7 +124,7 @@ async def run_script(steps: list[tuple[str, object]], root: Path) -> None:
             if index in cancelled and task.cancelled():
                 continue
             result = await asyncio.wait_for(task, 2)
-            answered = [u["user_id"] for u in result.users] + result.not_found + result.unavailable
+            answered = result.user_ids + result.not_found + result.unavailable
             assert sorted(answered) == sorted(ids), "every id gets exactly one answer"
         assert gateway.processing_count == 0
         assert gateway.queue_size == 0
