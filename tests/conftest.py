@@ -142,7 +142,7 @@ StartApp = Callable[..., Awaitable[Running]]
 
 
 @pytest.fixture
-async def start_app(tmp_path: Path, freelancer: FakeFreelancer) -> AsyncIterator[StartApp]:
+async def start_app(tmp_path: Path) -> AsyncIterator[StartApp]:
     """Start apps (lifespan included) with test settings overridden by keyword."""
     async with AsyncExitStack() as stack:
 
