@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck check bench soak simulator clean
+.PHONY: run test lint typecheck check bench soak wrk simulator clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -37,9 +37,20 @@ check: $(STAMP)
 simulator: $(STAMP)
 	$(BIN)/python -m app.simulator --port 9000
 
-## bench: start app + simulator on loopback and check the performance targets
-bench: $(STAMP)
+## bench: performance targets, then a 5-minute soak (app + simulator on loopback; needs wrk)
+bench: $(STAMP) wrk
 	$(BIN)/python -m bench
+	$(BIN)/python -m bench.soak
+
+## soak: only the soak (SOAK_SECONDS=300)
+soak: $(STAMP)
+	$(BIN)/python -m bench.soak --seconds $(or $(SOAK_SECONDS),300)
+
+wrk:
+	@command -v wrk >/dev/null || { \
+		echo "installing wrk (Debian package) for the load generator"; \
+		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq wrk; \
+		else sudo apt-get update -qq && sudo apt-get install -y -qq wrk; fi; }
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

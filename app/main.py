@@ -102,7 +102,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         log.info(
             "gateway started: store=%s upstream=%s batch_size=%d concurrency=%d",
             store.kind,
-            settings.upstream_kind if transport is None or base == SIMULATOR_BASE else "custom",
+            settings.upstream_kind,
             settings.batch_size,
             settings.upstream_concurrency,
         )
