@@ -74,7 +74,7 @@ class RevalidateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     user_ids: list[UserId] | None = Field(None, min_length=1, max_length=1000)
-    older_than_s: float | None = Field(None, ge=0, le=10 * 365 * 86400)
+    older_than_s: float | None = Field(None, strict=True, ge=0, le=10 * 365 * 86400)
 
     @model_validator(mode="after")
     def _exactly_one(self) -> RevalidateRequest:

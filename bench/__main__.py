@@ -24,7 +24,7 @@ from typing import Any
 
 import httpx
 
-from bench.procs import Process, free_port
+from bench.procs import Process, free_port, gateway_process, simulator_process
 
 HERE = Path(__file__).resolve().parent
 SIM_LATENCY_MS = 100.0
@@ -294,37 +294,8 @@ def main() -> int:
         return 2
     with tempfile.TemporaryDirectory(prefix="gateway-bench-") as tmp:
         work = Path(tmp)
-        sim_port, app_port = free_port(), free_port()
-        sim = Process(
-            [
-                sys.executable,
-                "-m",
-                "app.simulator",
-                "--port",
-                str(sim_port),
-                "--latency-ms",
-                str(SIM_LATENCY_MS),
-            ],
-            sim_port,
-            work / "sim.log",
-            cwd=work,
-        )
-        gateway = Process(
-            [sys.executable, "-m", "app"],
-            app_port,
-            work / "gateway.log",
-            cwd=work,
-            env={
-                "PORT": str(app_port),
-                "SQLITE_PATH": str(work / "users.db"),
-                "FREELANCER_API_BASE": f"{sim.url}/api/users/0.1/users",
-                # The simulator is not Freelancer: the bench measures the gateway, not the
-                # 50/min budget (the token bucket is unit-tested on a fake clock).
-                "UPSTREAM_RATE_PER_MIN": "1000000",
-                "UPSTREAM_BURST": "1000",
-                "LOG_LEVEL": "WARNING",
-            },
-        )
+        sim = simulator_process(work, latency_ms=SIM_LATENCY_MS)
+        gateway = gateway_process(work, sim)
         sim.start("/_sim/stats")
         gateway.start()
         try:

@@ -6,6 +6,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,3 +81,32 @@ class Process:
 
     def output(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+def simulator_process(work: Path, *, latency_ms: float) -> Process:
+    """The Freelancer simulator as its own process (not started), logging into `work`."""
+    port = free_port()
+    args = [sys.executable, "-m", "app.simulator", "--port", str(port)]
+    return Process([*args, "--latency-ms", str(latency_ms)], port, work / "sim.log", cwd=work)
+
+
+def gateway_process(work: Path, simulator: Process, **settings: str) -> Process:
+    """`python -m app` (not started) on SQLite in `work`, calling `simulator`.
+
+    The token bucket is opened wide: the simulator is not Freelancer, and what is measured
+    is the gateway, not the 50-a-minute budget (the bucket is unit-tested on a fake clock).
+    `settings` override any of these, by setting name.
+    """
+    port = free_port()
+    env = {
+        "HOST": "127.0.0.1",
+        "PORT": str(port),
+        "SQLITE_PATH": str(work / "data" / "users.db"),
+        "FREELANCER_API_BASE": f"{simulator.url}/api/users/0.1/users",
+        "UPSTREAM_RATE_PER_MIN": "1000000",
+        "UPSTREAM_BURST": "1000",
+        "LOG_LEVEL": "WARNING",
+        **settings,
+    }
+    # cwd=work: no .env from the repository is read.
+    return Process([sys.executable, "-m", "app"], port, work / "gateway.log", env=env, cwd=work)

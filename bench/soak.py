@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 
 from bench.__main__ import HERE, machine, rss_mb, sim_configure
-from bench.procs import Process, free_port
+from bench.procs import gateway_process, simulator_process
 
 CLIENTS = 8
 HOT = range(1, 5001)
@@ -106,32 +106,16 @@ def main() -> int:
     baseline_at = min(60, args.seconds // 3)
     with tempfile.TemporaryDirectory(prefix="gateway-soak-") as tmp:
         work = Path(tmp)
-        sim_port, app_port = free_port(), free_port()
-        sim = Process(
-            [sys.executable, "-m", "app.simulator", "--port", str(sim_port), "--latency-ms", "30"],
-            sim_port,
-            work / "sim.log",
-            cwd=work,
-        )
-        gateway = Process(
-            [sys.executable, "-m", "app"],
-            app_port,
-            work / "gateway.log",
-            cwd=work,
-            env={
-                "PORT": str(app_port),
-                "SQLITE_PATH": str(work / "users.db"),
-                "FREELANCER_API_BASE": f"{sim.url}/api/users/0.1/users",
-                "UPSTREAM_RATE_PER_MIN": "1000000",
-                "UPSTREAM_BURST": "1000",
-                "UPSTREAM_TIMEOUT_S": "1",
-                "WAIT_TIMEOUT_S": "3",
-                "BREAKER_COOLDOWN_S": "2",
-                "LOG_LEVEL": "WARNING",
-                # Misses bring ever new ids: a small memory cache reaches its bound within
-                # the first minute, so RSS after that measures leaks, not the cache filling.
-                "MEMORY_CACHE_SIZE": "20000",
-            },
+        sim = simulator_process(work, latency_ms=30)
+        gateway = gateway_process(
+            work,
+            sim,
+            UPSTREAM_TIMEOUT_S="1",
+            WAIT_TIMEOUT_S="3",
+            BREAKER_COOLDOWN_S="2",
+            # Misses bring ever new ids: a small memory cache reaches its bound within the
+            # first minute, so RSS after that measures leaks, not the cache filling.
+            MEMORY_CACHE_SIZE="20000",
         )
         sim.start("/_sim/stats")
         gateway.start()

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import signal
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from bench.procs import Process, free_port
+from bench.procs import Process, simulator_process
+from bench.procs import gateway_process as start_gateway
 
 
 def assert_clean_exit(process: Process) -> None:
@@ -25,12 +25,7 @@ def assert_clean_exit(process: Process) -> None:
 @pytest.fixture
 def simulator(tmp_path: Path) -> Iterator[Process]:
     """The standalone Freelancer simulator, 20 ms latency."""
-    port = free_port()
-    process = Process(
-        [sys.executable, "-m", "app.simulator", "--port", str(port), "--latency-ms", "20"],
-        port,
-        tmp_path / "simulator.log",
-    )
+    process = simulator_process(tmp_path, latency_ms=20)
     process.start("/_sim/stats")
     yield process
     process.stop()
@@ -39,23 +34,7 @@ def simulator(tmp_path: Path) -> Iterator[Process]:
 @pytest.fixture
 def gateway_process(tmp_path: Path, simulator: Process) -> Iterator[Process]:
     """`python -m app` on a free port, SQLite in tmp_path, calling the simulator (not started)."""
-    port = free_port()
-    process = Process(
-        [sys.executable, "-m", "app"],
-        port,
-        tmp_path / "gateway.log",
-        env={
-            "HOST": "127.0.0.1",
-            "PORT": str(port),
-            "SQLITE_PATH": str(tmp_path / "data" / "users.db"),
-            "FREELANCER_API_BASE": f"{simulator.url}/api/users/0.1/users",
-            "UPSTREAM_RATE_PER_MIN": "6000",
-            "UPSTREAM_BURST": "100",
-            "LOG_LEVEL": "INFO",
-            "SHUTDOWN_GRACE_S": "5",
-        },
-        cwd=tmp_path,  # no stray .env from the repository is read
-    )
+    process = start_gateway(tmp_path, simulator, LOG_LEVEL="INFO", SHUTDOWN_GRACE_S="5")
     yield process
     if process.popen is not None:
         process.stop()

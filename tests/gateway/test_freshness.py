@@ -161,3 +161,14 @@ async def test_the_sweep_refreshes_users_about_to_turn_stale(
     assert await running.gateway.wait_idle(5)
     assert 14 in freelancer.lookups
     assert 15 not in freelancer.lookups
+
+
+async def test_revalidate_refuses_what_is_not_a_number_of_seconds(
+    start_app: StartApp, freelancer: FakeFreelancer
+) -> None:
+    running = await start_app()
+    for body in ({"older_than_s": True}, {"older_than_s": "5"}, {"older_than_s": -1}):
+        response = await running.client.post("/api/users/revalidate", json=body)
+        assert response.status_code == 422, body
+    accepted = await running.client.post("/api/users/revalidate", json={"older_than_s": 5})
+    assert accepted.status_code == 202

@@ -139,6 +139,7 @@ async def run_script(steps: list[tuple[str, object]], root: Path) -> None:
 @settings(
     max_examples=40,
     deadline=None,
+    derandomize=True,  # CI gates on a fixed, reproducible set of scripts
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
 @given(steps=STEPS)

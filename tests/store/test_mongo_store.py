@@ -62,7 +62,7 @@ async def test_an_unreachable_server_fails_in_time_without_showing_the_url() -> 
     await store.close()
 
 
-def test_create_store_picks_the_store_from_the_settings(tmp_path: Path) -> None:
+async def test_create_store_picks_the_store_from_the_settings(tmp_path: Path) -> None:
     sqlite = create_store(Settings(_env_file=None, sqlite_path=tmp_path / "u.db"))  # type: ignore[call-arg]
     assert isinstance(sqlite, SqliteUserStore)
     assert not (tmp_path / "u.db").exists(), "nothing is opened by the factory"
@@ -71,3 +71,4 @@ def test_create_store_picks_the_store_from_the_settings(tmp_path: Path) -> None:
     )
     assert isinstance(mongo, MongoUserStore)
     assert (mongo.kind, mongo.setting) == ("mongodb", "MONGODB_URL")
+    await mongo.close()
