@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import logging
 import sys
 
 import uvicorn
@@ -19,25 +18,17 @@ from app.errors import (
     UpstreamTimeout,
     UserNotFound,
 )
+from app.logs import configure_logging
 from app.upstream import FreelancerClient, create_http_client
 
 CHECK_USER_ID = 1
-
-
-def configure_logging(level: str) -> None:
-    """One log format for the app and uvicorn, at LOG_LEVEL."""
-    logging.basicConfig(
-        level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", force=True
-    )
-    # httpx logs every request at INFO: the gateway logs its batches itself.
-    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLevelName(level)))
 
 
 def serve(settings: Settings) -> None:
     """Serve on HOST:PORT until SIGINT/SIGTERM."""
     from app.main import create_app
 
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, force=True)
     application = create_app(settings)
     # Everything imported and built so far lives as long as the process: move it out of
     # the cyclic GC's sight, so full collections scan only what requests create.

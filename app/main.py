@@ -18,6 +18,7 @@ from app import __version__
 from app.config import Settings
 from app.errors import GatewayError
 from app.gateway import Gateway
+from app.logs import configure_logging
 from app.metrics import create_registry
 from app.middleware import BodyLimitMiddleware, MetricsMiddleware
 from app.models import DEFAULT_MAX_IDS, users_request_schema
@@ -191,7 +192,9 @@ def __getattr__(name: str) -> Any:
     # `uvicorn app.main:app` reads `app` from here; building it lazily keeps importing this
     # module free of side effects (settings are read only when the app is asked for).
     if name == "app":
-        application = create_app()
+        settings = Settings()
+        configure_logging(settings.log_level, force=False)
+        application = create_app(settings)
         globals()["app"] = application
         return application
     raise AttributeError(name)

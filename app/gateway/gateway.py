@@ -287,13 +287,15 @@ class Gateway:
             log.debug("queued %d ids, joined %d fetches in flight", len(new), len(joined))
         for _, _, fetch in waits:
             fetch.waiters += 1
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         try:
-            timeout = deadline - asyncio.get_running_loop().time()
-            if timeout > 0:
-                await asyncio.wait({fetch.future for _, _, fetch in waits}, timeout=timeout)
+            if deadline > started:
+                await asyncio.wait({f.future for _, _, f in waits}, timeout=deadline - started)
         finally:
             for _, _, fetch in waits:
                 fetch.waiters -= 1
+        log.debug("waited %.0f ms for %d ids", (loop.time() - started) * 1000, len(waits))
         late = self._late_failure()
         for uid, source, fetch in waits:
             answers[uid] = (source, fetch.future.result() if fetch.future.done() else late)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+from bench.procs import free_port
 from tests.e2e.conftest import Process, assert_clean_exit
 
 pytestmark = pytest.mark.e2e
@@ -68,3 +71,23 @@ def test_cold_batch_then_cache_then_restart_serves_from_the_store(
     stats = httpx.get(f"{gateway_process.url}/api/stats", timeout=5).json()
     assert stats["store"] == "sqlite"
     assert stats["total_users_cached"] == 20
+
+
+def test_uvicorn_serves_the_module_level_app(tmp_path: Path, simulator: Process) -> None:
+    """`uvicorn app.main:app` builds the app from the environment when it asks for it."""
+    port = free_port()
+    process = Process(
+        [sys.executable, "-m", "uvicorn", "app.main:app", "--port", str(port)],
+        port,
+        tmp_path / "uvicorn.log",
+        env={
+            "SQLITE_PATH": str(tmp_path / "users.db"),
+            "FREELANCER_API_BASE": f"{simulator.url}/api/users/0.1/users",
+        },
+        cwd=tmp_path,
+    )
+    process.start()
+    try:
+        assert [u["user_id"] for u in lookup(process, [3, 4])["users"]] == [3, 4]
+    finally:
+        assert_clean_exit(process)
