@@ -6,7 +6,6 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from app.config import Settings
 from app.errors import ShuttingDown
 from app.gateway import Gateway
 
@@ -19,11 +18,4 @@ def get_gateway(request: Request) -> Gateway:
     return gateway
 
 
-def get_settings(request: Request) -> Settings:
-    """The settings the app was built with."""
-    settings: Settings = request.app.state.settings
-    return settings
-
-
 GatewayDep = Annotated[Gateway, Depends(get_gateway)]
-SettingsDep = Annotated[Settings, Depends(get_settings)]
