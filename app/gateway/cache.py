@@ -104,6 +104,3 @@ class ExpiringMap(Generic[V]):
     def pop(self, key: int) -> bool:
         """Forget `key`; True when it was there."""
         return self._data.pop(key, None) is not None
-
-    def __len__(self) -> int:
-        return len(self._data)
