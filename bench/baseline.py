@@ -1,34 +1,21 @@
-"""For scale: a FastAPI handler that returns a fixed 50-user body, served like the gateway."""
+"""For scale: a bare FastAPI route answering a fixed body, served with the gateway's flags.
+
+The body is the gateway's own answer to one hot batch (same size, same bytes), and uvicorn
+runs as `python -m app serve` runs it, start-up objects frozen out of the GC included.
+"""
 
 from __future__ import annotations
 
 import argparse
+import gc
+from pathlib import Path
 
-import orjson
 import uvicorn
 from fastapi import FastAPI, Request, Response
 
-USER = {
-    "user_id": 1,
-    "username": "user1",
-    "display_name": "User One",
-    "country": "Australia",
-    "city": "Sydney",
-    "role": "freelancer",
-    "registration_date": "2017-07-14T02:40:07Z",
-    "avatar_url": "https://cdn.example/1.jpg",
-    "created_at": "2026-11-24T14:00:00Z",
-    "fetched_at": "2026-11-24T14:00:00Z",
-    "source": "cache",
-    "stale": False,
-}
-BODY = orjson.dumps(
-    {"users": [USER] * 50, "total_count": 50, "not_found": [], "unavailable": [], "errors": {}}
-)
 
-
-def create_app() -> FastAPI:
-    """The trivial app: read the body, answer the same bytes every time."""
+def create_app(body: bytes) -> FastAPI:
+    """The trivial app: read the request body, answer the same bytes every time."""
     app = FastAPI()
 
     @app.get("/")
@@ -38,7 +25,7 @@ def create_app() -> FastAPI:
     @app.post("/api/users")
     async def users(request: Request) -> Response:
         await request.body()
-        return Response(BODY, media_type="application/json")
+        return Response(body, media_type="application/json")
 
     return app
 
@@ -46,7 +33,16 @@ def create_app() -> FastAPI:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--body", type=Path, required=True)
     args = parser.parse_args()
+    application = create_app(args.body.read_bytes())
+    gc.collect()
+    gc.freeze()
     uvicorn.run(
-        create_app(), host="127.0.0.1", port=args.port, log_level="warning", access_log=False
+        application,
+        host="127.0.0.1",
+        port=args.port,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=10,
     )
