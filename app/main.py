@@ -15,6 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from app import __version__
+from app.clock import Clock, wall_clock
 from app.config import Settings
 from app.errors import GatewayError
 from app.gateway import Gateway
@@ -48,11 +49,13 @@ def create_app(
     *,
     store: UserStore | None = None,
     upstream_transport: httpx.AsyncBaseTransport | None = None,
+    clock: Clock = wall_clock,
 ) -> FastAPI:
     """Build the app. Nothing is opened here: the lifespan opens the store, client and worker.
 
     `store` and `upstream_transport` replace the configured store and the HTTP transport
-    to Freelancer (tests use them to fake the boundary).
+    to Freelancer, and `clock` the wall clock freshness is measured on (tests use them to
+    fake the boundary and to step time).
     """
     settings = settings or Settings()
     app = FastAPI(
@@ -64,6 +67,7 @@ def create_app(
     app.state.settings = settings
     app.state.store = store
     app.state.upstream_transport = upstream_transport
+    app.state.clock = clock
     app.state.gateway = None
     app.state.registry = create_registry(lambda: app.state.gateway)
     app.include_router(users.router)
@@ -95,8 +99,12 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         )
     store: UserStore = app.state.store or create_store(settings)
     async with create_http_client(settings, transport) as http:
+        clock: Clock = app.state.clock
         gateway = Gateway(
-            settings=settings, store=store, upstream=FreelancerClient(http, base_url=base)
+            settings=settings,
+            store=store,
+            upstream=FreelancerClient(http, base_url=base, clock=clock),
+            clock=clock,
         )
         await gateway.start()
         app.state.gateway = gateway

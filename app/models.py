@@ -9,6 +9,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from app.errors import InvalidRequest
+from app.gateway.results import Reason, Source
 
 # The largest id accepted: 2^53 - 1. It fits the int64 MongoDB stores, and every JSON client
 # (JavaScript's numbers included) holds it exactly, so a schema with this bound cannot be
@@ -17,7 +18,6 @@ MAX_USER_ID = 2**53 - 1
 DEFAULT_MAX_IDS = 100
 
 UserId = Annotated[int, Field(strict=True, ge=1, le=MAX_USER_ID, examples=[1001])]
-Reason = Literal["timeout", "upstream_error", "rate_limited", "breaker_open", "auth", "shutdown"]
 
 
 class UsersRequest(BaseModel):
@@ -41,7 +41,7 @@ class User(BaseModel):
     avatar_url: str | None = Field(description="Always https")
     created_at: str = Field(description="When the gateway first cached the user, ISO 8601 UTC")
     fetched_at: str = Field(description="When Freelancer last answered for the user")
-    source: Literal["cache", "stale", "fetched", "shared"] = Field(
+    source: Source = Field(
         description="cache: from the cache; stale: past CACHE_TTL_S, a refresh is queued; "
         "fetched: fetched for this request; shared: joined a fetch another request started"
     )

@@ -15,35 +15,37 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import random
-import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import orjson
-
+from app.clock import Clock, wall_clock
 from app.config import Settings
 from app.domain import UserRecord
-from app.errors import (
-    Overloaded,
-    ShuttingDown,
-    StoreUnavailable,
-    UpstreamAuthError,
-    UpstreamCircuitOpen,
-    UpstreamError,
-    UpstreamRateLimited,
-)
+from app.errors import Overloaded, ShuttingDown, StoreUnavailable, UpstreamError
 from app.gateway.breaker import CircuitBreaker
+from app.gateway.budget import Budget, LocalBudget, Window
 from app.gateway.cache import LRU, CachedUser, ExpiringMap, cache_entry, fetched_at, record_of
-from app.gateway.ratelimit import TokenBucket
+from app.gateway.resilient import ResilientUpstream
+from app.gateway.results import (
+    BREAKER_OPEN,
+    INTERNAL,
+    NOT_FOUND,
+    RATE_LIMITED,
+    SHUTDOWN,
+    TIMEOUT,
+    Failure,
+    LookupResult,
+    Outcome,
+    Source,
+)
 from app.gateway.stats import GatewayStats
+from app.gateway.write_behind import WriteBehind
 from app.store.base import UserStore
-from app.upstream.client import FreelancerClient, UpstreamBatch
+from app.upstream.base import Upstream, UpstreamBatch
 
 log = logging.getLogger("app.gateway")
 
-Source = Literal["cache", "stale", "fetched", "shared"]
 UpstreamState = Literal["ok", "throttled", "open"]
 
 # Queue priorities: a waiting client first, then refreshes of stale hits, then the sweep.
@@ -51,23 +53,7 @@ PRIORITY_MISS = 0
 PRIORITY_REFRESH = 1
 PRIORITY_SWEEP = 2
 
-MAX_BACKOFF_S = 10.0
 DEGRADED_AFTER_RESTART_S = 300.0
-
-
-@dataclass(slots=True, frozen=True)
-class Failure:
-    """Why an id has no user: `not_found`, or why it is unavailable."""
-
-    reason: str
-    detail: str
-
-
-NOT_FOUND = Failure("not_found", "Freelancer has no user with this id")
-SHUTDOWN = Failure("shutdown", "the gateway is shutting down")
-INTERNAL = Failure("upstream_error", "the fetch failed unexpectedly")
-
-Outcome = CachedUser | Failure
 
 
 @dataclass(slots=True)
@@ -79,61 +65,38 @@ class Fetch:
     waiters: int = 0
 
 
-_SUFFIX: dict[str, bytes] = {
-    source: b',"source":"%s","stale":%s}'
-    % (source.encode(), b"true" if source == "stale" else b"false")
-    for source in ("cache", "stale", "fetched", "shared")
-}
-
-
-@dataclass(slots=True)
-class LookupResult:
-    """The answer for one request, ids in request order."""
-
-    users: list[tuple[CachedUser, Source]]
-    not_found: list[int]
-    unavailable: list[int]
-    errors: dict[str, str]
-
-    @property
-    def user_ids(self) -> list[int]:
-        """The ids of the users found, in request order."""
-        return [entry[0][0] for entry, _ in self.users]
-
-    def user_json(self, index: int) -> bytes:
-        """One user object as JSON."""
-        entry, source = self.users[index]
-        return entry[1] + _SUFFIX[source]
-
-    def to_json(self) -> bytes:
-        """The JSON body of `POST /api/users`, spliced from pre-rendered users."""
-        users = b",".join([entry[1] + _SUFFIX[source] for entry, source in self.users])
-        rest = orjson.dumps(
-            {
-                "total_count": len(self.users),
-                "not_found": self.not_found,
-                "unavailable": self.unavailable,
-                "errors": self.errors,
-            }
-        )
-        return b'{"users":[' + users + b"]," + rest[1:]
-
-
-def backoff_s(attempt: int, base: float) -> float:
-    """Exponential backoff with full jitter for the `attempt`-th retry (1-based)."""
-    return random.uniform(0, min(MAX_BACKOFF_S, base * 2 ** (attempt - 1)))
-
-
 class Gateway:
     """Answers "who are these users?" spending as few upstream calls as possible."""
 
-    def __init__(self, *, settings: Settings, store: UserStore, upstream: FreelancerClient) -> None:
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        store: UserStore,
+        upstream: Upstream,
+        budget: Budget | None = None,
+        clock: Clock = wall_clock,
+    ) -> None:
         self.settings = settings
         self.store = store
-        self.upstream = upstream
+        self.clock = clock
         self.stats = GatewayStats()
-        self.limiter = TokenBucket(settings.upstream_rate_per_min / 60.0, settings.upstream_burst)
+        self.budget = budget or LocalBudget(budget_windows(settings))
         self.breaker = CircuitBreaker(settings.breaker_failures, settings.breaker_cooldown_s)
+        self.upstream = ResilientUpstream(
+            upstream,
+            budget=self.budget,
+            breaker=self.breaker,
+            stats=self.stats,
+            max_attempts=settings.upstream_max_attempts,
+            backoff_base_s=settings.upstream_backoff_s,
+        )
+        self.writes = WriteBehind(
+            store,
+            stats=self.stats,
+            attempts=settings.store_save_attempts,
+            keep_max=settings.memory_cache_size,
+        )
         self._lru: LRU[CachedUser] = LRU(settings.memory_cache_size)
         self._not_found: ExpiringMap[bool] = ExpiringMap(settings.negative_cache_size)
         self._failing: ExpiringMap[Failure] = ExpiringMap(settings.negative_cache_size)
@@ -147,22 +110,15 @@ class Gateway:
         self._batches: set[asyncio.Task[None]] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._supervisor: asyncio.Task[None] | None = None
-        self._unsaved: dict[int, UserRecord] = {}
         self._closing = False
-        self.store_ready = False
-        self.auth_failed = False
         self._restarted_at: float | None = None
 
     # ---- lifecycle -------------------------------------------------------------------
 
     async def start(self) -> None:
         """Open the store (or keep retrying in the background) and start the worker."""
-        try:
-            await self.store.open()
-            self.store_ready = True
-        except StoreUnavailable as exc:
-            log.error("store unavailable at start: %s (retrying in the background)", exc)
-            self._spawn(self._reopen_store(), "store-reopen")
+        if not await self.writes.open():
+            self._spawn(self.writes.reopen(), "store-reopen")
         self._supervisor = self._spawn(self._supervise(), "worker-supervisor")
         if self.settings.refresh_interval_s > 0:
             self._spawn(self._sweep(), "refresh-sweep")
@@ -176,8 +132,8 @@ class Gateway:
         while not self._queue.empty():
             self._queue.get_nowait()
         self._complete(list(self._inflight), {}, SHUTDOWN)
-        if self._unsaved and self.store_ready:
-            await self._save([])
+        if self.writes.pending and self.writes.store_ready:
+            await self.writes.save([])
         await self.store.close()
 
     async def wait_idle(self, within_s: float) -> bool:
@@ -198,6 +154,15 @@ class Gateway:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
+
+    @property
+    def store_ready(self) -> bool:
+        """False since a store read or save failed, until one succeeds."""
+        return self.writes.store_ready
+
+    @store_ready.setter
+    def store_ready(self, ready: bool) -> None:
+        self.writes.store_ready = ready
 
     # ---- lookups ---------------------------------------------------------------------
 
@@ -223,7 +188,7 @@ class Gateway:
         previous: dict[int, UserRecord],
     ) -> list[int]:
         """Answer ids from the LRU and the not-found cache; return the rest. No await."""
-        now = time.time()
+        now = self.clock()
         fresh_after = now - self.settings.cache_ttl_s
         servable_after = fresh_after - self.settings.stale_if_error_s
         lru_get = self._lru.get
@@ -259,7 +224,7 @@ class Gateway:
         # From here to the registration there is no await: the worker cannot complete a
         # fetch between our last look at memory and our decision to start a new one.
         pending = self._answer_from_memory(pending, answers, previous)
-        now = time.time()
+        now = self.clock()
         new: list[int] = []
         joined: list[tuple[int, Fetch]] = []
         for uid in pending:
@@ -271,7 +236,7 @@ class Gateway:
             if failing is not None:
                 answers[uid] = ("fetched", failing)
             elif self.breaker.rejecting:
-                answers[uid] = ("fetched", Failure("breaker_open", "Freelancer is failing"))
+                answers[uid] = ("fetched", BREAKER_OPEN)
             else:
                 new.append(uid)
         self.stats.cache_misses += len(pending)
@@ -328,9 +293,7 @@ class Gateway:
             )
 
     def _late_failure(self) -> Failure:
-        if self.limiter.throttled:
-            return Failure("rate_limited", "waiting for Freelancer's rate limit; try again later")
-        return Failure("timeout", "not fetched before the deadline; it will be cached when it is")
+        return RATE_LIMITED if self.budget.throttled else TIMEOUT
 
     def _register(self, uid: int, previous: UserRecord | None, priority: int) -> Fetch:
         fetch = Fetch(asyncio.get_running_loop().create_future(), previous)
@@ -389,12 +352,12 @@ class Gateway:
         in_store = await self.store.delete(user_id)
         in_memory = self._lru.pop(user_id) is not None
         negative = self._not_found.pop(user_id) | self._failing.pop(user_id)
-        self._unsaved.pop(user_id, None)
+        self.writes.forget(user_id)
         return in_store or in_memory or negative
 
     async def clear_expired(self) -> int:
         """Remove users past CACHE_TTL_S + STALE_IF_ERROR_S from store and memory."""
-        cutoff = time.time() - self.settings.cache_ttl_s - self.settings.stale_if_error_s
+        cutoff = self.clock() - self.settings.cache_ttl_s - self.settings.stale_if_error_s
         removed = await self.store.delete_fetched_before(cutoff)
         for uid, entry in self._lru.items():
             if fetched_at(entry) < cutoff:
@@ -404,7 +367,7 @@ class Gateway:
     async def revalidate(self, user_ids: Sequence[int]) -> int:
         """Queue background refreshes of these ids (uncached ones are prefetched)."""
         stored = await self._read_store([u for u in user_ids if u not in self._lru])
-        now = time.time()
+        now = self.clock()
         queued = 0
         for uid in user_ids:
             entry = self._lru.get(uid)
@@ -418,11 +381,11 @@ class Gateway:
         if room <= 0:
             return 0
         try:
-            records = await self.store.fetched_before(time.time() - age_s, limit=room)
+            records = await self.store.fetched_before(self.clock() - age_s, limit=room)
         except StoreUnavailable:
             self.stats.store_errors += 1
             raise
-        now = time.time()
+        now = self.clock()
         return sum(self._schedule_refresh(r.user_id, r, PRIORITY_SWEEP, now) for r in records)
 
     # ---- state for monitoring --------------------------------------------------------
@@ -451,14 +414,14 @@ class Gateway:
         """`open` while the breaker refuses calls, `throttled` while rate-limited, else `ok`."""
         if self.breaker.state != "closed":
             return "open"
-        return "throttled" if self.limiter.throttled else "ok"
+        return "throttled" if self.budget.throttled else "ok"
 
     def problems(self) -> list[str]:
         """Why the service is degraded; empty when healthy."""
         problems = []
         if not self.store_ready:
             problems.append(f"store unavailable: check {self.store.setting}")
-        if self.auth_failed:
+        if self.upstream.auth_failed:
             problems.append(
                 "Freelancer rejected the credentials: check FREELANCER_OAUTH_TOKEN / "
                 "FREELANCER_CLIENT_ID"
@@ -466,7 +429,7 @@ class Gateway:
         if self.breaker.state != "closed":
             problems.append("Freelancer is failing: circuit breaker open")
         restarted = self._restarted_at
-        if restarted is not None and time.monotonic() - restarted < DEGRADED_AFTER_RESTART_S:
+        if restarted is not None and self.clock() - restarted < DEGRADED_AFTER_RESTART_S:
             problems.append("the fetch worker crashed and was restarted")
         return problems
 
@@ -482,7 +445,7 @@ class Gateway:
             except Exception:
                 log.exception("fetch worker crashed; restarting it")
             self.stats.worker_restarts += 1
-            self._restarted_at = time.monotonic()
+            self._restarted_at = self.clock()
             self._complete(self._in_hand, {}, INTERNAL)
             self._in_hand.clear()
             await asyncio.sleep(0.1)
@@ -530,7 +493,7 @@ class Gateway:
         gone: list[int] = []
         try:
             try:
-                batch = await self._call_upstream(ids)
+                batch = await self.upstream.fetch_users(ids)
             finally:
                 self._slots.release()
             outcomes, records, gone = self._outcomes(ids, batch)
@@ -545,51 +508,10 @@ class Gateway:
             log.exception("batch of %d ids failed unexpectedly", len(ids))
         finally:
             self._complete(ids, outcomes, default)
-        if records or self._unsaved:
-            await self._save(records)
+        if records or self.writes.pending:
+            await self.writes.save(records)
         for uid in gone:
-            await self._forget_stored(uid)
-
-    async def _call_upstream(self, ids: list[int]) -> UpstreamBatch:
-        """One batch call, retried with backoff; raises the last UpstreamError."""
-        settings = self.settings
-        attempt = 0
-        while True:
-            attempt += 1
-            if not self.breaker.rejecting:
-                await self.limiter.acquire()
-            if not self.breaker.allow_call():
-                raise UpstreamCircuitOpen("Freelancer is failing; not calling it for a while")
-            self.stats.upstream_calls += 1
-            self.stats.upstream_ids_requested += len(ids)
-            started = time.perf_counter()
-            try:
-                batch = await self.upstream.fetch_users(ids)
-            except UpstreamError as exc:
-                self.stats.upstream_errors += 1
-                self.breaker.record_failure()
-                if isinstance(exc, UpstreamAuthError):
-                    self.auth_failed = True
-                if isinstance(exc, UpstreamRateLimited):
-                    self.limiter.pause_for(exc.retry_after or 1.0)
-                if not exc.retryable or attempt >= settings.upstream_max_attempts:
-                    raise
-                self.stats.upstream_retries += 1
-                log.info("retrying batch of %d ids after: %s", len(ids), exc.message)
-                if not isinstance(exc, UpstreamRateLimited):
-                    await asyncio.sleep(backoff_s(attempt, settings.upstream_backoff_s))
-                continue
-            self.breaker.record_success()
-            self.auth_failed = False
-            if batch.rate_remaining is not None:
-                self.limiter.observe_remaining(batch.rate_remaining)
-            log.info(
-                "fetched batch of %d ids: %d found in %.0f ms",
-                len(ids),
-                len(batch.users),
-                (time.perf_counter() - started) * 1000,
-            )
-            return batch
+            await self.writes.delete(uid)
 
     def _outcomes(
         self, ids: list[int], batch: UpstreamBatch
@@ -619,7 +541,7 @@ class Gateway:
 
         Synchronous on purpose: a lookup sees either the in-flight entry or the result.
         """
-        now = time.time()
+        now = self.clock()
         settings = self.settings
         for uid in ids:
             outcome = outcomes.get(uid, default)
@@ -636,56 +558,6 @@ class Gateway:
             if fetch is not None and not fetch.future.done():
                 fetch.future.set_result(outcome)
 
-    async def _save(self, records: list[UserRecord]) -> None:
-        """Upsert fetched users (and any an earlier failed save left), retrying briefly.
-
-        The waiters already have the data; a save that keeps failing is kept in memory
-        (bounded) and retried with the next batch, so nothing fetched is lost.
-        """
-        pending = {**self._unsaved, **{r.user_id: r for r in records}}
-        self._unsaved = {}
-        attempts = self.settings.store_save_attempts
-        for attempt in range(1, attempts + 1):
-            try:
-                await self.store.upsert_many(list(pending.values()))
-            except StoreUnavailable as exc:
-                self.stats.store_save_failures += 1
-                log.warning(
-                    "saving %d users failed (attempt %d/%d): %s",
-                    len(pending),
-                    attempt,
-                    attempts,
-                    exc,
-                )
-                if attempt < attempts:
-                    await asyncio.sleep(backoff_s(attempt, 0.1))
-                continue
-            self.store_ready = True
-            log.debug("saved %d users", len(pending))
-            return
-        self.store_ready = False
-        keep = list(pending.items())[-self.settings.memory_cache_size :]
-        self._unsaved = dict(keep) | self._unsaved
-
-    async def _forget_stored(self, uid: int) -> None:
-        try:
-            await self.store.delete(uid)
-        except StoreUnavailable as exc:
-            log.warning("could not remove user %d, gone from Freelancer: %s", uid, exc)
-
-    async def _reopen_store(self) -> None:
-        attempt = 0
-        while not self.store_ready:
-            attempt += 1
-            await asyncio.sleep(min(30.0, 0.5 * 2 ** min(attempt, 6)))
-            try:
-                await self.store.open()
-            except StoreUnavailable as exc:
-                log.warning("store still unavailable: %s", exc)
-                continue
-            self.store_ready = True
-            log.info("store is back")
-
     async def _sweep(self) -> None:
         """Refresh users that will turn stale within the next interval, at low priority."""
         interval = self.settings.refresh_interval_s
@@ -698,6 +570,11 @@ class Gateway:
                 continue
             if queued:
                 log.info("refresh sweep queued %d users", queued)
+
+
+def budget_windows(settings: Settings) -> list[Window]:
+    """Freelancer's limits as budget windows, from the settings."""
+    return [Window("minute", settings.upstream_rate_per_min, 60.0, settings.upstream_burst)]
 
 
 async def _cancel_all(tasks: set[asyncio.Task[None]]) -> None:

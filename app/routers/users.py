@@ -8,6 +8,7 @@ from fastapi import APIRouter, Path, Request, Response
 
 from app.dependencies import GatewayDep, get_gateway
 from app.errors import UserNotFound, UserUnavailable
+from app.gateway.results import TIMEOUT
 from app.models import (
     DEFAULT_MAX_IDS,
     MAX_USER_ID,
@@ -77,7 +78,7 @@ async def lookup_user(user_id: UserIdPath, gateway: GatewayDep) -> Response:
     if result.not_found:
         raise UserNotFound(f"Freelancer has no user {user_id}")
     reason = result.errors[str(user_id)]
-    if reason == "timeout":
+    if reason == TIMEOUT.reason:
         raise UserUnavailable(
             f"user {user_id} was not fetched within WAIT_TIMEOUT_S; it will be cached when it is",
             reason=reason,

@@ -1,5 +1,6 @@
-"""The Freelancer users API client."""
+"""The Freelancer users API client, and the `Upstream` protocol it satisfies."""
 
-from app.upstream.client import FreelancerClient, UpstreamBatch, create_http_client
+from app.upstream.base import Upstream, UpstreamBatch
+from app.upstream.client import FreelancerClient, create_http_client
 
-__all__ = ["FreelancerClient", "UpstreamBatch", "create_http_client"]
+__all__ = ["FreelancerClient", "Upstream", "UpstreamBatch", "create_http_client"]

@@ -1,19 +1,19 @@
 """One typed call to Freelancer's users API per method; failures raise `UpstreamError` kinds.
 
-Retries, rate limiting and the circuit breaker live in the gateway, which sees every call.
+Retries, the budget and the circuit breaker wrap this client (`ResilientUpstream`).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import Any
 
 import httpx
 import orjson
 
+from app.clock import Clock, wall_clock
 from app.config import Settings
 from app.domain import UserRecord
 from app.errors import (
@@ -27,6 +27,7 @@ from app.errors import (
     UpstreamTimeout,
     UserNotFound,
 )
+from app.upstream.base import UpstreamBatch
 
 # Detail flags that make Freelancer include what a UserRecord needs (see shared notes:
 # which flag turns on `location.country` is unverified, so both are requested).
@@ -37,14 +38,6 @@ DETAIL_PARAMS: tuple[tuple[str, str], ...] = (
     ("country_details", "true"),
 )
 DEFAULT_RETRY_AFTER_S = 1.0
-
-
-@dataclass(slots=True, frozen=True)
-class UpstreamBatch:
-    """What one batch call returned: the users found and Freelancer's rate-limit hints."""
-
-    users: dict[int, UserRecord]
-    rate_remaining: int | None = None
 
 
 def create_http_client(
@@ -68,9 +61,12 @@ def create_http_client(
 class FreelancerClient:
     """Typed calls to `GET {base}/?users[]=…` and `GET {base}/{id}/`."""
 
-    def __init__(self, http: httpx.AsyncClient, *, base_url: str) -> None:
+    def __init__(
+        self, http: httpx.AsyncClient, *, base_url: str, clock: Clock = wall_clock
+    ) -> None:
         self._http = http
         self._base = base_url.rstrip("/")
+        self._clock = clock
 
     async def fetch_users(self, user_ids: Sequence[int]) -> UpstreamBatch:
         """Look up many ids in ONE call; ids Freelancer leaves out of the map do not exist."""
@@ -84,7 +80,7 @@ class FreelancerClient:
         if not isinstance(users, dict):
             raise UpstreamBadResponse("Freelancer's batch answer has no `result.users` map")
         wanted = set(user_ids)
-        now = time.time()
+        now = self._clock()
         found: dict[int, UserRecord] = {}
         for key, raw in users.items():
             record = parse_user(raw, key=key, fetched_at=now)
@@ -100,7 +96,7 @@ class FreelancerClient:
             if exc.status == 404:
                 raise UserNotFound(f"Freelancer has no user {user_id}") from exc
             raise
-        return parse_user(_result(response), key=str(user_id), fetched_at=time.time())
+        return parse_user(_result(response), key=str(user_id), fetched_at=self._clock())
 
     async def _get(
         self, url: str, params: list[tuple[str, str | int | float | bool | None]]

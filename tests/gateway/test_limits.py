@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from app.gateway.breaker import CircuitBreaker
-from app.gateway.ratelimit import TokenBucket
+from app.gateway.budget import TokenBucket
 
 
 class FakeClock:

@@ -131,4 +131,4 @@ async def test_rate_limit_remaining_slows_calls_before_freelancer_says_no(
     )
     freelancer.failures = [ok]
     await running.lookup(30)
-    assert running.gateway.limiter.throttled, "Freelancer said nothing is left"
+    assert running.gateway.budget.throttled, "Freelancer said nothing is left"

@@ -1,0 +1,95 @@
+"""`ResilientUpstream`: retries, backoff, the budget and the breaker around an `Upstream`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Sequence
+
+from app.errors import UpstreamAuthError, UpstreamCircuitOpen, UpstreamError, UpstreamRateLimited
+from app.gateway.breaker import CircuitBreaker
+from app.gateway.budget import Budget
+from app.gateway.stats import GatewayStats
+from app.upstream.base import Upstream, UpstreamBatch
+
+log = logging.getLogger("app.gateway")
+
+MAX_BACKOFF_S = 10.0
+
+
+def backoff_s(attempt: int, base: float) -> float:
+    """Exponential backoff with full jitter for the `attempt`-th retry (1-based)."""
+    return random.uniform(0, min(MAX_BACKOFF_S, base * 2 ** (attempt - 1)))
+
+
+class ResilientUpstream:
+    """An `Upstream` that wraps another, as httpx transports wrap transports.
+
+    Each call waits for the budget, asks the breaker, and is retried with backoff and
+    jitter while the failure is retryable (a 429 pauses the whole budget instead of
+    sleeping here). 401/403 are not retried and set `auth_failed` until a call succeeds.
+    Raises the last `UpstreamError`, or `UpstreamCircuitOpen` when no call was allowed.
+    """
+
+    def __init__(
+        self,
+        upstream: Upstream,
+        *,
+        budget: Budget,
+        breaker: CircuitBreaker,
+        stats: GatewayStats,
+        max_attempts: int,
+        backoff_base_s: float,
+    ) -> None:
+        self.upstream = upstream
+        self.budget = budget
+        self.breaker = breaker
+        self.stats = stats
+        self.max_attempts = max_attempts
+        self.backoff_base_s = backoff_base_s
+        self.auth_failed = False
+
+    async def fetch_users(self, user_ids: Sequence[int]) -> UpstreamBatch:
+        """One batch call, retried with backoff; raises the last UpstreamError."""
+        attempt = 0
+        while True:
+            attempt += 1
+            if not self.breaker.rejecting:
+                await self.budget.acquire()
+            if not self.breaker.allow_call():
+                raise UpstreamCircuitOpen("Freelancer is failing; not calling it for a while")
+            self.stats.upstream_calls += 1
+            self.stats.upstream_ids_requested += len(user_ids)
+            started = time.perf_counter()
+            try:
+                batch = await self.upstream.fetch_users(user_ids)
+            except UpstreamError as exc:
+                await self._failed(exc)
+                if not exc.retryable or attempt >= self.max_attempts:
+                    raise
+                self.stats.upstream_retries += 1
+                log.info("retrying batch of %d ids after: %s", len(user_ids), exc.message)
+                if not isinstance(exc, UpstreamRateLimited):
+                    await asyncio.sleep(backoff_s(attempt, self.backoff_base_s))
+                continue
+            self.breaker.record_success()
+            self.auth_failed = False
+            if batch.rate_remaining is not None:
+                await self.budget.observe_remaining(batch.rate_remaining)
+            log.info(
+                "fetched batch of %d ids: %d found in %.0f ms",
+                len(user_ids),
+                len(batch.users),
+                (time.perf_counter() - started) * 1000,
+            )
+            return batch
+
+    async def _failed(self, exc: UpstreamError) -> None:
+        self.stats.upstream_errors += 1
+        self.breaker.record_failure()
+        if isinstance(exc, UpstreamAuthError):
+            self.auth_failed = True
+        if isinstance(exc, UpstreamRateLimited):
+            await self.budget.pause(exc.retry_after or 1.0)
