@@ -1,10 +1,12 @@
-"""Shared fixtures: apps built with create_app(test settings), Freelancer faked with respx."""
+"""Shared fixtures: apps built with create_app(test settings), Freelancer faked through the
+app's upstream transport, and a test environment free of the shell's settings."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,13 +14,15 @@ from typing import Any
 
 import httpx
 import pytest
-import respx
 from asgi_lifespan import LifespanManager
 from fastapi import FastAPI
 
 from app.config import Settings
+from app.domain import UserRecord
+from app.errors import StoreUnavailable
 from app.gateway import Gateway
 from app.main import create_app
+from app.store import SqliteUserStore, UserStore
 
 API = "https://api.freelancer.test/api/users/0.1/users"
 
@@ -37,7 +41,31 @@ def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
         "upstream_timeout_s": 5,
     }
     values.update(overrides)
-    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+    return Settings(_env_file=None, **values)
+
+
+def scrub_settings_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Remove every environment variable that names a setting (case-insensitively).
+
+    TEST_MONGODB_URL names no setting, so it stays: it deliberately enables real-MongoDB tests.
+    """
+    names = {name.lower() for name in Settings.model_fields}
+    for variable in list(os.environ):
+        if variable.lower() in names:
+            monkeypatch.delenv(variable)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_from_the_shell(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No test sees the shell's settings: not its environment, not a `.env` file.
+
+    The environment is scrubbed (child processes inherit os.environ, so they are covered
+    too), the working directory is an empty temp folder (so no `.env` is found, here or in
+    a child process), and `Settings` is told not to read one anyway.
+    """
+    scrub_settings_environment(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(Settings.model_config, "env_file", None)
 
 
 def freelancer_user(user_id: int) -> dict[str, Any]:
@@ -55,7 +83,7 @@ def freelancer_user(user_id: int) -> dict[str, Any]:
 
 @dataclass
 class FakeFreelancer:
-    """Freelancer's batch endpoint behind respx; records the ids of every call."""
+    """Freelancer's users API, served by `transport`; records the ids of every call."""
 
     calls: list[list[int]] = field(default_factory=list)
     missing: set[int] = field(default_factory=set)
@@ -90,9 +118,38 @@ class FakeFreelancer:
         )
 
     @property
+    def transport(self) -> httpx.MockTransport:
+        """An httpx transport answering with `handle`, for `create_app(upstream_transport=)`."""
+        return httpx.MockTransport(self.handle)
+
+    @property
     def lookups(self) -> Counter[int]:
         """How many times each id was sent upstream."""
         return Counter(i for call in self.calls for i in call)
+
+
+class FlakyStore(SqliteUserStore):
+    """A SQLite store for `create_app(store=)` whose first `failing_saves` saves fail, and
+    whose reads await `after_read` (when set) before they return what they read."""
+
+    def __init__(self, path: Path, *, failing_saves: int = 0) -> None:
+        super().__init__(path)
+        self.failing_saves = failing_saves
+        self.save_attempts: list[int] = []
+        """The size of every `upsert_many` call, failed or not."""
+        self.after_read: Callable[[], Awaitable[None]] | None = None
+
+    async def upsert_many(self, users: Sequence[UserRecord]) -> None:
+        self.save_attempts.append(len(users))
+        if len(self.save_attempts) <= self.failing_saves:
+            raise StoreUnavailable("disk full; check SQLITE_PATH")
+        await super().upsert_many(users)
+
+    async def get_many(self, user_ids: Collection[int]) -> dict[int, UserRecord]:
+        found = await super().get_many(user_ids)
+        if self.after_read is not None:
+            await self.after_read()
+        return found
 
 
 async def until(condition: Callable[[], bool], *, within_s: float = 5.0) -> None:
@@ -112,11 +169,9 @@ def error_response(status: int, *, headers: dict[str, str] | None = None) -> htt
 
 
 @pytest.fixture
-def freelancer() -> AsyncIterator[FakeFreelancer]:
-    fake = FakeFreelancer()
-    with respx.mock(assert_all_called=False) as mock:
-        mock.get(url__startswith=API).mock(side_effect=fake.handle)
-        yield fake
+def freelancer() -> FakeFreelancer:
+    """A fake Freelancer; apps from `start_app` in the same test call it."""
+    return FakeFreelancer()
 
 
 @dataclass
@@ -142,12 +197,25 @@ StartApp = Callable[..., Awaitable[Running]]
 
 
 @pytest.fixture
-async def start_app(tmp_path: Path) -> AsyncIterator[StartApp]:
-    """Start apps (lifespan included) with test settings overridden by keyword."""
+async def start_app(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[StartApp]:
+    """Start apps (lifespan included) with test settings overridden by keyword.
+
+    `store=` replaces the configured store; `app=` starts an app built by the test. When
+    the test uses the `freelancer` fixture, the apps built here call it.
+    """
+    fake: FakeFreelancer | None = None
+    if "freelancer" in request.fixturenames:
+        fake = request.getfixturevalue("freelancer")
     async with AsyncExitStack() as stack:
 
-        async def start(*, app: FastAPI | None = None, **overrides: Any) -> Running:
-            app = app or create_app(make_settings(tmp_path, **overrides))
+        async def start(
+            *, app: FastAPI | None = None, store: UserStore | None = None, **overrides: Any
+        ) -> Running:
+            app = app or create_app(
+                make_settings(tmp_path, **overrides),
+                store=store,
+                upstream_transport=fake.transport if fake is not None else None,
+            )
             manager = await stack.enter_async_context(
                 LifespanManager(app, startup_timeout=10, shutdown_timeout=30)
             )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 import pytest
 
 from tests.conftest import FakeFreelancer, StartApp
@@ -67,7 +69,7 @@ async def test_a_streamed_body_over_the_limit_gets_413(
 ) -> None:
     running = await start_app(max_body_bytes=1024)
 
-    async def chunks():  # type: ignore[no-untyped-def]
+    async def chunks() -> AsyncIterator[bytes]:
         for _ in range(10):
             yield b" " * 500
 

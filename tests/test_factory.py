@@ -24,15 +24,15 @@ def test_importing_the_app_module_builds_nothing() -> None:
 
 
 def test_create_app_opens_nothing_until_the_lifespan_runs(tmp_path: Path) -> None:
-    app = create_app(Settings(_env_file=None, sqlite_path=tmp_path / "x" / "users.db"))  # type: ignore[call-arg]
+    app = create_app(Settings(_env_file=None, sqlite_path=tmp_path / "x" / "users.db"))
     assert app.state.gateway is None
     assert not (tmp_path / "x").exists()
 
 
 def test_env_template_documents_every_setting_with_its_default(tmp_path: Path) -> None:
     shutil.copy(ROOT / ".env.template", tmp_path / ".env")
-    from_template = Settings(_env_file=tmp_path / ".env")  # type: ignore[call-arg]
-    defaults = Settings(_env_file=None)  # type: ignore[call-arg]
+    from_template = Settings(_env_file=tmp_path / ".env")
+    defaults = Settings(_env_file=None)
     assert from_template == defaults
     text = (ROOT / ".env.template").read_text()
     for name in Settings.model_fields:
@@ -40,9 +40,7 @@ def test_env_template_documents_every_setting_with_its_default(tmp_path: Path) -
 
 
 async def test_without_credentials_it_runs_in_demo_mode_on_the_simulator(tmp_path: Path) -> None:
-    settings = Settings(  # type: ignore[call-arg]
-        _env_file=None, sqlite_path=tmp_path / "users.db", simulator_latency_ms=0
-    )
+    settings = Settings(_env_file=None, sqlite_path=tmp_path / "users.db", simulator_latency_ms=0)
     assert settings.upstream_kind == "simulator"
     app = create_app(settings)
     async with LifespanManager(app) as manager:

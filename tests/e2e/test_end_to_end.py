@@ -9,8 +9,8 @@ from typing import Any
 import httpx
 import pytest
 
-from bench.procs import free_port
-from tests.e2e.conftest import Process, assert_clean_exit
+from bench.procs import Process, free_port
+from tests.e2e.conftest import assert_clean_exit
 
 pytestmark = pytest.mark.e2e
 

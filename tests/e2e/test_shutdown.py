@@ -8,7 +8,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.e2e.conftest import Process, assert_clean_exit
+from bench.procs import Process
+from tests.e2e.conftest import assert_clean_exit
 
 pytestmark = pytest.mark.e2e
 

@@ -14,9 +14,8 @@ import httpx
 import pytest
 
 from app.domain import UserRecord
-from bench.procs import free_port
+from bench.procs import Process, free_port
 from tests.conftest import Running, StartApp
-from tests.e2e.conftest import Process
 
 pytestmark = pytest.mark.e2e
 

@@ -89,7 +89,7 @@ async def run_script(steps: list[tuple[str, object]], root: Path) -> None:
     )
     upstream = ParkedUpstream()
     store = SqliteUserStore(root / "users.db")
-    gateway = Gateway(settings=config, store=store, upstream=upstream)  # type: ignore[arg-type]
+    gateway = Gateway(settings=config, store=store, upstream=upstream)
     await gateway.start()
     requests: list[tuple[list[int], asyncio.Task[LookupResult]]] = []
     cancelled: set[int] = set()

@@ -1,4 +1,4 @@
-"""The single-flight core, through the HTTP API, against a fake Freelancer (respx).
+"""The single-flight core, through the HTTP API, against a fake Freelancer.
 
 Each test names the trap from shared/single-flight-traps.md it guards against.
 """
@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import gc
+from pathlib import Path
 from typing import Any
 
 import httpx
 import orjson
+import pytest
 
-from app.domain import UserRecord
-from tests.conftest import FakeFreelancer, StartApp, error_response, until
+from tests.conftest import FakeFreelancer, FlakyStore, StartApp, error_response, until
 
 
 async def test_concurrent_requests_fetch_each_id_once(
@@ -149,26 +150,24 @@ async def test_single_user_endpoint_times_out_with_504(
 
 
 async def test_miss_that_races_the_completion_does_not_fetch_again(
-    start_app: StartApp, freelancer: FakeFreelancer
+    start_app: StartApp, freelancer: FakeFreelancer, tmp_path: Path
 ) -> None:
     """Trap 1: a request whose store read spans the fetch's completion must not re-queue."""
-    running = await start_app()
+    store = FlakyStore(tmp_path / "users.db")
+    running = await start_app(store=store)
     gateway = running.gateway
-    store = gateway.store
-    real_get_many = store.get_many
     read_started = asyncio.Event()
     release_read = asyncio.Event()
 
-    async def slow_get_many(ids: Any) -> dict[int, UserRecord]:
-        found = await real_get_many(ids)  # reads before the fetch is saved: a miss
+    async def slow_read() -> None:
+        # The read happened before the fetch is saved (a miss); it returns only later.
         read_started.set()
         await release_read.wait()
-        return found
 
     freelancer.gate = asyncio.Event()
     first = asyncio.create_task(running.lookup(41))
     await freelancer.arrived.wait()
-    store.get_many = slow_get_many  # type: ignore[method-assign]
+    store.after_read = slow_read
     second = asyncio.create_task(running.lookup(41))
     await read_started.wait()
     freelancer.gate.set()
@@ -218,13 +217,13 @@ async def test_a_failure_nobody_waits_for_logs_no_unretrieved_exception(
 
 
 async def test_a_crashed_worker_is_restarted_and_health_says_degraded(
-    start_app: StartApp, freelancer: FakeFreelancer
+    start_app: StartApp, freelancer: FakeFreelancer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Trap 4: a worker that dies is restarted; what it held is answered, not stranded."""
     running = await start_app()
     gateway = running.gateway
     real_drain = gateway._drain
-    crashes = []
+    crashes: list[list[int]] = []
 
     def crash_once(batch: list[int], size: int) -> None:
         if not crashes:
@@ -232,7 +231,7 @@ async def test_a_crashed_worker_is_restarted_and_health_says_degraded(
             raise RuntimeError("bug in the worker")
         real_drain(batch, size)
 
-    gateway._drain = crash_once  # type: ignore[method-assign]
+    monkeypatch.setattr(gateway, "_drain", crash_once)
     body = await running.lookup(71)
     assert body["errors"] == {"71": "upstream_error"}
     health = (await running.client.get("/")).json()

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 
-from app.domain import UserRecord
-from app.errors import StoreUnavailable
-from tests.conftest import FakeFreelancer, StartApp, until
+from tests.conftest import FakeFreelancer, FlakyStore, StartApp, until
 
 
 async def test_an_unreachable_store_at_start_is_reported_and_recovers_without_restart(
@@ -35,24 +32,14 @@ async def test_an_unreachable_store_at_start_is_reported_and_recovers_without_re
 
 
 async def test_a_failing_save_still_answers_the_waiters_and_is_retried(
-    start_app: StartApp, freelancer: FakeFreelancer
+    start_app: StartApp, freelancer: FakeFreelancer, tmp_path: Path
 ) -> None:
-    running = await start_app(store_save_attempts=2)
-    store = running.gateway.store
-    real_upsert = store.upsert_many
-    attempts: list[int] = []
-
-    async def failing_upsert(users: Sequence[UserRecord]) -> None:
-        attempts.append(len(users))
-        if len(attempts) <= 2:
-            raise StoreUnavailable("disk full; check SQLITE_PATH")
-        await real_upsert(users)
-
-    store.upsert_many = failing_upsert  # type: ignore[method-assign]
+    store = FlakyStore(tmp_path / "users.db", failing_saves=2)
+    running = await start_app(store_save_attempts=2, store=store)
     body = await running.lookup(1, 2)
     assert [u["user_id"] for u in body["users"]] == [1, 2], "the fetched data is not lost"
     assert await running.gateway.wait_idle(5)
-    assert attempts == [2, 2]
+    assert store.save_attempts == [2, 2]
     assert await store.get_many([1, 2]) == {}
     stats = (await running.client.get("/api/stats")).json()
     assert stats["store_save_failures"] == 2
@@ -60,4 +47,4 @@ async def test_a_failing_save_still_answers_the_waiters_and_is_retried(
     await running.lookup(3)
     assert await running.gateway.wait_idle(5)
     assert sorted(await store.get_many([1, 2, 3])) == [1, 2, 3]
-    assert attempts[-1] == 3
+    assert store.save_attempts[-1] == 3

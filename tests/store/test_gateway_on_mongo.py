@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from app.main import create_app
-from tests.conftest import FakeFreelancer, StartApp, make_settings
+from tests.conftest import FakeFreelancer, StartApp
 from tests.store.conftest import mongomock_store
 
 
@@ -13,7 +12,7 @@ async def test_the_gateway_caches_users_in_mongodb(
     start_app: StartApp, freelancer: FakeFreelancer, tmp_path: Path
 ) -> None:
     store = mongomock_store()
-    running = await start_app(app=create_app(make_settings(tmp_path), store=store))
+    running = await start_app(store=store)
     assert (await running.client.get("/")).json()["store"] == "mongodb"
     body = await running.lookup(1, 2)
     assert [u["user_id"] for u in body["users"]] == [1, 2]

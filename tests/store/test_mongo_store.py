@@ -71,11 +71,11 @@ async def test_an_unreachable_server_fails_in_time_without_showing_the_url() -> 
 
 
 async def test_create_store_picks_the_store_from_the_settings(tmp_path: Path) -> None:
-    sqlite = create_store(Settings(_env_file=None, sqlite_path=tmp_path / "u.db"))  # type: ignore[call-arg]
+    sqlite = create_store(Settings(_env_file=None, sqlite_path=tmp_path / "u.db"))
     assert isinstance(sqlite, SqliteUserStore)
     assert not (tmp_path / "u.db").exists(), "nothing is opened by the factory"
     mongo = create_store(
-        Settings(_env_file=None, mongodb_url="mongodb://127.0.0.1:1", database_name="db1")  # type: ignore[call-arg]
+        Settings(_env_file=None, mongodb_url="mongodb://127.0.0.1:1", database_name="db1")
     )
     assert isinstance(mongo, MongoUserStore)
     assert (mongo.kind, mongo.setting) == ("mongodb", "MONGODB_URL")
