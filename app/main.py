@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -12,7 +12,7 @@ import orjson
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Match
+from starlette.routing import BaseRoute, Match
 
 from app import __version__
 from app.clock import Clock, wall_clock
@@ -21,7 +21,7 @@ from app.errors import GatewayError
 from app.gateway import Gateway
 from app.logs import configure_logging
 from app.metrics import create_registry
-from app.middleware import BodyLimitMiddleware, MetricsMiddleware
+from app.middleware import GatewayMiddleware, RequestMetrics
 from app.models import DEFAULT_MAX_IDS, users_request_schema
 from app.routers import monitoring, users
 from app.store import UserStore, create_store
@@ -63,20 +63,26 @@ def create_app(
         version=__version__,
         description=DESCRIPTION,
         lifespan=_lifespan,
+        # The gateway exports Prometheus metrics; FastAPI's OpenTelemetry instrumentation
+        # would only ask, on every request, whether a provider is configured.
+        telemetry={"tracing": False, "metrics": False, "logs": False, "operation_spans": False},
     )
     app.state.settings = settings
     app.state.store = store
     app.state.upstream_transport = upstream_transport
     app.state.clock = clock
     app.state.gateway = None
-    app.state.registry = create_registry(lambda: app.state.gateway)
+    request_metrics = RequestMetrics()
+    app.state.registry = create_registry(lambda: app.state.gateway, request_metrics)
+    app.router.routes.insert(0, users.hot_route)
     app.include_router(users.router)
     app.include_router(monitoring.router)
     _install_error_handlers(app)
-    # Our own limit, not FastAPI's `max_body_size`: that one answers a declared oversized
-    # Content-Length with a plain-text 413, and every error here is JSON.
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
-    app.add_middleware(MetricsMiddleware, registry=app.state.registry)
+    # Our own body limit, not FastAPI's `max_body_size`: that one answers a declared
+    # oversized Content-Length with a plain-text 413, and every error here is JSON.
+    app.add_middleware(
+        GatewayMiddleware, max_bytes=settings.max_body_bytes, metrics=request_metrics
+    )
     if settings.max_users_per_request != DEFAULT_MAX_IDS:
         _document_max_ids(app, settings.max_users_per_request)
     return app
@@ -176,11 +182,21 @@ def _install_error_handlers(app: FastAPI) -> None:
 def _allowed_methods(request: Request) -> list[str]:
     """Every method some route serves at this path (Starlette names only the first route's)."""
     methods: set[str] = set()
-    for route in request.app.routes:
+    for route in _leaf_routes(request.app.routes):
         match, _ = route.matches(request.scope)
         if match is not Match.NONE:
             methods |= getattr(route, "methods", None) or set()
     return sorted(methods)
+
+
+def _leaf_routes(routes: Iterable[BaseRoute]) -> Iterator[BaseRoute]:
+    # FastAPI 0.160+ keeps an included router as one route wrapping the router's own.
+    for route in routes:
+        inner = getattr(route, "original_router", None)
+        if inner is not None:
+            yield from _leaf_routes(inner.routes)
+        else:
+            yield route
 
 
 def _document_max_ids(app: FastAPI, max_ids: int) -> None:

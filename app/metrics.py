@@ -8,7 +8,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from app.gateway import Gateway
+from app.gateway import Gateway, health
 
 COUNTERS = {
     "requests": "User lookup requests served.",
@@ -58,20 +58,25 @@ class GatewayCollector(Collector):
         for name, doc, value in (
             ("queue_size", "Ids waiting for the worker.", gateway.queue_size),
             ("processing", "Ids with a fetch in flight.", gateway.processing_count),
-            ("memory_cache_users", "Users in the in-memory LRU.", gateway.memory_cache_size),
-            ("healthy", "1 when healthy, 0 when degraded.", 0 if gateway.problems() else 1),
+            ("memory_cache_users", "Users in the in-memory LRU.", len(gateway.memory)),
+            ("healthy", "1 when healthy, 0 when degraded.", 0 if health.problems(gateway) else 1),
         ):
             yield GaugeMetricFamily(f"gateway_{name}", doc, value=value)
         state = GaugeMetricFamily(
             "gateway_upstream_state", "1 for the upstream's current state.", labels=["state"]
         )
+        upstream_state = health.upstream_state(gateway)
         for name in ("ok", "throttled", "open"):
-            state.add_metric([name], 1 if gateway.upstream_state == name else 0)
+            state.add_metric([name], 1 if upstream_state == name else 0)
         yield state
 
 
-def create_registry(gateway: Callable[[], Gateway | None]) -> CollectorRegistry:
+def create_registry(
+    gateway: Callable[[], Gateway | None], *collectors: Collector
+) -> CollectorRegistry:
     """A registry of this app's own (not the process-global one, so apps can coexist)."""
     registry = CollectorRegistry()
     registry.register(GatewayCollector(gateway))
+    for collector in collectors:
+        registry.register(collector)
     return registry

@@ -12,10 +12,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from prometheus_client import CollectorRegistry
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.middleware import BodyLimitMiddleware, MetricsMiddleware
+from app.middleware import GatewayMiddleware, RequestMetrics
 
 CALLS = 20_000
 ROUNDS = 5
@@ -57,8 +56,9 @@ async def per_request_us(app: ASGIApp) -> float:
 def stacks() -> dict[str, Callable[[ASGIApp], ASGIApp]]:
     """Each middleware as the app installs it, by name."""
     return {
-        "body limit": lambda app: BodyLimitMiddleware(app, max_bytes=64 * 1024),
-        "metrics": lambda app: MetricsMiddleware(app, registry=CollectorRegistry()),
+        "body limit and metrics": lambda app: GatewayMiddleware(
+            app, max_bytes=64 * 1024, metrics=RequestMetrics()
+        ),
     }
 
 

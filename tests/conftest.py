@@ -17,6 +17,7 @@ import pytest
 from asgi_lifespan import LifespanManager
 from fastapi import FastAPI
 
+from app.clock import Clock, wall_clock
 from app.config import Settings
 from app.domain import UserRecord
 from app.errors import StoreUnavailable
@@ -200,8 +201,9 @@ StartApp = Callable[..., Awaitable[Running]]
 async def start_app(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[StartApp]:
     """Start apps (lifespan included) with test settings overridden by keyword.
 
-    `store=` replaces the configured store; `app=` starts an app built by the test. When
-    the test uses the `freelancer` fixture, the apps built here call it.
+    `store=` replaces the configured store, `clock=` the wall clock (a `FakeClock` to step
+    freshness); `app=` starts an app built by the test. When the test uses the
+    `freelancer` fixture, the apps built here call it.
     """
     fake: FakeFreelancer | None = None
     if "freelancer" in request.fixturenames:
@@ -209,12 +211,17 @@ async def start_app(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIter
     async with AsyncExitStack() as stack:
 
         async def start(
-            *, app: FastAPI | None = None, store: UserStore | None = None, **overrides: Any
+            *,
+            app: FastAPI | None = None,
+            store: UserStore | None = None,
+            clock: Clock = wall_clock,
+            **overrides: Any,
         ) -> Running:
             app = app or create_app(
                 make_settings(tmp_path, **overrides),
                 store=store,
                 upstream_transport=fake.transport if fake is not None else None,
+                clock=clock,
             )
             manager = await stack.enter_async_context(
                 LifespanManager(app, startup_timeout=10, shutdown_timeout=30)

@@ -13,6 +13,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from app.config import Settings
+
 
 @dataclass(frozen=True, slots=True)
 class Window:
@@ -32,6 +34,11 @@ class WindowState:
     limit: float
     period_s: float
     remaining: int
+
+
+def budget_windows(settings: Settings) -> list[Window]:
+    """Freelancer's limits as budget windows, from the settings."""
+    return [Window("minute", settings.upstream_rate_per_min, 60.0, settings.upstream_burst)]
 
 
 class Budget(Protocol):

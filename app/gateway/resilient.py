@@ -8,6 +8,7 @@ import random
 import time
 from collections.abc import Sequence
 
+from app.config import Settings
 from app.errors import UpstreamAuthError, UpstreamCircuitOpen, UpstreamError, UpstreamRateLimited
 from app.gateway.breaker import CircuitBreaker
 from app.gateway.budget import Budget
@@ -40,15 +41,14 @@ class ResilientUpstream:
         budget: Budget,
         breaker: CircuitBreaker,
         stats: GatewayStats,
-        max_attempts: int,
-        backoff_base_s: float,
+        settings: Settings,
     ) -> None:
         self.upstream = upstream
         self.budget = budget
         self.breaker = breaker
         self.stats = stats
-        self.max_attempts = max_attempts
-        self.backoff_base_s = backoff_base_s
+        self.max_attempts = settings.upstream_max_attempts
+        self.backoff_base_s = settings.upstream_backoff_s
         self.auth_failed = False
 
     async def fetch_users(self, user_ids: Sequence[int]) -> UpstreamBatch:

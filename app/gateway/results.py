@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Literal, get_args
 
 import orjson
 
-from app.gateway.cache import CachedUser
+from app.domain import UserRecord
+from app.gateway.cache import CACHE_TAIL, CachedUser, cache_entry
+from app.gateway.stats import GatewayStats
 
 Source = Literal["cache", "stale", "fetched", "shared"]
 """cache: fresh from memory or the store; stale: past CACHE_TTL_S, a refresh is queued;
@@ -38,41 +41,107 @@ TIMEOUT = Failure("timeout", "not fetched before the deadline; it will be cached
 Outcome = CachedUser | Failure
 """One id's answer: the cached user, or why there is none."""
 
-_SUFFIX: dict[str, bytes] = {
+_CUT = -len(CACHE_TAIL)
+_TAIL: dict[str, bytes] = {
     source: b',"source":"%s","stale":%s}'
     % (source.encode(), b"true" if source == "stale" else b"false")
     for source in SOURCES
 }
+_NOTHING_MISSING = b'"not_found":[],"unavailable":[],"errors":{}}'
+
+
+def _user_json(entry: CachedUser, source: Source) -> bytes:
+    return entry[0] if source == "cache" else entry[0][:_CUT] + _TAIL[source]
 
 
 @dataclass(slots=True)
 class LookupResult:
-    """The answer for one request, ids in request order."""
+    """The answer for one request, ids in request order.
 
-    users: list[tuple[CachedUser, Source]]
-    not_found: list[int]
-    unavailable: list[int]
-    errors: dict[str, str]
+    `sources` is None when every user came fresh from the cache: the common case, whose
+    body is one `join` of pre-rendered users.
+    """
+
+    users: list[CachedUser]
+    sources: list[Source] | None = None
+    not_found: list[int] = field(default_factory=list)
+    unavailable: list[int] = field(default_factory=list)
+    errors: dict[str, str] = field(default_factory=dict)
 
     @property
     def user_ids(self) -> list[int]:
         """The ids of the users found, in request order."""
-        return [entry[0][0] for entry, _ in self.users]
+        return [entry[2][0] for entry in self.users]
 
     def user_json(self, index: int) -> bytes:
         """One user object as JSON."""
-        entry, source = self.users[index]
-        return entry[1] + _SUFFIX[source]
+        source = "cache" if self.sources is None else self.sources[index]
+        return _user_json(self.users[index], source)
 
     def to_json(self) -> bytes:
         """The JSON body of `POST /api/users`, spliced from pre-rendered users."""
-        users = b",".join([entry[1] + _SUFFIX[source] for entry, source in self.users])
+        if self.sources is None:
+            users = b",".join([entry[0] for entry in self.users])
+        else:
+            users = b",".join(map(_user_json, self.users, self.sources))
+        head = b'{"users":[%b],"total_count":%d,' % (users, len(self.users))
+        if not (self.not_found or self.unavailable):
+            return head + _NOTHING_MISSING
         rest = orjson.dumps(
-            {
-                "total_count": len(self.users),
-                "not_found": self.not_found,
-                "unavailable": self.unavailable,
-                "errors": self.errors,
-            }
+            {"not_found": self.not_found, "unavailable": self.unavailable, "errors": self.errors}
         )
-        return b'{"users":[' + users + b"]," + rest[1:]
+        return head + rest[1:]
+
+
+def render(
+    user_ids: Sequence[int], answers: Mapping[int, tuple[Source, Outcome]], stats: GatewayStats
+) -> LookupResult:
+    """The result of a lookup from each id's answer, counting hits, misses and reasons."""
+    result = LookupResult([], [])
+    users, sources = result.users, result.sources
+    assert sources is not None
+    for uid in user_ids:
+        source, outcome = answers[uid]
+        if not isinstance(outcome, Failure):
+            users.append(outcome)
+            sources.append(source)
+            if source == "cache":
+                stats.cache_hits += 1
+            elif source == "stale":
+                stats.stale_hits += 1
+        elif outcome.reason == "not_found":
+            result.not_found.append(uid)
+            stats.not_found += 1
+            if source == "cache":
+                stats.negative_hits += 1
+        else:
+            result.unavailable.append(uid)
+            result.errors[str(uid)] = outcome.reason
+            stats.unavailable += 1
+            stats.unavailable_reasons[outcome.reason] += 1
+    return result
+
+
+def batch_outcomes(
+    ids: Sequence[int], found: Mapping[int, UserRecord], previous: Mapping[int, UserRecord | None]
+) -> tuple[dict[int, Outcome], list[UserRecord], list[int]]:
+    """Each id's outcome of one upstream answer, the records to save, and cached ids now gone.
+
+    A refreshed user keeps the `created_at` of its previous copy.
+    """
+    outcomes: dict[int, Outcome] = {}
+    records: list[UserRecord] = []
+    gone: list[int] = []
+    for uid in ids:
+        record = found.get(uid)
+        before = previous.get(uid)
+        if record is None:
+            outcomes[uid] = NOT_FOUND
+            if before is not None:
+                gone.append(uid)
+            continue
+        if before is not None:
+            record = record._replace(created_at=before.created_at)
+        records.append(record)
+        outcomes[uid] = cache_entry(record)
+    return outcomes, records, gone

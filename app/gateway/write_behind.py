@@ -1,4 +1,4 @@
-"""`WriteBehind`: saving fetched users after their waiters have them, and the store's health.
+"""The gateway's edge to the store: reads, saves after waiters have their answer, store health.
 
 Waiters are answered before the save, so a slow or failing store never holds them up.
 A save is retried briefly; what still failed is kept (bounded) and written with the next
@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from app.config import Settings
 from app.domain import UserRecord
 from app.errors import StoreUnavailable
 from app.gateway.resilient import backoff_s
@@ -20,15 +21,13 @@ log = logging.getLogger("app.gateway")
 
 
 class WriteBehind:
-    """Saves records to `store` with retries, keeping up to `keep_max` that could not be saved."""
+    """Saves records with STORE_SAVE_ATTEMPTS tries; keeps up to MEMORY_CACHE_SIZE unsaved."""
 
-    def __init__(
-        self, store: UserStore, *, stats: GatewayStats, attempts: int, keep_max: int
-    ) -> None:
+    def __init__(self, store: UserStore, *, stats: GatewayStats, settings: Settings) -> None:
         self.store = store
         self.stats = stats
-        self.attempts = attempts
-        self.keep_max = keep_max
+        self.attempts = settings.store_save_attempts
+        self.keep_max = settings.memory_cache_size
         self.store_ready = False
         self._unsaved: dict[int, UserRecord] = {}
 
@@ -86,6 +85,17 @@ class WriteBehind:
         self.store_ready = False
         keep = list(pending.items())[-self.keep_max :]
         self._unsaved = dict(keep) | self._unsaved
+
+    async def read(self, user_ids: list[int]) -> dict[int, UserRecord]:
+        """Stored users among `user_ids`; raises StoreUnavailable (and marks the store down)."""
+        try:
+            stored = await self.store.get_many(user_ids)
+        except StoreUnavailable:
+            self.stats.store_errors += 1
+            self.store_ready = False
+            raise
+        self.store_ready = True
+        return stored
 
     def forget(self, user_id: int) -> None:
         """Drop an unsaved copy (the user was evicted)."""

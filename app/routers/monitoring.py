@@ -7,6 +7,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app.dependencies import GatewayDep
 from app.errors import StoreUnavailable
+from app.gateway import health as gateway_health
 from app.models import ErrorResponse, Health, QueueInfo, Stats
 
 router = APIRouter(tags=["monitoring"])
@@ -15,7 +16,7 @@ router = APIRouter(tags=["monitoring"])
 @router.get("/", response_model=Health, summary="Health")
 async def health(gateway: GatewayDep) -> Health:
     """Whether the service is healthy, which store and upstream it uses, and its queue."""
-    problems = gateway.problems()
+    problems = gateway_health.problems(gateway)
     return Health(
         status="degraded" if problems else "healthy",
         problems=problems,
@@ -23,7 +24,7 @@ async def health(gateway: GatewayDep) -> Health:
         processing_count=gateway.processing_count,
         store=gateway.store.kind,
         upstream=gateway.settings.upstream_kind,
-        upstream_state=gateway.upstream_state,
+        upstream_state=gateway_health.upstream_state(gateway),
     )
 
 
@@ -44,9 +45,9 @@ async def readiness(gateway: GatewayDep) -> dict[str, str]:
     try:
         await gateway.store.ping()
     except StoreUnavailable:
-        gateway.store_ready = False
+        gateway.writes.store_ready = False
         raise
-    gateway.store_ready = True
+    gateway.writes.store_ready = True
     return {"status": "ready"}
 
 
@@ -71,10 +72,10 @@ async def stats(gateway: GatewayDep) -> Stats:
     return Stats(
         store=gateway.store.kind,
         total_users_cached=total,
-        memory_cache_size=gateway.memory_cache_size,
+        memory_cache_size=len(gateway.memory),
         queue_size=gateway.queue_size,
         processing_count=gateway.processing_count,
-        upstream_state=gateway.upstream_state,
+        upstream_state=gateway_health.upstream_state(gateway),
         **gateway.stats.snapshot(),
     )
 

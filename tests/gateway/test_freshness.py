@@ -1,10 +1,12 @@
-"""Stale-while-revalidate, stale-if-error, eviction and background refreshes."""
+"""Stale-while-revalidate, stale-if-error, negative caches, eviction, background refreshes.
+
+Time is a `FakeClock` the tests step, passed to the app as its wall clock.
+"""
 
 from __future__ import annotations
 
-import time
-
 from app.domain import UserRecord
+from tests.clock import FakeClock
 from tests.conftest import FakeFreelancer, Running, StartApp, error_response
 
 TTL = 1000.0
@@ -12,7 +14,7 @@ TTL = 1000.0
 
 async def store_user(running: Running, user_id: int, *, age_s: float) -> None:
     """Put a user in the store as if fetched `age_s` ago (and first cached long before)."""
-    fetched = time.time() - age_s
+    fetched = running.gateway.clock() - age_s
     record = UserRecord(user_id, f"old{user_id}", created_at=fetched - 500, fetched_at=fetched)
     await running.gateway.store.upsert_many([record])
 
@@ -94,12 +96,59 @@ async def test_a_failing_id_is_answered_unavailable_without_calling_again(
 async def test_not_found_is_forgotten_after_its_ttl(
     start_app: StartApp, freelancer: FakeFreelancer
 ) -> None:
-    running = await start_app(not_found_ttl_s=0)
+    clock = FakeClock()
+    running = await start_app(clock=clock, not_found_ttl_s=60)
     freelancer.missing = {6}
     assert (await running.lookup(6))["not_found"] == [6]
     freelancer.missing = set()
+    clock.advance(59)
+    assert (await running.lookup(6))["not_found"] == [6], "remembered for NOT_FOUND_TTL_S"
+    assert len(freelancer.calls) == 1
+    clock.advance(2)
     assert (await running.lookup(6))["users"][0]["user_id"] == 6
     assert len(freelancer.calls) == 2
+
+
+async def test_a_failing_id_is_tried_again_after_its_error_ttl(
+    start_app: StartApp, freelancer: FakeFreelancer
+) -> None:
+    clock = FakeClock()
+    running = await start_app(clock=clock, upstream_max_attempts=1, error_ttl_s=30)
+    freelancer.always = error_response(500)
+    assert (await running.lookup(16))["errors"] == {"16": "upstream_error"}
+    freelancer.always = None
+    clock.advance(29)
+    assert (await running.lookup(16))["errors"] == {"16": "upstream_error"}
+    assert len(freelancer.calls) == 1
+    clock.advance(2)
+    assert (await running.lookup(16))["users"][0]["source"] == "fetched"
+    assert len(freelancer.calls) == 2
+
+
+async def test_a_fetched_user_turns_stale_after_the_ttl_then_too_old_to_serve(
+    start_app: StartApp, freelancer: FakeFreelancer
+) -> None:
+    clock = FakeClock()
+    running = await start_app(
+        clock=clock, cache_ttl_s=TTL, stale_if_error_s=100, upstream_max_attempts=1
+    )
+    first = (await running.lookup(17))["users"][0]
+    clock.advance(TTL - 1)
+    assert (await running.lookup(17))["users"][0]["source"] == "cache"
+    freelancer.always = error_response(500)  # refreshes fail from now on
+    clock.advance(2)
+    stale = (await running.lookup(17))["users"][0]
+    assert (stale["source"], stale["stale"]) == ("stale", True)
+    assert await running.gateway.wait_idle(5)
+    clock.advance(100)
+    gone = await running.lookup(17)
+    assert (gone["users"], gone["unavailable"]) == ([], [17]), "past STALE_IF_ERROR_S"
+    freelancer.always = None
+    clock.advance(31)  # past ERROR_TTL_S (30 s by default)
+    fresh = (await running.lookup(17))["users"][0]
+    assert fresh["source"] == "fetched"
+    assert fresh["created_at"] == first["created_at"], "a refetch keeps when it was first cached"
+    assert fresh["fetched_at"] > first["fetched_at"]
 
 
 async def test_delete_evicts_a_user_from_store_and_memory(

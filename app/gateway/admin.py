@@ -1,0 +1,84 @@
+"""Cache administration: evictions, clearing expired users, revalidation and the sweep."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from app.errors import StoreUnavailable
+from app.gateway.batching import PRIORITY_SWEEP
+from app.gateway.cache import record_of
+from app.gateway.coordinator import Evicted, ExpiredBefore
+
+if TYPE_CHECKING:
+    from app.gateway.gateway import Gateway
+
+log = logging.getLogger("app.gateway")
+
+
+class CacheAdmin:
+    """What operators do to a gateway's cache; each change reaches every process."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+
+    async def evict(self, user_id: int) -> bool:
+        """Forget one user everywhere (store, memory, negative caches); True if it was known."""
+        gateway = self.gateway
+        in_store = await gateway.store.delete(user_id)
+        known = gateway.forget(user_id)
+        await gateway.coordinator.publish(Evicted((user_id,)))
+        return in_store or known
+
+    async def clear_expired(self) -> int:
+        """Remove users past CACHE_TTL_S + STALE_IF_ERROR_S from store and memory."""
+        gateway, settings = self.gateway, self.gateway.settings
+        cutoff = gateway.clock() - settings.cache_ttl_s - settings.stale_if_error_s
+        removed = await gateway.store.delete_fetched_before(cutoff)
+        gateway.memory.expire_before(cutoff)
+        await gateway.coordinator.publish(ExpiredBefore(cutoff))
+        return removed
+
+    async def revalidate(self, user_ids: Sequence[int]) -> int:
+        """Queue background refreshes of these ids (uncached ones are prefetched)."""
+        gateway = self.gateway
+        users = gateway.memory.users
+        stored = await gateway.writes.read([u for u in user_ids if u not in users])
+        now = gateway.clock()
+        queued = 0
+        for uid in user_ids:
+            entry = users.get(uid)
+            record = record_of(entry) if entry is not None else stored.get(uid)
+            queued += gateway.schedule_refresh(uid, record, PRIORITY_SWEEP, now)
+        return queued
+
+    async def revalidate_older_than(self, age_s: float) -> int:
+        """Queue refreshes of stored users fetched more than `age_s` ago, as room allows."""
+        gateway = self.gateway
+        room = gateway.queue.room
+        if room <= 0:
+            return 0
+        try:
+            records = await gateway.store.fetched_before(gateway.clock() - age_s, limit=room)
+        except StoreUnavailable:
+            gateway.stats.store_errors += 1
+            raise
+        now = gateway.clock()
+        return sum(gateway.schedule_refresh(r.user_id, r, PRIORITY_SWEEP, now) for r in records)
+
+    async def sweep(self) -> None:
+        """Every REFRESH_INTERVAL_S, refresh users that will turn stale before the next one."""
+        interval = self.gateway.settings.refresh_interval_s
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                queued = await self.revalidate_older_than(
+                    self.gateway.settings.cache_ttl_s - interval
+                )
+            except StoreUnavailable as exc:
+                log.warning("refresh sweep skipped: %s", exc)
+                continue
+            if queued:
+                log.info("refresh sweep queued %d users", queued)

@@ -1,0 +1,138 @@
+"""What one process remembers: users (LRU), ids that do not exist, ids that keep failing.
+
+Synchronous and free of I/O on purpose: the gateway reads and updates it in the stretches
+that must not await, and its rules (newer copies win, a failure never hides a good
+copy) are tested without an event loop.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable, Sequence
+
+from app.config import Settings
+from app.domain import UserRecord
+from app.gateway.cache import (
+    LRU,
+    CachedUser,
+    ExpiringMap,
+    cache_entry,
+    fetched_at,
+    record_of,
+)
+from app.gateway.results import NOT_FOUND, SHUTDOWN, Failure, Outcome, Source
+
+Answers = dict[int, tuple[Source, Outcome]]
+
+
+class Memory:
+    """Users by id (bounded, with freshness rules), and the two negative caches."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.users: LRU[CachedUser] = LRU(settings.memory_cache_size)
+        self.not_found: ExpiringMap[bool] = ExpiringMap(settings.negative_cache_size)
+        self.failing: ExpiringMap[Failure] = ExpiringMap(settings.negative_cache_size)
+        self.ttl_s = settings.cache_ttl_s
+        self.stale_if_error_s = settings.stale_if_error_s
+        self.not_found_ttl_s = settings.not_found_ttl_s
+        self.error_ttl_s = settings.error_ttl_s
+
+    def __len__(self) -> int:
+        return len(self.users)
+
+    def fresh(
+        self, user_ids: Sequence[int], now: float
+    ) -> tuple[list[CachedUser], list[int]] | None:
+        """The users and the ids known not to exist, if memory answers every id freshly.
+
+        None as soon as one id needs more (a miss, a stale copy). The users found are
+        marked as just used.
+        """
+        get = self.users.data.get
+        fresh_after = now - self.ttl_s
+        entries = []
+        missing: list[int] = []
+        for uid in user_ids:
+            entry = get(uid)
+            if entry is None:
+                if self.not_found.get(uid, now) is None:
+                    return None
+                missing.append(uid)
+            elif entry[1] > fresh_after:
+                entries.append(entry)
+            else:
+                return None
+        touch = self.users.data.move_to_end
+        held = [u for u in user_ids if u not in missing] if missing else user_ids
+        deque(map(touch, held), maxlen=0)
+        return entries, missing
+
+    def answer(
+        self,
+        user_ids: Iterable[int],
+        now: float,
+        answers: Answers,
+        previous: dict[int, UserRecord],
+    ) -> tuple[list[int], list[UserRecord]]:
+        """Answer what memory can: fresh users, stale ones (to refresh), ids known missing.
+
+        Returns the ids still to look up, and the stale users served, which need a
+        refresh. A user too stale to serve is a miss whose record goes in `previous`
+        (its refresh keeps `created_at`).
+        """
+        fresh_after = now - self.ttl_s
+        servable_after = fresh_after - self.stale_if_error_s
+        users_get, not_found_get = self.users.get, self.not_found.get
+        pending: list[int] = []
+        stale: list[UserRecord] = []
+        for uid in user_ids:
+            entry = users_get(uid)
+            if entry is not None:
+                fetched = fetched_at(entry)
+                if fetched > fresh_after:
+                    answers[uid] = ("cache", entry)
+                    continue
+                if fetched > servable_after:
+                    answers[uid] = ("stale", entry)
+                    stale.append(record_of(entry))
+                    continue
+                previous[uid] = record_of(entry)
+            if not_found_get(uid, now) is not None:
+                answers[uid] = ("cache", NOT_FOUND)
+                continue
+            pending.append(uid)
+        return pending, stale
+
+    def remember(self, record: UserRecord) -> None:
+        """Hold a stored record unless a newer copy is held already."""
+        held = self.users.get(record.user_id)
+        if held is None or fetched_at(held) < record.fetched_at:
+            self.users.put(record.user_id, cache_entry(record))
+
+    def learn(self, user_id: int, outcome: Outcome, now: float) -> Outcome:
+        """Record a fetch's outcome; returns what to answer (a newer held copy wins)."""
+        if not isinstance(outcome, Failure):
+            held = self.users.get(user_id)
+            if held is not None and fetched_at(held) > fetched_at(outcome):
+                outcome = held
+            self.users.put(user_id, outcome)
+            self.failing.pop(user_id)
+            self.not_found.pop(user_id)
+        elif outcome.reason == NOT_FOUND.reason:
+            self.not_found.put(user_id, True, now + self.not_found_ttl_s)
+            self.users.pop(user_id)
+        elif outcome is not SHUTDOWN:
+            self.failing.put(user_id, outcome, now + self.error_ttl_s)
+        return outcome
+
+    def forget(self, user_id: int) -> bool:
+        """Drop every trace of an id; True if there was one."""
+        held = self.users.pop(user_id) is not None
+        return held | self.not_found.pop(user_id) | self.failing.pop(user_id)
+
+    def expire_before(self, cutoff: float) -> int:
+        """Drop users fetched before `cutoff`; how many were dropped."""
+        old = [uid for uid, entry in self.users.items() if fetched_at(entry) < cutoff]
+        for uid in old:
+            self.users.pop(uid)
+        return len(old)
