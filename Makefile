@@ -3,24 +3,53 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The locks: exact versions with their hashes, made from pyproject.toml by `make lock`.
+# requirements.txt is the app's (the Docker image installs it); requirements-dev.txt adds
+# the test, lint and type-check tools, at the same versions for everything they share.
+LOCK := requirements.txt
+DEV_LOCK := requirements-dev.txt
+PIP_VERSION := 26.3
+PIP_TOOLS_VERSION := 7.6.2
+PIP_COMPILE := $(BIN)/pip-compile --quiet --generate-hashes --allow-unsafe --all-build-deps \
+	--strip-extras --no-emit-index-url --no-emit-find-links
 
-.PHONY: run test lint typecheck check bench soak wrk simulator clean
+.PHONY: run test lint typecheck check bench soak wrk simulator clean lock system-packages
 
-$(STAMP): pyproject.toml
+# Reinstalls only when the dev lock or pyproject.toml changed since the last install.
+$(STAMP): $(DEV_LOCK) pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
 		{ echo "Python 3.11 or newer is needed (PYTHON=$(PYTHON))"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet pip==$(PIP_VERSION)
+	$(BIN)/python -m pip install --quiet --require-hashes --no-deps -r $(DEV_LOCK)
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	@$(BIN)/python -m pip check || { echo "$(DEV_LOCK) does not satisfy pyproject.toml:" \
+		"run 'make lock' and commit $(LOCK) and $(DEV_LOCK)"; exit 1; }
 	touch $(STAMP)
+
+## lock: re-pin requirements.txt and requirements-dev.txt from pyproject.toml (after adding
+##       a dependency; pins already there are kept: `make lock UPGRADE=1` moves them all)
+lock:
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@$(BIN)/python -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' || \
+		{ echo "lock with Python 3.11, the version CI and the image run"; exit 1; }
+	$(BIN)/python -m pip install --quiet pip==$(PIP_VERSION) pip-tools==$(PIP_TOOLS_VERSION)
+	$(PIP_COMPILE) $(if $(UPGRADE),--upgrade) -o $(LOCK) pyproject.toml
+	$(PIP_COMPILE) $(if $(UPGRADE),--upgrade) --extra dev -c $(LOCK) -o $(DEV_LOCK) pyproject.toml
 
 ## run: start the gateway on http://$HOST:$PORT (127.0.0.1:8000), settings from env/.env
 run: $(STAMP)
 	$(BIN)/python -m app
 
-## test: lint, type-check and run the whole test suite
-test: $(STAMP) lint typecheck
+## test: lint, type-check and run the whole test suite (as root it first installs the
+##       Debian packages the real-part tests use; without them those tests skip, saying why)
+test: $(STAMP) lint typecheck system-packages
 	$(BIN)/python -m pytest
+
+# chromium: the dashboard's browser test; redis-server: the multi-process tests.
+SYSTEM_PACKAGES := chromium redis-server
+system-packages:
+	@missing=""; for p in $(SYSTEM_PACKAGES); do 		dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; 	if [ -z "$$missing" ]; then exit 0; fi; 	if [ "$$(id -u)" = 0 ]; then 		echo "installing Debian packages:$$missing"; 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; 	else echo "not root: not installing$$missing (the tests that need them will skip)"; fi
 
 lint: $(STAMP)
 	$(BIN)/ruff check app tests bench

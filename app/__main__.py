@@ -6,11 +6,13 @@ import argparse
 import asyncio
 import gc
 import sys
+from typing import Any
 
 import uvicorn
 
 from app.config import Settings
 from app.errors import (
+    ConfigError,
     UpstreamAuthError,
     UpstreamConnectError,
     UpstreamError,
@@ -25,23 +27,33 @@ CHECK_USER_ID = 1
 
 
 def serve(settings: Settings) -> None:
-    """Serve on HOST:PORT until SIGINT/SIGTERM."""
+    """Serve on HOST:PORT with WORKERS processes until SIGINT/SIGTERM."""
     from app.main import create_app
 
-    configure_logging(settings.log_level, force=True)
-    application = create_app(settings)
+    configure_logging(settings.log_level, force=True, fmt=settings.log_format)
+    if settings.workers > 1 and settings.redis_url is None:
+        raise ConfigError(
+            f"WORKERS={settings.workers} needs REDIS_URL: without it each process fetches "
+            "and budgets on its own, so an id can be fetched once per process and the "
+            "Freelancer budget is spent WORKERS times over"
+        )
+    application = create_app(settings)  # checks the settings before any worker starts
+    common: dict[str, Any] = {
+        "host": settings.host,
+        "port": settings.port,
+        "log_config": None,
+        "access_log": settings.access_log,
+        "timeout_graceful_shutdown": int(settings.shutdown_grace_s) or None,
+    }
+    if settings.workers > 1:
+        # Each worker imports `app.main:app`, which builds its app from the same settings.
+        uvicorn.run("app.main:app", workers=settings.workers, **common)
+        return
     # Everything imported and built so far lives as long as the process: move it out of
     # the cyclic GC's sight, so full collections scan only what requests create.
     gc.collect()
     gc.freeze()
-    uvicorn.run(
-        application,
-        host=settings.host,
-        port=settings.port,
-        log_config=None,
-        access_log=settings.access_log,
-        timeout_graceful_shutdown=int(settings.shutdown_grace_s) or None,
-    )
+    uvicorn.run(application, **common)
 
 
 async def check(settings: Settings, user_id: int) -> int:
@@ -98,7 +110,11 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings()
     if args.command == "check":
         return asyncio.run(check(settings, args.user_id))
-    serve(settings)
+    try:
+        serve(settings)
+    except ConfigError as exc:
+        print(f"cannot start: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

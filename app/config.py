@@ -34,6 +34,24 @@ class Settings(BaseSettings):
     wait_timeout_s: float = Field(10.0, gt=0)
     shutdown_grace_s: float = Field(10.0, ge=0)
 
+    log_format: Literal["text", "json"] = "text"
+
+    # Access: API keys with roles (read < crawl < admin), and fair limits per client.
+    api_keys: SecretStr | None = None
+    api_keys_file: Path | None = None
+    auth_disabled: bool = False
+    metrics_require_key: bool = False
+    rate_limit_per_min: int = Field(600, ge=1)
+    rate_limit_ids_per_min: int = Field(6000, ge=1)
+    key_misses_per_min: int = Field(300, ge=1)
+
+    # Several processes as one gateway: coordinated through Redis when REDIS_URL is set.
+    redis_url: SecretStr | None = None
+    redis_prefix: str = Field("fl", min_length=1, pattern=r"^[A-Za-z0-9_.:-]+$")
+    redis_timeout_s: float = Field(0.5, gt=0)
+    flight_lease_s: float = Field(5.0, gt=0)
+    workers: int = Field(1, ge=1, le=64)
+
     # Store: MongoDB when MONGODB_URL is set, else SQLite at SQLITE_PATH.
     mongodb_url: SecretStr | None = None
     database_name: str = "user_crawler"

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Annotated
 
 from fastapi import Depends, Request
 
+from app.access import Client, Role
 from app.errors import ShuttingDown
-from app.gateway import Gateway
+from app.gateway import Gateway, LookupResult
+from app.quotas import ClientLimits
+
+audit = logging.getLogger("app.audit")
 
 
 def get_gateway(request: Request) -> Gateway:
@@ -18,4 +25,48 @@ def get_gateway(request: Request) -> Gateway:
     return gateway
 
 
+def get_client(request: Request) -> Client:
+    """Who is calling, as the middleware identified them (every /api/ path is identified)."""
+    client: Client = request.scope["gateway.client"]
+    return client
+
+
+def require(role: Role) -> Callable[[Request], Client]:
+    """A dependency: the caller, if their key has `role` (or a higher one); else 403."""
+
+    def check(request: Request) -> Client:
+        return get_client(request).require(role)
+
+    return check
+
+
+async def lookup_for_client(
+    request: Request, gateway: Gateway, user_ids: Sequence[int]
+) -> LookupResult:
+    """A lookup counted against the caller's ids a minute and new ids a minute."""
+    client = get_client(request)
+    limits: ClientLimits = request.app.state.limits
+    limits.admit_ids(client, len(user_ids))
+    # A batch memory holds whole is answered without awaiting the gateway at all.
+    result = gateway.lookup_now(user_ids)
+    if isinstance(result, LookupResult):
+        return result
+    result.allow_misses = partial(limits.allow_misses, client)
+    return await gateway.finish(result)
+
+
+def log_audit(client: Client, action: str, size: int) -> None:
+    """One audit line for a call that spends budget in bulk or changes the cache."""
+    audit.info(
+        "%s by %s (%d)",
+        action,
+        client.name,
+        size,
+        extra={"key": client.name, "action": action, "size": size},
+    )
+
+
 GatewayDep = Annotated[Gateway, Depends(get_gateway)]
+ReadClient = Annotated[Client, Depends(require("read"))]
+CrawlClient = Annotated[Client, Depends(require("crawl"))]
+AdminClient = Annotated[Client, Depends(require("admin"))]

@@ -1,7 +1,12 @@
 """The gateway's exceptions, and the status code and JSON body each maps to.
 
+    ConfigError                     a setting is wrong: the service does not start
     GatewayError
     ├── InvalidRequest         400/422  the client sent something we cannot serve
+    ├── Unauthorized           401      no API key was sent (with WWW-Authenticate)
+    ├── Forbidden              403      an unknown key, or a role below the call's
+    ├── PayloadTooLarge        413      the body is over MAX_BODY_BYTES
+    ├── TooManyRequests        429      a client limit was hit; retry after `retry_after` s
     ├── UserNotFound           404      Freelancer says there is no such user
     ├── Overloaded             503      a bound was hit; retry after `retry_after` s
     ├── ShuttingDown           503      the process is draining
@@ -41,6 +46,14 @@ class GatewayError(Exception):
         """The JSON error body: `{"error": code, "detail": message}`."""
         return {"error": self.code, "detail": self.message}
 
+    def headers(self) -> dict[str, str]:
+        """Response headers this error adds (Retry-After is added from `retry_after`)."""
+        return {}
+
+
+class ConfigError(Exception):
+    """A setting is wrong; the message names it. Raised before the service starts."""
+
 
 class InvalidRequest(GatewayError):
     status_code = 422
@@ -49,6 +62,38 @@ class InvalidRequest(GatewayError):
     def __init__(self, message: str, *, status_code: int = 422) -> None:
         super().__init__(message)
         self.status_code = status_code
+
+
+class Unauthorized(GatewayError):
+    status_code = 401
+    code = "unauthorized"
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": 'ApiKey header="X-API-Key", Bearer realm="gateway"'}
+
+
+class Forbidden(GatewayError):
+    status_code = 403
+    code = "forbidden"
+
+
+class PayloadTooLarge(GatewayError):
+    status_code = 413
+    code = "payload_too_large"
+
+
+class TooManyRequests(GatewayError):
+    """A client limit was hit; `limit_headers` are the IETF RateLimit headers."""
+
+    status_code = 429
+    code = "rate_limited"
+
+    def __init__(self, message: str, *, retry_after: float, limit_headers: dict[str, str]) -> None:
+        super().__init__(message, retry_after=retry_after)
+        self.limit_headers = limit_headers
+
+    def headers(self) -> dict[str, str]:
+        return self.limit_headers
 
 
 class UserNotFound(GatewayError):

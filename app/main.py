@@ -15,15 +15,20 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import BaseRoute, Match
 
 from app import __version__
+from app.access import KeyRing, check_protected_mode, load_keys
 from app.clock import Clock, wall_clock
 from app.config import Settings
-from app.errors import GatewayError
+from app.docs import install_docs
+from app.errors import ConfigError, GatewayError
 from app.gateway import Gateway
-from app.logs import configure_logging
-from app.metrics import create_registry
+from app.gateway.budget import Budget, budget_windows
+from app.gateway.coordinator import Coordinator
+from app.logs import add_secrets, configure_logging
+from app.metrics import KeyUsageCollector, create_registry
 from app.middleware import GatewayMiddleware, RequestMetrics
-from app.models import DEFAULT_MAX_IDS, users_request_schema
-from app.routers import monitoring, users
+from app.openapi import customize_openapi
+from app.quotas import ClientLimits
+from app.routers import cache, dashboard, monitoring, users
 from app.store import UserStore, create_store
 from app.upstream import FreelancerClient, create_http_client
 
@@ -63,6 +68,8 @@ def create_app(
         version=__version__,
         description=DESCRIPTION,
         lifespan=_lifespan,
+        docs_url=None,  # app.docs serves /docs and /redoc with local assets
+        redoc_url=None,
         # The gateway exports Prometheus metrics; FastAPI's OpenTelemetry instrumentation
         # would only ask, on every request, whether a provider is configured.
         telemetry={"tracing": False, "metrics": False, "logs": False, "operation_spans": False},
@@ -72,19 +79,34 @@ def create_app(
     app.state.upstream_transport = upstream_transport
     app.state.clock = clock
     app.state.gateway = None
+    keys = KeyRing(load_keys(settings))
+    check_protected_mode(settings, keys)
+    app.state.keys = keys
+    app.state.limits = limits = ClientLimits(settings)
+    app.state.key_usage = limits.snapshot
     request_metrics = RequestMetrics()
-    app.state.registry = create_registry(lambda: app.state.gateway, request_metrics)
+    app.state.registry = create_registry(
+        lambda: app.state.gateway, request_metrics, KeyUsageCollector(limits)
+    )
     app.router.routes.insert(0, users.hot_route)
     app.include_router(users.router)
+    app.include_router(cache.router)
     app.include_router(monitoring.router)
+    app.include_router(dashboard.router)
+    install_docs(app)
     _install_error_handlers(app)
     # Our own body limit, not FastAPI's `max_body_size`: that one answers a declared
     # oversized Content-Length with a plain-text 413, and every error here is JSON.
     app.add_middleware(
-        GatewayMiddleware, max_bytes=settings.max_body_bytes, metrics=request_metrics
+        GatewayMiddleware,
+        max_bytes=settings.max_body_bytes,
+        metrics=request_metrics,
+        keys=keys,
+        limits=limits,
+        metrics_require_key=settings.metrics_require_key,
+        access_log=settings.access_log,
     )
-    if settings.max_users_per_request != DEFAULT_MAX_IDS:
-        _document_max_ids(app, settings.max_users_per_request)
+    customize_openapi(app, max_ids=settings.max_users_per_request, keys_on=not keys.open)
     return app
 
 
@@ -103,13 +125,23 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
             "demo mode: no FREELANCER_OAUTH_TOKEN, FREELANCER_CLIENT_ID or FREELANCER_API_BASE "
             "is set, so users come from the built-in Freelancer simulator, not Freelancer"
         )
+    if app.state.keys.open:
+        log.warning(
+            "no API_KEYS: the service is open to anyone who can reach %s (every caller "
+            "may evict users and spend the Freelancer budget)",
+            settings.host,
+        )
+    add_secrets(*_secret_values(settings))
     store: UserStore = app.state.store or create_store(settings)
     async with create_http_client(settings, transport) as http:
         clock: Clock = app.state.clock
+        coordinator, budget = _coordination(settings)
         gateway = Gateway(
             settings=settings,
             store=store,
             upstream=FreelancerClient(http, base_url=base, clock=clock),
+            coordinator=coordinator,
+            budget=budget,
             clock=clock,
         )
         await gateway.start()
@@ -127,6 +159,40 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
             app.state.gateway = None
             await gateway.stop()
             log.info("gateway stopped")
+
+
+def _coordination(settings: Settings) -> tuple[Coordinator | None, Budget | None]:
+    """Redis' coordinator and shared budget when REDIS_URL is set; else the in-process ones."""
+    if settings.redis_url is None:
+        return None, None
+    from app.coordination.redis import RedisBudget, RedisCoordinator, connect
+
+    redis = connect(settings.redis_url.get_secret_value(), settings.redis_timeout_s)
+    coordinator = RedisCoordinator(
+        redis,
+        prefix=settings.redis_prefix,
+        lease_s=settings.flight_lease_s,
+        timeout_s=settings.redis_timeout_s,
+    )
+    budget = RedisBudget(
+        redis,
+        budget_windows(settings),
+        prefix=settings.redis_prefix,
+        timeout_s=settings.redis_timeout_s,
+        processes=lambda: coordinator.live_processes,
+    )
+    return coordinator, budget
+
+
+def _secret_values(settings: Settings) -> list[str | None]:
+    """What must never be logged: the token, the MongoDB URL's password."""
+    values: list[str | None] = []
+    if settings.freelancer_oauth_token is not None:
+        values.append(settings.freelancer_oauth_token.get_secret_value())
+    for url in (settings.mongodb_url, settings.redis_url):
+        if url is not None:
+            values.append(httpx.URL(url.get_secret_value()).password)
+    return values
 
 
 def _json_error(
@@ -148,14 +214,31 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     async def gateway_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, GatewayError)
-        return _json_error(exc.status_code, exc.body(), exc.retry_after)
+        return _json_error(exc.status_code, exc.body(), exc.retry_after, exc.headers())
 
     async def validation_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestValidationError)
         problems = []
         for error in exc.errors()[:5]:
-            where = ".".join(str(part) for part in error.get("loc", ()) if part != "body")
-            problems.append(f"{where}: {error.get('msg', 'invalid')}" if where else error["msg"])
+            loc = list(error.get("loc", ()))
+            if loc and loc[0] in ("body", "path", "query", "header", "cookie"):
+                loc = loc[1:]
+            where = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc)
+            where = where.removeprefix(".")
+            kind, msg = error.get("type"), str(error.get("msg", "invalid"))
+            # Our validators' messages in our words: not pydantic's "Value error, ...".
+            for prefix in ("Value error, ", "Assertion failed, "):
+                msg = msg.removeprefix(prefix)
+            if kind == "extra_forbidden":
+                problems.append(f"unknown field {orjson.dumps(where).decode()}")
+            elif kind == "json_invalid":
+                problems.append("the body is not valid JSON")
+            elif kind in ("model_attributes_type", "dict_type", "model_type") and not where:
+                problems.append("the body must be a JSON object")
+            elif kind == "missing" and not where:
+                problems.append("a JSON body is required")
+            else:
+                problems.append(f"{where}: {msg}" if where else msg)
         return _json_error(422, {"error": "invalid_request", "detail": "; ".join(problems)})
 
     async def http_error(request: Request, exc: Exception) -> Response:
@@ -199,26 +282,17 @@ def _leaf_routes(routes: Iterable[BaseRoute]) -> Iterator[BaseRoute]:
             yield route
 
 
-def _document_max_ids(app: FastAPI, max_ids: int) -> None:
-    """Make `/docs` show the configured MAX_USERS_PER_REQUEST instead of the default."""
-    build = app.openapi
-
-    def openapi() -> dict[str, Any]:
-        schema = build()
-        operation = schema["paths"]["/api/users"]["post"]
-        operation["requestBody"] = users_request_schema(max_ids)
-        return schema
-
-    app.openapi = openapi  # type: ignore[method-assign]
-
-
 def __getattr__(name: str) -> Any:
     # `uvicorn app.main:app` reads `app` from here; building it lazily keeps importing this
     # module free of side effects (settings are read only when the app is asked for).
     if name == "app":
         settings = Settings()
-        configure_logging(settings.log_level, force=False)
-        application = create_app(settings)
+        configure_logging(settings.log_level, force=False, fmt=settings.log_format)
+        try:
+            application = create_app(settings)
+        except ConfigError as exc:
+            log.error("%s", exc)
+            raise SystemExit(2) from None
         globals()["app"] = application
         return application
     raise AttributeError(name)

@@ -9,6 +9,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from app.gateway import Gateway, health
+from app.quotas import ClientLimits
 
 COUNTERS = {
     "requests": "User lookup requests served.",
@@ -56,7 +57,7 @@ class GatewayCollector(Collector):
             reasons.add_metric([reason], count)
         yield reasons
         for name, doc, value in (
-            ("queue_size", "Ids waiting for the worker.", gateway.queue_size),
+            ("queue_size", "Ids waiting for the worker.", gateway.queue.qsize()),
             ("processing", "Ids with a fetch in flight.", gateway.processing_count),
             ("memory_cache_users", "Users in the in-memory LRU.", len(gateway.memory)),
             ("healthy", "1 when healthy, 0 when degraded.", 0 if health.problems(gateway) else 1),
@@ -80,3 +81,24 @@ def create_registry(
     for collector in collectors:
         registry.register(collector)
     return registry
+
+
+class KeyUsageCollector(Collector):
+    """Per-client usage under `gateway_key_`, labelled by the key's name (never the key)."""
+
+    def __init__(self, limits: ClientLimits) -> None:
+        self._limits = limits
+
+    def collect(self) -> Iterator[Metric]:
+        usage = self._limits.snapshot()
+        for field, doc in (
+            ("requests", "API requests by client."),
+            ("ids", "Ids looked up by client."),
+            ("misses", "New ids a client sent to Freelancer."),
+            ("refused", "Requests answered 429 by client."),
+            ("over_quota", "New ids answered unavailable (quota) by client."),
+        ):
+            family = CounterMetricFamily(f"gateway_key_{field}", doc, labels=["key"])
+            for row in usage:
+                family.add_metric([row["name"]], row[field])
+            yield family

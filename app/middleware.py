@@ -1,26 +1,42 @@
-"""The one ASGI middleware: the body limit and per-route request metrics, in a single layer.
+"""The one ASGI middleware: request ids, the body limit, who is calling, and request metrics.
 
-Pure ASGI (no BaseHTTPMiddleware, which costs a task per request), and one layer rather
-than two: a declared Content-Length is checked before anything is read, and a request is
-counted in plain lists in place, exported to Prometheus only when scraped.
+Pure ASGI (no BaseHTTPMiddleware, which costs a task per request), and one layer for all
+of it: the headers are read in one pass, a declared Content-Length is checked before
+anything is read, and a request is counted in plain lists in place, exported to
+Prometheus only when scraped.
 """
 
 from __future__ import annotations
 
+import itertools
+import logging
+import re
 import time
 from bisect import bisect_left
 from collections.abc import Iterator
+from secrets import token_hex
 
 import orjson
 from prometheus_client.core import HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.access import Client, KeyRing
+from app.errors import GatewayError, PayloadTooLarge
+from app.logs import request_id
+from app.quotas import ClientLimits
+
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
-class BodyTooLarge(Exception):
-    """Raised from `receive` when a streamed body passes the limit; answered with 413."""
+access = logging.getLogger("app.access")
+
+# X-Request-ID values we echo: a bounded token of printable characters, nothing else.
+_SANE_ID = re.compile(rb"[A-Za-z0-9._:@/+=-]{1,128}")
+# Generated ids: a random prefix per process and a counter (os.urandom per request is a
+# system call, 9 us in `bench/middleware.py` on this machine).
+_ID_PREFIX = token_hex(6).encode() + b"-"
+_ids = itertools.count(1)
 
 
 class RequestMetrics(Collector):
@@ -63,29 +79,76 @@ def _bound(value: float) -> str:
 
 
 class GatewayMiddleware:
-    """413 (JSON) for bodies over `max_bytes`; every HTTP request timed into `metrics`."""
+    """The one layer every HTTP request passes: request id, body limit, who is calling, metrics.
 
-    def __init__(self, app: ASGIApp, *, max_bytes: int, metrics: RequestMetrics) -> None:
+    Paths under `/api/` (and `/metrics` with METRICS_REQUIRE_KEY) need a known key and are
+    counted against the client's requests a minute; the `Client` is left in the scope
+    for the routes (`scope["gateway.client"]`). Roles are checked by the routes.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        max_bytes: int,
+        metrics: RequestMetrics,
+        keys: KeyRing,
+        limits: ClientLimits,
+        metrics_require_key: bool = False,
+        access_log: bool = False,
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.metrics = metrics
+        self.keys = keys
+        self.limits = limits
+        self.metrics_require_key = metrics_require_key
+        self.access_log = access_log
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        status = 0  # until the response starts
-        counting = True
+        rid: bytes | None = None
+        length: bytes | None = None
         for name, value in scope["headers"]:
             if name == b"content-length":
-                if not value.isdigit() or int(value) > self.max_bytes:
-                    await self._reject(send)
-                    self._observe(scope, 413, started)
-                    return
-                # The server holds the body to its declared length: nothing to count.
-                counting = False
-                break
+                length = value
+            elif name == b"x-request-id" and _SANE_ID.fullmatch(value):
+                rid = value
+        rid = rid or b"%s%x" % (_ID_PREFIX, next(_ids))
+        token = request_id.set(rid.decode())
+        status = 0  # until the response starts
+        client: Client | None = None
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", ()), (b"x-request-id", rid)]
+            await send(message)
+
+        try:
+            if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+                raise PayloadTooLarge(f"the request body must be at most {self.max_bytes} bytes")
+            path: str = scope["path"]
+            if path.startswith("/api/") or (path == "/metrics" and self.metrics_require_key):
+                address = scope["client"][0] if scope.get("client") else "unknown"
+                client = scope["gateway.client"] = self.keys.identify(scope["headers"], address)
+                self.limits.admit(client)
+            # The server holds a body with a Content-Length to it: only others are counted.
+            await self.app(scope, receive if length else self._limited(receive), send_with_id)
+        except GatewayError as exc:  # raised here, before the app answered
+            if status:
+                raise
+            status = exc.status_code
+            await _send_error(send_with_id, exc)
+        finally:
+            self._finish(scope, status or 500, started, client)
+            request_id.reset(token)
+
+    def _limited(self, receive: Receive) -> Receive:
         received = 0
 
         async def limited_receive() -> Message:
@@ -94,46 +157,43 @@ class GatewayMiddleware:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
-                    raise BodyTooLarge
+                    raise PayloadTooLarge(
+                        f"the request body must be at most {self.max_bytes} bytes"
+                    )
             return message
 
-        async def send_status(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
+        return limited_receive
 
-        try:
-            await self.app(scope, limited_receive if counting else receive, send_status)
-        except BodyTooLarge:
-            if not status:
-                status = 413
-                await self._reject(send)
-        finally:
-            self._observe(scope, status or 500, started)
-
-    def _observe(self, scope: Scope, status: int, started: float) -> None:
+    def _finish(self, scope: Scope, status: int, started: float, client: Client | None) -> None:
         # The route's template (`/api/users/{user_id}`), never the raw path: the label
         # set stays bounded.
         route = getattr(scope.get("route"), "path", "unmatched")
-        self.metrics.observe(scope["method"], route, status, time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        self.metrics.observe(scope["method"], route, status, elapsed)
+        if self.access_log:
+            access.info(
+                "%s %s %d",
+                scope["method"],
+                route,
+                status,
+                extra={
+                    "method": scope["method"],
+                    "route": route,
+                    "status": status,
+                    "duration_ms": round(elapsed * 1000, 2),
+                    "key": client.name if client else None,
+                },
+            )
 
-    async def _reject(self, send: Send) -> None:
-        body = orjson.dumps(
-            {
-                "error": "payload_too_large",
-                "detail": f"the request body must be at most {self.max_bytes} bytes",
-            }
-        )
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                    (b"connection", b"close"),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+
+async def _send_error(send: Send, exc: GatewayError) -> None:
+    """The JSON error response of `exc`, for errors raised before the app answers."""
+    body = orjson.dumps(exc.body())
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+    if exc.retry_after:
+        headers.append((b"retry-after", b"%d" % max(1, round(exc.retry_after))))
+    headers += [(k.lower().encode(), v.encode()) for k, v in exc.headers().items()]
+    if isinstance(exc, PayloadTooLarge):
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": exc.status_code, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

@@ -6,7 +6,7 @@ import json
 from typing import Annotated, Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from app.errors import InvalidRequest
 from app.gateway.results import Reason, Source
@@ -17,14 +17,45 @@ from app.gateway.results import Reason, Source
 MAX_USER_ID = 2**53 - 1
 DEFAULT_MAX_IDS = 100
 _INT = {int}
+ID_RULE = "a positive integer up to 2^53 - 1"
 
-UserId = Annotated[int, Field(strict=True, ge=1, le=MAX_USER_ID, examples=[1001])]
+
+def as_user_id(value: Any) -> int:
+    """`value` as a user id: an int, or an integral float (JSON's 1079.0), in range.
+
+    ValueError naming the rule otherwise: booleans, strings, 1.5, 0, negatives, > 2^53 - 1.
+    """
+    number = int(value) if type(value) is float and value.is_integer() else value
+    if type(number) is not int or not 0 < number <= MAX_USER_ID:
+        raise ValueError(f"must be {ID_RULE}, not {_show(value)}")
+    return number
+
+
+def path_user_id(value: Any) -> int:
+    """A user id from a URL path segment: ASCII digits only (no sign, no point), in range."""
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 16:
+        number = int(value)
+        if 0 < number <= MAX_USER_ID:
+            return number
+    shown = repr(value) if isinstance(value, str) and len(value) <= 40 else "that"
+    raise ValueError(f"must be {ID_RULE}, not {shown}")
+
+
+# The JSON Schema (`integer`, 1 to 2^53 - 1) comes from Field; the check is `as_user_id`'s,
+# which also takes 1079.0, an integer to JSON Schema as well.
+UserId = Annotated[
+    int,
+    Field(strict=True, ge=1, le=MAX_USER_ID, examples=[1001]),
+    BeforeValidator(as_user_id),
+]
 
 
 class UsersRequest(BaseModel):
     """A batch of Freelancer user ids; duplicates are folded."""
 
-    model_config = ConfigDict(json_schema_extra={"examples": [{"user_ids": [1001, 1002, 97]}]})
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"user_ids": [1001, 1002, 97]}]}
+    )
 
     user_ids: list[UserId] = Field(min_length=1, max_length=DEFAULT_MAX_IDS)
 
@@ -69,18 +100,59 @@ class ErrorResponse(BaseModel):
     reason: Reason | None = None
 
 
-class RevalidateRequest(BaseModel):
-    """Which users to refresh in the background: a list of ids, or all older than N seconds."""
+REVALIDATE_ONE_OF = "give exactly one of user_ids or older_than_s"
 
-    model_config = ConfigDict(extra="forbid")
+
+def _revalidate_schema(schema: dict[str, Any]) -> None:
+    """Say "exactly one of the two fields" in the schema: `oneOf`, each alternative closed.
+
+    The fields are optional only in that one of them is given; neither takes null.
+    """
+    properties = schema["properties"]
+    for prop in properties.values():
+        branches = [b for b in prop.pop("anyOf", []) if b.get("type") != "null"]
+        prop.pop("default", None)
+        if branches:
+            prop.update(branches[0])
+    schema["oneOf"] = [
+        {
+            "type": "object",
+            "properties": {name: properties[name]},
+            "required": [name],
+            "additionalProperties": False,
+        }
+        for name in properties
+    ]
+
+
+class RevalidateRequest(BaseModel):
+    """Which users to refresh in the background: a list of ids, or all older than N seconds.
+
+    Exactly one of the two fields.
+    """
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_revalidate_schema)
 
     user_ids: list[UserId] | None = Field(None, min_length=1, max_length=1000)
     older_than_s: float | None = Field(None, strict=True, ge=0, le=10 * 365 * 86400)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _one_given(cls, data: Any) -> Any:
+        # Counted by key, before defaults: {"user_ids": null, "older_than_s": 5} is both.
+        # Unknown keys pass on, to be named by `extra="forbid"`.
+        if (
+            isinstance(data, dict)
+            and data.keys() <= {"user_ids", "older_than_s"}
+            and len(data) != 1
+        ):
+            raise ValueError(REVALIDATE_ONE_OF)
+        return data
+
     @model_validator(mode="after")
-    def _exactly_one(self) -> RevalidateRequest:
-        if (self.user_ids is None) == (self.older_than_s is None):
-            raise ValueError("give exactly one of user_ids or older_than_s")
+    def _not_null(self) -> RevalidateRequest:
+        if self.user_ids is None and self.older_than_s is None:
+            raise ValueError(REVALIDATE_ONE_OF)
         return self
 
 
@@ -98,7 +170,7 @@ class ClearExpiredResponse(BaseModel):
 
 
 class Health(BaseModel):
-    message: str = "User Info API with Queue is running"
+    message: str = "Freelancer user-info gateway is running"
     status: Literal["healthy", "degraded"]
     problems: list[str]
     queue_size: int
@@ -106,6 +178,13 @@ class Health(BaseModel):
     store: Literal["sqlite", "mongodb"]
     upstream: Literal["freelancer", "simulator"]
     upstream_state: Literal["ok", "throttled", "open"]
+    auth: Literal["open", "keys"] = Field(
+        description="open: no API_KEYS, anyone who can reach the service may call it"
+    )
+    coordination: Literal["local", "redis"] = Field(
+        description="redis: the processes of the deployment share fetches, budget and cache"
+    )
+    processes: int = Field(description="Processes of the deployment seen alive lately")
 
 
 class QueueInfo(BaseModel):
@@ -113,6 +192,17 @@ class QueueInfo(BaseModel):
     processing_count: int
     currently_processing: list[int] = Field(description="Ids in flight (at most 1000 listed)")
     queue_limit: int
+
+
+class KeyUsage(BaseModel):
+    """What one client did since start, by its key's name (the IP address when open)."""
+
+    name: str
+    requests: int
+    ids: int
+    misses: int = Field(description="New ids it sent to Freelancer")
+    refused: int = Field(description="Requests answered 429")
+    over_quota: int = Field(description="New ids answered unavailable, reason quota")
 
 
 class Stats(BaseModel):
@@ -145,6 +235,7 @@ class Stats(BaseModel):
     store_errors: int
     store_save_failures: int
     worker_restarts: int
+    keys: list[KeyUsage] = Field(description="Usage per client")
 
 
 def users_request_schema(max_ids: int) -> dict[str, Any]:
@@ -169,6 +260,10 @@ def parse_user_ids(body: bytes, *, max_ids: int) -> list[int]:
         data = _loads_slow(body)
     if not isinstance(data, dict) or "user_ids" not in data:
         raise InvalidRequest('the body must be a JSON object like {"user_ids": [1, 2, 3]}')
+    if len(data) != 1:
+        unknown = ", ".join(_show(name) for name in data if name != "user_ids")
+        plural = "s" if len(data) > 2 else ""
+        raise InvalidRequest(f"unknown field{plural} {unknown}: the body takes only user_ids")
     ids = data["user_ids"]
     if not isinstance(ids, list):
         raise InvalidRequest(f"user_ids must be a list of ids, not {_kind(ids)}")
@@ -178,16 +273,19 @@ def parse_user_ids(body: bytes, *, max_ids: int) -> list[int]:
         raise InvalidRequest(
             f"user_ids must hold at most {max_ids} ids (got {len(ids)})", status_code=400
         )
-    # One pass in C for the common case; the loop below only finds what to complain about.
-    # `type(...) is int` on purpose: JSON `true` is an int to Python, 1.0 is a float.
+    # One pass in C for the common case; the loop below handles the rest.
+    # `type(...) is int` on purpose: JSON `true` is an int to Python, 1079.0 is a float.
     if set(map(type, ids)) == _INT and min(ids) > 0 and max(ids) <= MAX_USER_ID:
         return list(dict.fromkeys(ids))
+    # Integral floats (1079.0, an integer to JSON Schema too) are ids; the first id that is
+    # not one is named with the rule it breaks.
+    checked = []
     for index, uid in enumerate(ids):
-        if type(uid) is not int or not 0 < uid <= MAX_USER_ID:
-            raise InvalidRequest(
-                f"user_ids[{index}] must be a positive integer up to 2^53 - 1, not {_show(uid)}"
-            )
-    raise AssertionError("unreachable: some id failed the check above")
+        try:
+            checked.append(as_user_id(uid))
+        except ValueError as exc:
+            raise InvalidRequest(f"user_ids[{index}] {exc}") from None
+    return list(dict.fromkeys(checked))
 
 
 def _loads_slow(body: bytes) -> Any:

@@ -18,8 +18,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +38,8 @@ HOT_CONNECTIONS = 16
 HOT_RUN_S = 3
 HOT_ROUNDS = 3
 HOT_TARGET_RATIO = 0.70
+BENCH_KEY = "bench-key-0123456789abcdef"
+DASHBOARDS = 10
 MEMORY_USERS = 100_000
 
 
@@ -146,7 +151,7 @@ def warm(gateway: Process, sim: Process, count: int) -> dict[str, Any]:
     }
 
 
-def wrk_script(path: Path, max_id: int) -> None:
+def wrk_script(path: Path, max_id: int, api_key: str | None = None) -> None:
     """A wrk Lua script that POSTs 50-id batches of hot ids, 200 different bodies.
 
     Hot ids are drawn from the 90% most recently cached users: the ones the LRU
@@ -156,6 +161,8 @@ def wrk_script(path: Path, max_id: int) -> None:
     hot_ids = range(max_id // 10 + 1, max_id + 1)
     bodies = [json.dumps({"user_ids": rng.sample(hot_ids, HOT_BATCH)}) for _ in range(200)]
     lua = ["wrk.method = 'POST'", "wrk.headers['Content-Type'] = 'application/json'"]
+    if api_key:
+        lua.append(f"wrk.headers['X-API-Key'] = '{api_key}'")
     lua.append("local bodies = {" + ",".join(f"[[{b}]]" for b in bodies) + "}")
     lua.append("local i = 0")
     lua.append(
@@ -203,49 +210,108 @@ def run_wrk(url: str, script: Path, seconds: int) -> dict[str, Any]:
 
 
 def hot(gateway: Process, sim: Process, max_id: int, work: Path) -> dict[str, Any]:
-    """Cached 50-id batches against a fixed-body FastAPI route of the same size.
+    """Cached 50-id batches: open, secured, and against a fixed-body FastAPI route.
 
     wrk with 1 thread and HOT_CONNECTIONS connections, HOT_RUN_S-second runs alternating
-    between the two servers, HOT_ROUNDS rounds; each side's median run is reported, and the
-    ratio of the medians is the figure that counts (both measured in this same run).
+    between the servers, HOT_ROUNDS rounds; each side's median run is reported, and the
+    ratios of the medians are the figures that count (all measured in this same run).
+    "Secured" is a second gateway on the same store with an API key, request ids and
+    JSON logs on (the access log stays off, as by default).
     """
-    script = work / "hot.lua"
+    script, keyed_script = work / "hot.lua", work / "hot-keyed.lua"
     wrk_script(script, max_id)
+    wrk_script(keyed_script, max_id, api_key=BENCH_KEY)
     body_file = work / "body.json"
     body_file.write_bytes(same_size_body(gateway, script))
     base = baseline_process(work, body_file)
+    secured = gateway_process(work, sim, API_KEYS=f"bench:{BENCH_KEY}:read", LOG_FORMAT="json")
     base.start("/")
+    secured.start()
     try:
-        for url in (gateway.url, base.url):  # warm the connections and the code
-            run_wrk(f"{url}/api/users", script, 2)
+        warm_from_store(secured, max_id)
+        servers = {
+            "gateway": (gateway, script),
+            "secured": (secured, keyed_script),
+            "fixed": (base, script),
+        }
+        for server, lua in servers.values():  # warm the connections and the code
+            run_wrk(f"{server.url}/api/users", lua, 2)
         before = sim_stats(sim)
-        runs: dict[str, list[dict[str, Any]]] = {"gateway": [], "fixed": []}
+        runs: dict[str, list[dict[str, Any]]] = {name: [] for name in [*servers, "watched"]}
         for _ in range(HOT_ROUNDS):
-            runs["gateway"].append(run_wrk(f"{gateway.url}/api/users", script, HOT_RUN_S))
-            runs["fixed"].append(run_wrk(f"{base.url}/api/users", script, HOT_RUN_S))
+            for name, (server, lua) in servers.items():
+                runs[name].append(run_wrk(f"{server.url}/api/users", lua, HOT_RUN_S))
+            with dashboards_open(gateway, DASHBOARDS):
+                runs["watched"].append(run_wrk(f"{gateway.url}/api/users", script, HOT_RUN_S))
         upstream_calls = sim_stats(sim)["calls"] - before["calls"]
     finally:
         base.stop()
+        secured.stop()
     result = median_run(runs["gateway"])
     fixed = median_run(runs["fixed"])
+    keyed = median_run(runs["secured"])
+    watched = median_run(runs["watched"])
     ratio = result["rps"] / fixed["rps"]
+    security_cost = 1 - keyed["rps"] / result["rps"]
+    dashboards_cost = 1 - watched["rps"] / result["rps"]
     result.update(
         upstream_calls=upstream_calls,
         lookups_per_s=result["rps"] * HOT_BATCH,
         runs_rps=[round(r["rps"]) for r in runs["gateway"]],
         fixed_runs_rps=[round(r["rps"]) for r in runs["fixed"]],
+        secured_runs_rps=[round(r["rps"]) for r in runs["secured"]],
+        watched_runs_rps=[round(r["rps"]) for r in runs["watched"]],
+        dashboards_cost=dashboards_cost,
         fixed_body=fixed,
+        secured=keyed,
         vs_fixed_body=ratio,
+        security_cost=security_cost,
     )
-    errors = [r for r in runs["gateway"] if r["non_2xx"] or r["socket_errors"]]
+    errors = [r for rs in runs.values() for r in rs if r["non_2xx"] or r["socket_errors"]]
     result["checks"] = {
         "rps >= 3000": result["rps"] >= 3000,
         "p99 <= 15 ms": result["p99_ms"] <= 15,
         f">= {HOT_TARGET_RATIO:.0%} of fixed-body FastAPI": ratio >= HOT_TARGET_RATIO,
+        "keys, request ids, JSON logs cost <= 10 %": security_cost <= 0.10,
+        f"{DASHBOARDS} dashboards open cost <= 5 %": dashboards_cost <= 0.05,
         "no errors": not errors,
         "no upstream calls": upstream_calls == 0,
     }
     return result
+
+
+@contextmanager
+def dashboards_open(gateway: Process, count: int) -> Iterator[None]:
+    """`count` dashboards' event streams open (and read) while the block runs."""
+    stop = threading.Event()
+    opened = threading.Barrier(count + 1, timeout=10)
+
+    def watch() -> None:
+        with httpx.stream("GET", f"{gateway.url}/api/events", timeout=10) as response:
+            opened.wait()
+            for _ in response.iter_lines():
+                if stop.is_set():
+                    return
+
+    threads = [threading.Thread(target=watch, daemon=True) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    opened.wait()
+    try:
+        yield
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=5)
+
+
+def warm_from_store(gateway: Process, max_id: int) -> None:
+    """Load the hot ids into a fresh gateway's memory from the store it shares."""
+    headers = {"X-API-Key": BENCH_KEY}
+    with httpx.Client(headers=headers, timeout=30) as client:
+        for start in range(max_id // 10 + 1, max_id + 1, 100):
+            ids = list(range(start, min(start + 100, max_id + 1)))
+            client.post(f"{gateway.url}/api/users", json={"user_ids": ids}).raise_for_status()
 
 
 def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -353,12 +419,14 @@ def main() -> int:
             gateway.stop()
             sim.stop()
     hot_result = workloads["hot (50-id batches)"]
+    workloads["hot, with key + request ids + JSON logs"] = hot_result.pop("secured")
     workloads["fixed-body FastAPI"] = hot_result.pop("fixed_body")
     results = {
         "machine": machine(),
         "date": time.strftime("%Y-%m-%d"),
         "workloads": workloads,
         "hot_vs_fixed_body": hot_result["vs_fixed_body"],
+        "security_cost": hot_result["security_cost"],
         "middleware_us": asyncio.run(middleware.measure()),
     }
     (HERE / "results.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -368,6 +436,12 @@ def main() -> int:
         f"hot / fixed-body FastAPI: {results['hot_vs_fixed_body']:.0%} (medians of "
         f"{HOT_ROUNDS} alternating {HOT_RUN_S} s runs: {hot_result['runs_rps']} vs "
         f"{workloads['fixed-body FastAPI']['rps']:.0f} of {hot_result['fixed_runs_rps']})"
+    )
+    print(
+        f"hot with a key, request ids and JSON logs: {hot_result['security_cost']:.1%} slower "
+        f"than open ({hot_result['secured_runs_rps']} vs {hot_result['runs_rps']}); with "
+        f"{DASHBOARDS} dashboards open: {hot_result['dashboards_cost']:.1%} slower "
+        f"({hot_result['watched_runs_rps']})"
     )
     costs = results["middleware_us"]
     print(

@@ -12,18 +12,28 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from pydantic import SecretStr
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.access import KeyRing, load_keys
+from app.config import Settings
 from app.middleware import GatewayMiddleware, RequestMetrics
+from app.quotas import ClientLimits
 
 CALLS = 20_000
 ROUNDS = 5
 BODY = b'{"user_ids": [' + b",".join(str(i).encode() for i in range(1, 51)) + b"]}"
+KEY = "bench-key-0123456789abcdef"
 SCOPE: Scope = {
     "type": "http",
     "method": "POST",
     "path": "/api/users",
-    "headers": [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(BODY))],
+    "client": ("127.0.0.1", 50000),
+    "headers": [
+        (b"content-type", b"application/json"),
+        (b"content-length", b"%d" % len(BODY)),
+        (b"x-api-key", KEY.encode()),
+    ],
 }
 
 
@@ -55,9 +65,23 @@ async def per_request_us(app: ASGIApp) -> float:
 
 def stacks() -> dict[str, Callable[[ASGIApp], ASGIApp]]:
     """Each middleware as the app installs it, by name."""
+    # Limits no run reaches: what is measured is the cost of counting, not of refusing.
+    settings = Settings(_env_file=None, rate_limit_per_min=10**9, rate_limit_ids_per_min=10**9)
+    keyed = settings.model_copy(update={"api_keys": SecretStr(f"bench:{KEY}:read")})
     return {
-        "body limit and metrics": lambda app: GatewayMiddleware(
-            app, max_bytes=64 * 1024, metrics=RequestMetrics()
+        "open (request id, body limit, metrics)": lambda app: GatewayMiddleware(
+            app,
+            max_bytes=64 * 1024,
+            metrics=RequestMetrics(),
+            keys=KeyRing([]),
+            limits=ClientLimits(settings),
+        ),
+        "with an API key and client limits": lambda app: GatewayMiddleware(
+            app,
+            max_bytes=64 * 1024,
+            metrics=RequestMetrics(),
+            keys=KeyRing(load_keys(keyed)),
+            limits=ClientLimits(keyed),
         ),
     }
 

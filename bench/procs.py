@@ -93,8 +93,9 @@ def simulator_process(work: Path, *, latency_ms: float) -> Process:
 def gateway_process(work: Path, simulator: Process, **settings: str) -> Process:
     """`python -m app` (not started) on SQLite in `work`, calling `simulator`.
 
-    The token bucket is opened wide: the simulator is not Freelancer, and what is measured
-    is the gateway, not the 50-a-minute budget (the bucket is unit-tested on a fake clock).
+    The token bucket and the per-client limits are opened wide: the simulator is not
+    Freelancer and the load generator is one client; what is measured is the gateway, not
+    the budgets (both are unit-tested on a fake clock).
     `settings` override any of these, by setting name.
     """
     port = free_port()
@@ -105,6 +106,10 @@ def gateway_process(work: Path, simulator: Process, **settings: str) -> Process:
         "FREELANCER_API_BASE": f"{simulator.url}/api/users/0.1/users",
         "UPSTREAM_RATE_PER_MIN": "1000000",
         "UPSTREAM_BURST": "1000",
+        # One load generator is one client: its limits must not be what is measured.
+        "RATE_LIMIT_PER_MIN": "1000000000",
+        "RATE_LIMIT_IDS_PER_MIN": "1000000000",
+        "KEY_MISSES_PER_MIN": "1000000000",
         "LOG_LEVEL": "WARNING",
         **settings,
     }

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ from app.errors import StoreUnavailable
 from app.gateway import Gateway
 from app.main import create_app
 from app.store import SqliteUserStore, UserStore
+from tests.redis_server import RedisServer
 
 API = "https://api.freelancer.test/api/users/0.1/users"
 
@@ -234,3 +236,14 @@ async def start_app(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIter
             return Running(app, client)
 
         yield start
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A real redis-server on a free loopback port (skipped, saying why, if not installed)."""
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (make test installs it when run as root)")
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    server.stop()

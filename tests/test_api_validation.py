@@ -22,9 +22,12 @@ from tests.conftest import FakeFreelancer, StartApp
         (b"", 400, "not valid JSON"),
         (b'{"user_ids": [0]}', 422, "user_ids[0] must be a positive integer"),
         (b'{"user_ids": [-5]}', 422, "user_ids[0]"),
-        (b'{"user_ids": [1, 2.0]}', 422, "user_ids[1]"),
-        (b'{"user_ids": [true]}', 422, "user_ids[0]"),
-        (b'{"user_ids": ["12"]}', 422, "user_ids[0]"),
+        (b'{"user_ids": [1, 1.5]}', 422, "user_ids[1] must be a positive integer"),
+        (b'{"user_ids": [2.0, -3.0]}', 422, "user_ids[1] must be a positive integer"),
+        (b'{"user_ids": [9007199254740992.0]}', 422, "user_ids[0] must be a positive integer"),
+        (b'{"user_ids": [1e300]}', 422, "up to 2^53 - 1, not 1e+300"),
+        (b'{"user_ids": [true]}', 422, "user_ids[0] must be a positive integer"),
+        (b'{"user_ids": ["12"]}', 422, "user_ids[0] must be a positive integer"),
         (b'{"user_ids": [null]}', 422, "user_ids[0]"),
         (b'{"user_ids": [[1]]}', 422, "user_ids[0]"),
         (b'{"user_ids": [9007199254740992]}', 422, "up to 2^53 - 1"),
@@ -77,24 +80,157 @@ async def test_a_streamed_body_over_the_limit_gets_413(
     assert response.status_code == 413
 
 
+async def test_integral_numbers_are_ids(start_app: StartApp, freelancer: FakeFreelancer) -> None:
+    # JSON has one number type: 1079.0 is the integer 1079 (JSON Schema agrees).
+    running = await start_app()
+    response = await running.client.post(
+        "/api/users",
+        content=b'{"user_ids": [1079.0, 5, 1079, 5e0, 12.000]}',
+        headers={"content-type": "application/json"},
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert [u["user_id"] for u in body["users"]] == [1079, 5, 12]
+    assert freelancer.lookups == {1079: 1, 5: 1, 12: 1}
+    assert [type(i) for call in freelancer.calls for i in call] == [int, int, int]
+
+
 @pytest.mark.parametrize(
-    ("path", "status"),
+    ("body", "unknown"),
     [
-        ("/api/users/0", 422),
-        ("/api/users/9007199254740992", 422),
-        ("/api/users/abc", 404),
-        ("/api/users/-1", 404),
-        ("/nope", 404),
+        ({"user_ids": [1], "foo": 1}, '"foo"'),
+        ({"foo": 1, "user_ids": [1], "bar": None}, '"foo", "bar"'),
     ],
 )
-async def test_bad_paths_get_json_errors(
-    start_app: StartApp, freelancer: FakeFreelancer, path: str, status: int
+async def test_unknown_fields_are_refused_by_name(
+    start_app: StartApp, freelancer: FakeFreelancer, body: dict[str, object], unknown: str
 ) -> None:
     running = await start_app()
-    response = await running.client.get(path)
-    assert response.status_code == status
+    response = await running.client.post("/api/users", json=body)
+    assert response.status_code == 422
+    assert response.json()["error"] == "invalid_request"
+    assert f"unknown field{'s' if ',' in unknown else ''} {unknown}" in response.json()["detail"]
+    assert freelancer.calls == []
+    revalidate = await running.client.post("/api/cache/revalidate", json=body)
+    assert revalidate.status_code == 422
+    assert 'unknown field "foo"' in revalidate.json()["detail"]
+    assert freelancer.calls == []
+
+
+async def test_every_request_body_is_closed_in_the_schema(
+    start_app: StartApp, freelancer: FakeFreelancer
+) -> None:
+    running = await start_app()
+    schema = (await running.client.get("/openapi.json")).json()
+    components = schema["components"]["schemas"]
+    bodies = 0
+    for path, operations in schema["paths"].items():
+        for method, operation in operations.items():
+            if "requestBody" not in operation:
+                continue
+            bodies += 1
+            body = operation["requestBody"]["content"]["application/json"]["schema"]
+            if "$ref" in body:
+                body = components[body["$ref"].rsplit("/", 1)[1]]
+            assert body["additionalProperties"] is False, (method, path)
+            for alternative in body.get("oneOf", []):
+                assert alternative["additionalProperties"] is False, (method, path)
+    assert bodies == 3  # POST /api/users, /api/cache/revalidate, /api/users/revalidate
+
+
+async def test_revalidation_takes_exactly_one_field(
+    start_app: StartApp, freelancer: FakeFreelancer
+) -> None:
+    running = await start_app()
+    schema = (await running.client.get("/openapi.json")).json()
+    body = schema["components"]["schemas"]["RevalidateRequest"]
+    assert [(alt["required"], alt["additionalProperties"]) for alt in body["oneOf"]] == [
+        (["user_ids"], False),
+        (["older_than_s"], False),
+    ]
+    assert "required" not in body
+    for wrong in (
+        {},
+        {"user_ids": [1], "older_than_s": 5},
+        {"user_ids": None, "older_than_s": 5},
+        {"user_ids": None},
+    ):
+        response = await running.client.post("/api/cache/revalidate", json=wrong)
+        assert response.status_code == 422, wrong
+        assert response.json() == {
+            "error": "invalid_request",
+            "detail": "give exactly one of user_ids or older_than_s",
+        }
+    assert freelancer.calls == []
+
+
+async def test_revalidation_takes_integral_numbers_and_names_a_bad_id(
+    start_app: StartApp, freelancer: FakeFreelancer
+) -> None:
+    running = await start_app()
+    response = await running.client.post("/api/cache/revalidate", json={"user_ids": [1079.0]})
+    assert response.status_code == 202
+    assert response.json() == {"queued": 1}
+    assert await running.gateway.wait_idle(5)
+    assert freelancer.lookups == {1079: 1}
+    for bad, shown in ((1.5, "1.5"), (True, "true"), ("12", '"12"'), (0, "0"), (-4, "-4")):
+        refused = await running.client.post("/api/cache/revalidate", json={"user_ids": [7, bad]})
+        assert refused.status_code == 422
+        assert refused.json()["detail"] == (
+            f"user_ids[1]: must be a positive integer up to 2^53 - 1, not {shown}"
+        )
+    too_large = await running.client.post("/api/cache/revalidate", json={"user_ids": [2**53]})
+    assert "user_ids[0]: must be a positive integer up to 2^53 - 1" in too_large.json()["detail"]
+
+
+MALFORMED_IDS = ("abc", "-5", "0", "1.5", "1e3", "9007199254740992", "%C3%A9", "+5", "%205")
+
+
+@pytest.mark.parametrize(
+    ("method", "prefix"),
+    [("GET", "/api/users/"), ("DELETE", "/api/users/"), ("DELETE", "/api/cache/users/")],
+)
+@pytest.mark.parametrize("segment", MALFORMED_IDS)
+async def test_a_malformed_path_id_gets_one_422_naming_the_rule(
+    start_app: StartApp, freelancer: FakeFreelancer, method: str, prefix: str, segment: str
+) -> None:
+    running = await start_app()
+    response = await running.client.request(method, prefix + segment)
+    assert response.status_code == 422
     assert response.headers["content-type"] == "application/json"
-    assert response.json()["detail"]
+    body = response.json()
+    assert body["error"] == "invalid_request"
+    assert body["detail"].startswith("user_id: must be a positive integer up to 2^53 - 1, not ")
+    assert freelancer.calls == []
+
+
+async def test_the_largest_id_is_a_path_id(start_app: StartApp, freelancer: FakeFreelancer) -> None:
+    running = await start_app()
+    freelancer.missing = {9007199254740991}
+    response = await running.client.get("/api/users/9007199254740991")
+    assert response.status_code == 404
+    assert response.json()["detail"] == "Freelancer has no user 9007199254740991"
+    assert freelancer.lookups == {9007199254740991: 1}
+
+
+async def test_methods_and_routes_around_the_user_path_stay_sane(
+    start_app: StartApp, freelancer: FakeFreelancer
+) -> None:
+    running = await start_app()
+    put = await running.client.put("/api/users/5")
+    assert put.status_code == 405
+    assert put.headers["allow"] == "DELETE, GET"
+    assert put.json()["error"] == "method_not_allowed"
+    # The old revalidation path is a POST route of its own, not the GET's user id...
+    revalidate = await running.client.post("/api/users/revalidate", json={"user_ids": [3]})
+    assert revalidate.status_code == 202
+    assert revalidate.json() == {"queued": 1}
+    # ...and the only method that path takes: it is not read as a (malformed) user id.
+    for method in ("GET", "DELETE", "OPTIONS"):
+        other = await running.client.request(method, "/api/users/revalidate")
+        assert other.status_code == 405, method
+        assert other.headers["allow"] == "POST"
+    assert (await running.client.get("/nope")).status_code == 404
 
 
 async def test_a_configured_maximum_is_enforced_and_documented(

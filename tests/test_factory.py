@@ -62,7 +62,7 @@ async def test_health_queue_stats_and_metrics_answer(
     await running.lookup(1, 2)
     health = (await running.client.get("/")).json()
     assert health == {
-        "message": "User Info API with Queue is running",
+        "message": "Freelancer user-info gateway is running",
         "status": "healthy",
         "problems": [],
         "queue_size": 0,
@@ -70,6 +70,9 @@ async def test_health_queue_stats_and_metrics_answer(
         "store": "sqlite",
         "upstream": "freelancer",
         "upstream_state": "ok",
+        "auth": "open",
+        "coordination": "local",
+        "processes": 1,
     }
     queue = (await running.client.get("/api/queue")).json()
     assert queue == {

@@ -1,4 +1,5 @@
-"""Schemathesis against the app's own OpenAPI schema: no 5xx, every answer as documented."""
+"""Schemathesis against the app's own OpenAPI schema, with every check it has (the CLI's
+`--checks all`): examples per operation, then the stateful phase along the schema's links."""
 
 from __future__ import annotations
 
@@ -10,13 +11,17 @@ from typing import TYPE_CHECKING
 
 import pytest
 import schemathesis
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
+from schemathesis.checks import CHECKS, load_all_checks
+from schemathesis.openapi.checks import UseAfterFree
 
 from app.config import Settings
 from app.main import create_app
 from tests.conftest import scrub_settings_environment
 
 if TYPE_CHECKING:
+    from schemathesis import HookContext, Response
+    from schemathesis.core.failures import Failure
     from schemathesis.specs.openapi.schemas import OpenApiCase
 
 # Built at import because schemathesis collects operations then (its fixture loader does
@@ -33,14 +38,35 @@ with pytest.MonkeyPatch.context() as _env:
             wait_timeout_s=2,
             upstream_rate_per_min=1_000_000,
             upstream_burst=1000,
+            # The client limits are off: a 429 here would be our pace, not the contract's.
+            rate_limit_per_min=1_000_000,
+            rate_limit_ids_per_min=100_000_000,
+            key_misses_per_min=100_000_000,
         )
     )
 # A body over MAX_BODY_BYTES is rejected with 413 before it is parsed: a rejection too.
 REJECTIONS = [400, 401, 403, 404, 405, 406, 409, 413, 415, 422, 428, 429, "5xx"]
+# `enabled: true` turns on every check, as `--checks all` does on the command line.
 CONFIG = schemathesis.Config.from_dict(
-    {"checks": {"negative_data_rejection": {"expected-statuses": REJECTIONS}}}
+    {"checks": {"enabled": True, "negative_data_rejection": {"expected-statuses": REJECTIONS}}}
 )
 schema = schemathesis.openapi.from_asgi("/openapi.json", APP, config=CONFIG)
+
+
+@schema.hook
+def filter_failure(
+    context: HookContext, failure: Failure, case: OpenApiCase, response: Response
+) -> bool:
+    """Accept one finding, on the deprecated path only (it goes in the next release).
+
+    `DELETE /api/users/{id}` evicts the user from the cache, it does not delete the
+    Freelancer user, so a later `GET /api/users/{id}` rightly fetches it again; that is
+    why eviction moved to `DELETE /api/cache/users/{id}`, which use_after_free leaves be.
+    """
+    return not (isinstance(failure, UseAfterFree) and failure.free.startswith("DELETE /api/users/"))
+
+
+StateMachine = schema.as_state_machine()
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -49,21 +75,29 @@ def _remove_store() -> Iterator[None]:
     shutil.rmtree(ROOT, ignore_errors=True)
 
 
+def test_every_check_is_enabled() -> None:
+    load_all_checks()
+    config = schema.config.checks_config_for()
+    disabled = [n for n in CHECKS.get_all_names() if not config.get_by_name(name=n).enabled]
+    assert disabled == []
+
+
 @schema.parametrize()
 # derandomize: CI gates on a fixed, reproducible set of examples.
 @settings(max_examples=30, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
-def test_every_endpoint_answers_as_documented(
-    case: OpenApiCase,
-) -> None:
-    # Two checks do not fit this API, on purpose:
-    # - use_after_free: DELETE evicts from the cache, it does not delete the Freelancer
-    #   user, so a later GET of the same id rightly fetches it again;
-    # - positive_data_acceptance: JSON Schema calls 2719.0 an integer, but the API refuses
-    #   floats as ids (a float id is a client bug); tests/test_api_validation.py proves
-    #   that well-formed ids are accepted.
-    case.call_and_validate(
-        excluded_checks=[
-            schemathesis.checks.use_after_free,
-            schemathesis.checks.positive_data_acceptance,
-        ]
+def test_every_endpoint_answers_as_documented(case: OpenApiCase) -> None:
+    case.call_and_validate()
+
+
+def test_links_between_operations_hold() -> None:
+    """The stateful phase: sequences along the schema's links, every check on every step."""
+    StateMachine.run(
+        settings=settings(
+            max_examples=25,
+            stateful_step_count=6,
+            deadline=None,
+            derandomize=True,
+            phases=[Phase.explicit, Phase.generate],
+            suppress_health_check=list(HealthCheck),
+        )
     )

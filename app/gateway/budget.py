@@ -61,7 +61,10 @@ class Budget(Protocol):
         """True while the next call would have to wait."""
 
     def windows(self) -> list[WindowState]:
-        """Each window's limit and what is left of it."""
+        """Each window's limit and what is left of it (as of the last `refresh`)."""
+
+    async def refresh(self) -> None:
+        """Bring `windows` and `throttled` up to date without spending anything."""
 
 
 class TokenBucket:
@@ -167,6 +170,9 @@ class LocalBudget:
     @property
     def throttled(self) -> bool:
         return any(bucket.throttled for bucket in self._buckets)
+
+    async def refresh(self) -> None:
+        return None
 
     def windows(self) -> list[WindowState]:
         return [

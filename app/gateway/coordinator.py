@@ -58,6 +58,10 @@ class Coordinator(Protocol):
 
     kind: CoordinationKind
 
+    @property
+    def live_processes(self) -> int:
+        """Processes of the deployment seen alive lately (this one included)."""
+
     async def open(self, listener: Listener) -> None:
         """Start delivering other processes' events to `listener` (called on the loop)."""
 
@@ -103,6 +107,10 @@ class LocalCoordinator:
     def __init__(self, hub: LocalHub | None = None) -> None:
         self.hub = hub or LocalHub()
         self.listener: Listener | None = None
+
+    @property
+    def live_processes(self) -> int:
+        return max(1, len(self.hub.members))
 
     async def open(self, listener: Listener) -> None:
         self.listener = listener

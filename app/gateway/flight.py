@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from app.domain import UserRecord
@@ -19,6 +19,8 @@ class Fetch:
     previous: UserRecord | None
     """The copy being refreshed, if any: its `created_at` is kept."""
     waiters: int = 0
+    request_id: str | None = None
+    """The request that started the fetch: the worker's log lines name it."""
     taken: bool = False
     """Set when the worker takes the id off the queue: it is never put in two batches."""
 
@@ -32,3 +34,5 @@ class PendingLookup:
     deadline: float
     answers: Answers = field(default_factory=dict)
     previous: dict[int, UserRecord] = field(default_factory=dict)
+    allow_misses: Callable[[int], int] | None = None
+    """How many of n new ids the caller may send upstream (the rest: `quota`); None: all."""

@@ -32,6 +32,7 @@ from app.gateway.resilient import ResilientUpstream
 from app.gateway.results import (
     BREAKER_OPEN,
     INTERNAL,
+    QUOTA,
     RATE_LIMITED,
     SHUTDOWN,
     TIMEOUT,
@@ -44,6 +45,7 @@ from app.gateway.results import (
 )
 from app.gateway.stats import GatewayStats
 from app.gateway.write_behind import WriteBehind
+from app.logs import request_id
 from app.store.base import UserStore
 from app.upstream.base import Upstream, UpstreamBatch
 
@@ -206,7 +208,18 @@ class Gateway:
             else:
                 new.append(uid)
         self.stats.cache_misses += len(pending)
-        self._check_bounds(len(new), waits)
+        if lookup.allow_misses is not None and new:
+            allowed = lookup.allow_misses(len(new))
+            lookup.answers.update((uid, ("fetched", QUOTA)) for uid in new[allowed:])
+            del new[allowed:]
+        # A bound hit refuses the whole request, before anything of it is registered.
+        limit = self.settings.max_waiters_per_id
+        if len(new) > self.queue.room or any(f.waiters >= limit for _, _, f in waits):
+            self.stats.shed += 1
+            raise Overloaded(
+                f"too many lookups waiting ({self.queue.qsize()} ids queued); retry shortly",
+                retry_after=1.0,
+            )
         self.stats.coalesced += len(waits)
         self.stats.fetched += len(new)
         for uid in new:
@@ -232,18 +245,9 @@ class Gateway:
         for uid, source, fetch in waits:
             lookup.answers[uid] = (source, fetch.future.result() if fetch.future.done() else late)
 
-    def _check_bounds(self, new: int, joined: list[tuple[int, Source, Fetch]]) -> None:
-        """Refuse the whole request, before registering anything, when a bound is hit."""
-        limit = self.settings.max_waiters_per_id
-        if new > self.queue.room or any(fetch.waiters >= limit for _, _, fetch in joined):
-            self.stats.shed += 1
-            raise Overloaded(
-                f"too many lookups waiting ({self.queue.qsize()} ids queued); retry shortly",
-                retry_after=1.0,
-            )
-
     def _register(self, uid: int, previous: UserRecord | None, priority: int) -> Fetch:
-        fetch = Fetch(asyncio.get_running_loop().create_future(), previous)
+        future = asyncio.get_running_loop().create_future()
+        fetch = Fetch(future, previous, request_id=request_id.get())
         self._inflight[uid] = fetch
         self.queue.put_nowait(uid, priority)
         return fetch
@@ -268,11 +272,6 @@ class Gateway:
         """Drop an id from memory and the unsaved buffer; True if memory knew it."""
         self.writes.forget(user_id)
         return self.memory.forget(user_id)
-
-    @property
-    def queue_size(self) -> int:
-        """Ids waiting for the worker."""
-        return self.queue.qsize()
 
     @property
     def processing_count(self) -> int:
@@ -330,6 +329,9 @@ class Gateway:
         default = INTERNAL
         records: list[UserRecord] = []
         gone: list[int] = []
+        # This task's log lines name the requests it serves (the first few, where cheap).
+        waiting = {f.request_id for u in ids[:20] if (f := self._inflight.get(u)) and f.request_id}
+        request_id.set(",".join(sorted(waiting)) or None)
         try:
             try:
                 claimed = await self.coordinator.claim(ids)

@@ -74,6 +74,7 @@ class ResilientUpstream:
                 if not isinstance(exc, UpstreamRateLimited):
                     await asyncio.sleep(backoff_s(attempt, self.backoff_base_s))
                 continue
+            self.stats.upstream_latencies.append(time.perf_counter() - started)
             self.breaker.record_success()
             self.auth_failed = False
             if batch.rate_remaining is not None:

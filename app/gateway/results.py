@@ -16,7 +16,9 @@ Source = Literal["cache", "stale", "fetched", "shared"]
 """cache: fresh from memory or the store; stale: past CACHE_TTL_S, a refresh is queued;
 fetched: this request started the fetch; shared: it joined a fetch already in flight."""
 
-Reason = Literal["timeout", "upstream_error", "rate_limited", "breaker_open", "auth", "shutdown"]
+Reason = Literal[
+    "timeout", "upstream_error", "rate_limited", "breaker_open", "auth", "shutdown", "quota"
+]
 """Why an id is unavailable (`not_found` is an answer, not a reason)."""
 
 SOURCES: tuple[Source, ...] = get_args(Source)
@@ -37,6 +39,7 @@ INTERNAL = Failure("upstream_error", "the fetch failed unexpectedly")
 BREAKER_OPEN = Failure("breaker_open", "Freelancer is failing")
 RATE_LIMITED = Failure("rate_limited", "waiting for Freelancer's rate limit; try again later")
 TIMEOUT = Failure("timeout", "not fetched before the deadline; it will be cached when it is")
+QUOTA = Failure("quota", "this client is past KEY_MISSES_PER_MIN new ids; cached ids still answer")
 
 Outcome = CachedUser | Failure
 """One id's answer: the cached user, or why there is none."""

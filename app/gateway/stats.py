@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from collections import Counter
-from dataclasses import asdict, dataclass, field
+from collections import Counter, deque
+from dataclasses import dataclass, field, fields
 from typing import Any
+
+LATENCY_SAMPLES = 1000
 
 
 @dataclass(slots=True)
@@ -32,9 +34,13 @@ class GatewayStats:
     store_errors: int = 0
     store_save_failures: int = 0
     worker_restarts: int = 0
+    upstream_latencies: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_SAMPLES))
+    """Seconds taken by the last LATENCY_SAMPLES successful upstream calls (the dashboard's
+    p50/p95); not a counter, so not in `snapshot()`."""
 
     def snapshot(self) -> dict[str, Any]:
         """All counters as a JSON-ready dict."""
-        data = asdict(self)
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        del data["upstream_latencies"]
         data["unavailable_reasons"] = dict(self.unavailable_reasons)
         return data

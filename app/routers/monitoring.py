@@ -14,17 +14,20 @@ router = APIRouter(tags=["monitoring"])
 
 
 @router.get("/", response_model=Health, summary="Health")
-async def health(gateway: GatewayDep) -> Health:
+async def health(request: Request, gateway: GatewayDep) -> Health:
     """Whether the service is healthy, which store and upstream it uses, and its queue."""
     problems = gateway_health.problems(gateway)
     return Health(
         status="degraded" if problems else "healthy",
         problems=problems,
-        queue_size=gateway.queue_size,
+        queue_size=gateway.queue.qsize(),
         processing_count=gateway.processing_count,
         store=gateway.store.kind,
         upstream=gateway.settings.upstream_kind,
         upstream_state=gateway_health.upstream_state(gateway),
+        auth="open" if request.app.state.keys.open else "keys",
+        coordination=gateway.coordinator.kind,
+        processes=gateway.coordinator.live_processes,
     )
 
 
@@ -55,7 +58,7 @@ async def readiness(gateway: GatewayDep) -> dict[str, str]:
 async def queue(gateway: GatewayDep) -> QueueInfo:
     """Ids queued and in flight."""
     return QueueInfo(
-        queue_size=gateway.queue_size,
+        queue_size=gateway.queue.qsize(),
         processing_count=gateway.processing_count,
         currently_processing=gateway.processing_ids(),
         queue_limit=gateway.settings.queue_max,
@@ -63,7 +66,7 @@ async def queue(gateway: GatewayDep) -> QueueInfo:
 
 
 @router.get("/api/stats", response_model=Stats, summary="Statistics")
-async def stats(gateway: GatewayDep) -> Stats:
+async def stats(request: Request, gateway: GatewayDep) -> Stats:
     """Counters since start and the size of the cache."""
     try:
         total: int | None = await gateway.store.count()
@@ -73,9 +76,10 @@ async def stats(gateway: GatewayDep) -> Stats:
         store=gateway.store.kind,
         total_users_cached=total,
         memory_cache_size=len(gateway.memory),
-        queue_size=gateway.queue_size,
+        queue_size=gateway.queue.qsize(),
         processing_count=gateway.processing_count,
         upstream_state=gateway_health.upstream_state(gateway),
+        keys=request.app.state.limits.snapshot(),
         **gateway.stats.snapshot(),
     )
 

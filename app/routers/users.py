@@ -1,20 +1,21 @@
-"""User lookups and cache administration: HTTP in, gateway call, HTTP out."""
+"""User lookups: HTTP in, gateway call, HTTP out. Also the old cache-administration paths,
+deprecated for those under /api/cache/ (app.routers.cache) and kept for one release."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Any
+from urllib.parse import quote
 
-from fastapi import APIRouter, Path, Request, Response
+from fastapi import APIRouter, Request, Response
+from fastapi.routing import APIRoute
 from starlette.routing import Match, Route
-from starlette.types import Scope
+from starlette.types import Message, Receive, Scope, Send
 
-from app.dependencies import GatewayDep, get_gateway
+from app.dependencies import AdminClient, CrawlClient, GatewayDep, get_gateway, lookup_for_client
 from app.errors import UserNotFound, UserUnavailable
-from app.gateway.results import TIMEOUT, LookupResult
+from app.gateway.results import TIMEOUT
 from app.models import (
     DEFAULT_MAX_IDS,
-    MAX_USER_ID,
-    ClearExpiredResponse,
     ErrorResponse,
     EvictResponse,
     RevalidateRequest,
@@ -24,6 +25,8 @@ from app.models import (
     parse_user_ids,
     users_request_schema,
 )
+from app.routers import cache
+from app.routers.cache import ERRORS, EVICT_LINKS, UserIdPath
 
 router = APIRouter(tags=["users"])
 
@@ -38,9 +41,70 @@ class PlainRoute(Route):
         return match, child
 
 
-UserIdPath = Annotated[int, Path(ge=1, le=MAX_USER_ID, description="A Freelancer user id")]
-ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (400, 413, 422, 503)
+class DeprecatedRoute(APIRoute):
+    """A route kept for one release: every answer, errors included, carries `Deprecation:
+    true` and a `Link` to its successor (`successor` with the path parameters filled in)."""
+
+    successor = ""
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        params = {k: quote(str(v), safe="") for k, v in scope.get("path_params", {}).items()}
+        link = f'<{self.successor.format(**params)}>; rel="successor-version"'.encode()
+
+        async def send_deprecated(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [*message.get("headers", ()), (b"deprecation", b"true")]
+                message = {**message, "headers": [*headers, (b"link", link)]}
+            await send(message)
+
+        await super().handle(scope, receive, send_deprecated)
+
+
+def deprecated_for(successor: str, base: type[APIRoute] = APIRoute) -> type[APIRoute]:
+    """A `DeprecatedRoute` (and `base`) class whose answers link to `successor`, a path
+    template."""
+    return type("DeprecatedRoute", (DeprecatedRoute, base), {"successor": successor})
+
+
+class UserIdRoute(APIRoute):
+    """A route on `/api/users/{user_id}` that leaves the sibling `/api/users/revalidate` to
+    its own route, so that path's 405 names only POST in `Allow`. Any other segment is the
+    route's: a malformed id gets the 422 that names the rule, not a 404."""
+
+    SIBLINGS = frozenset({"revalidate"})
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        match, child = super().matches(scope)
+        if match is not Match.NONE and child["path_params"].get("user_id") in self.SIBLINGS:
+            return Match.NONE, {}
+        return match, child
+
+
+def deprecation_headers(successor: str) -> dict[str, Any]:
+    """The OpenAPI description of the headers a deprecated route answers with."""
+    return {
+        "Deprecation": {
+            "description": "Always `true`: this path is deprecated and will be removed",
+            "schema": {"type": "string", "enum": ["true"]},
+        },
+        "Link": {
+            "description": f'`<{successor}>; rel="successor-version"`: the path to use instead',
+            "schema": {"type": "string"},
+        },
+    }
+
+
+LOOKUP_LINKS = {
+    "GetUser": {
+        "operationId": "lookup_user",
+        "parameters": {"user_id": "$response.body#/users/0/user_id"},
+        "description": "The first user of the answer, on its own.",
+    },
+    "EvictUser": {
+        "operationId": "evict_user",
+        "parameters": {"user_id": "$response.body#/users/0/user_id"},
+        "description": "Evict the first user of the answer from every cache.",
+    },
 }
 
 
@@ -48,10 +112,7 @@ async def lookup_users(request: Request) -> Response:
     """Answer up to MAX_USERS_PER_REQUEST ids from the cache, fetching misses once each."""
     gateway = get_gateway(request)
     user_ids = parse_user_ids(await request.body(), max_ids=gateway.settings.max_users_per_request)
-    # A batch memory holds whole is answered without awaiting the gateway at all.
-    result = gateway.lookup_now(user_ids)
-    if not isinstance(result, LookupResult):
-        result = await gateway.finish(result)
+    result = await lookup_for_client(request, gateway, user_ids)
     return Response(result.to_json(), media_type="application/json")
 
 
@@ -66,34 +127,34 @@ router.add_api_route(
     lookup_users,
     methods=["POST"],
     response_model=UsersResponse,
-    responses=ERRORS,
+    responses={**ERRORS, 200: {"links": LOOKUP_LINKS}},
     summary="Look up a batch of users",
+    operation_id="lookup_users",
     openapi_extra={"requestBody": users_request_schema(DEFAULT_MAX_IDS)},
 )
 
 
-@router.post(
+async def revalidate(
+    body: RevalidateRequest, gateway: GatewayDep, client: CrawlClient
+) -> RevalidateResponse:
+    """Deprecated: use `POST /api/cache/revalidate`, which this answers as (`crawl`)."""
+    return await cache.revalidate(body, gateway, client)
+
+
+router.add_api_route(
     "/api/users/revalidate",
+    revalidate,
+    methods=["POST"],
     response_model=RevalidateResponse,
-    responses=ERRORS,
+    responses={**ERRORS, 202: {"headers": deprecation_headers("/api/cache/revalidate")}},
     status_code=202,
-    summary="Queue background refreshes",
+    summary="Queue background refreshes (deprecated: POST /api/cache/revalidate)",
+    operation_id="revalidate_deprecated",
+    deprecated=True,
+    route_class_override=deprecated_for("/api/cache/revalidate"),
 )
-async def revalidate(body: RevalidateRequest, gateway: GatewayDep) -> RevalidateResponse:
-    """Refresh these ids (or every user older than `older_than_s`) in the background."""
-    if body.user_ids is not None:
-        queued = await gateway.admin.revalidate(list(dict.fromkeys(body.user_ids)))
-    else:
-        queued = await gateway.admin.revalidate_older_than(body.older_than_s or 0.0)
-    return RevalidateResponse(queued=queued)
 
 
-@router.get(
-    "/api/users/{user_id:int}",
-    response_model=User,
-    responses={**ERRORS, 404: {"model": ErrorResponse}, 504: {"model": ErrorResponse}},
-    summary="Look up one user",
-)
 async def lookup_user(user_id: UserIdPath, gateway: GatewayDep) -> Response:
     """One user: 404 if Freelancer has no such user, 504 if not fetched in time, 503 if failing."""
     result = await gateway.lookup([user_id])
@@ -115,23 +176,38 @@ async def lookup_user(user_id: UserIdPath, gateway: GatewayDep) -> Response:
     )
 
 
-@router.delete(
-    "/api/users/{user_id:int}",
+router.add_api_route(
+    "/api/users/{user_id}",
+    lookup_user,
+    methods=["GET"],
+    response_model=User,
+    responses={
+        **ERRORS,
+        200: {"links": {"EvictUser": {**EVICT_LINKS["GetUser"], "operationId": "evict_user"}}},
+        404: {"model": ErrorResponse},
+        504: {"model": ErrorResponse},
+    },
+    summary="Look up one user",
+    operation_id="lookup_user",
+    route_class_override=UserIdRoute,
+)
+
+
+async def evict_user(
+    user_id: UserIdPath, gateway: GatewayDep, client: AdminClient
+) -> EvictResponse:
+    """Deprecated: use `DELETE /api/cache/users/{user_id}`, which this answers as (`admin`)."""
+    return await cache.evict(user_id, gateway, client)
+
+
+router.add_api_route(
+    "/api/users/{user_id}",
+    evict_user,
+    methods=["DELETE"],
     response_model=EvictResponse,
-    responses={**ERRORS, 404: {"model": ErrorResponse}},
-    summary="Evict one user from every cache",
+    responses={**ERRORS, 200: {"headers": deprecation_headers("/api/cache/users/{user_id}")}},
+    summary="Evict one user (deprecated: DELETE /api/cache/users/{user_id})",
+    operation_id="evict_user_deprecated",
+    deprecated=True,
+    route_class_override=deprecated_for("/api/cache/users/{user_id}", UserIdRoute),
 )
-async def evict_user(user_id: UserIdPath, gateway: GatewayDep) -> EvictResponse:
-    """Remove a user from the store, the memory cache and the negative caches."""
-    return EvictResponse(user_id=user_id, evicted=await gateway.admin.evict(user_id))
-
-
-@router.post(
-    "/api/cache/clear-expired",
-    response_model=ClearExpiredResponse,
-    responses=ERRORS,
-    summary="Remove expired users",
-)
-async def clear_expired(gateway: GatewayDep) -> ClearExpiredResponse:
-    """Delete users fetched longer ago than CACHE_TTL_S + STALE_IF_ERROR_S."""
-    return ClearExpiredResponse(removed=await gateway.admin.clear_expired())

@@ -9,10 +9,12 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 from pymongo import ASCENDING, AsyncMongoClient, UpdateOne
-from pymongo.errors import PyMongoError
+from pymongo.errors import BulkWriteError, PyMongoError
 
 from app.domain import UserRecord
 from app.errors import StoreUnavailable
+
+DUPLICATE_KEY = 11000
 
 PROJECTION = {"_id": 0}
 
@@ -74,15 +76,22 @@ class MongoUserStore:
         for user in users:
             document = _document(user)
             created_at = document.pop("created_at")
+            # Matches only an older copy (or none): a late writer never replaces a newer
+            # one. Its upsert then collides on the unique user_id, which is ignored below.
             operations.append(
                 UpdateOne(
-                    {"user_id": user.user_id},
+                    {"user_id": user.user_id, "fetched_at": {"$lte": document["fetched_at"]}},
                     {"$set": document, "$setOnInsert": {"created_at": created_at}},
                     upsert=True,
                 )
             )
         async with self._guard():
-            await self._users.bulk_write(operations, ordered=False)
+            try:
+                await self._users.bulk_write(operations, ordered=False)
+            except BulkWriteError as exc:
+                errors = exc.details.get("writeErrors", [])
+                if not errors or any(e.get("code") != DUPLICATE_KEY for e in errors):
+                    raise
 
     async def delete(self, user_id: int) -> bool:
         """Remove one user; True when it was there."""

@@ -46,6 +46,9 @@ UPSERT = (
     f"INSERT INTO users ({', '.join(COLUMNS)}) VALUES ({', '.join('?' for _ in COLUMNS)}) "
     "ON CONFLICT(user_id) DO UPDATE SET "
     + ", ".join(f"{c} = excluded.{c}" for c in COLUMNS if c not in ("user_id", "created_at"))
+    # A late writer (a process that was paused while another refetched) never replaces
+    # a newer copy with an older one.
+    + " WHERE excluded.fetched_at >= users.fetched_at"
 )
 # SQLite caps the number of `?` in one statement; 500 stays well under every build's limit.
 CHUNK = 500

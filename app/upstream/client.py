@@ -189,6 +189,16 @@ def _https(url: Any) -> str | None:
     return url
 
 
+# Unix seconds a date can be rendered from (years 1970 to 9999); anything else is junk.
+_LATEST_TIMESTAMP = 253_402_300_799
+
+
+def _timestamp(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if 0 <= value <= _LATEST_TIMESTAMP else None
+
+
 def _mapping(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
@@ -215,7 +225,7 @@ def parse_user(raw: Any, *, key: str, fetched_at: float) -> UserRecord:
         country=_text(country.get("name")),
         city=_text(location.get("city")),
         role=_text(raw.get("chosen_role")) or _text(raw.get("role")),
-        registration_date=float(registered) if isinstance(registered, int | float) else None,
+        registration_date=_timestamp(registered),
         avatar_url=_https(raw.get("avatar_cdn") or raw.get("avatar_large") or raw.get("avatar")),
         created_at=fetched_at,
         fetched_at=fetched_at,

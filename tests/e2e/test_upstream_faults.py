@@ -113,5 +113,5 @@ async def test_a_fault_upstream_is_survived_and_recovered_from(
     assert [u["user_id"] for u in healed["users"]] == [100], healed
     assert await running.gateway.wait_idle(10)
     assert running.gateway.processing_count == 0
-    assert running.gateway.queue_size == 0
+    assert running.gateway.queue.qsize() == 0
     assert (await running.client.get("/")).json()["status"] == "healthy"

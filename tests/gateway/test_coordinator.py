@@ -8,7 +8,7 @@ Every implementation runs the same contract: today the in-memory `LocalCoordinat
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,7 +30,8 @@ from app.gateway.coordinator import (
 from app.gateway.results import NOT_FOUND, Failure, Outcome
 from app.store import SqliteUserStore
 from app.upstream import UpstreamBatch
-from tests.conftest import make_settings
+from tests.conftest import make_settings, until
+from tests.redis_server import RedisServer
 
 
 @dataclass
@@ -41,15 +42,31 @@ class Member:
     events: list[Event] = field(default_factory=list)
 
 
-@pytest.fixture(params=["local"])
+def redis_coordinator(url: str, *, lease_s: float = 5.0) -> Coordinator:
+    from app.coordination.redis import RedisCoordinator, connect
+
+    return RedisCoordinator(connect(url, 1.0), prefix="test", lease_s=lease_s, timeout_s=1.0)
+
+
+@pytest.fixture(params=["local", "redis"])
 async def pair(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Member, Member]]:
-    hub = LocalHub()
-    members = (Member(LocalCoordinator(hub)), Member(LocalCoordinator(hub)))
+    """Two coordinators of one deployment: a shared LocalHub, or one real redis-server."""
+    if request.param == "local":
+        hub = LocalHub()
+        members = (Member(LocalCoordinator(hub)), Member(LocalCoordinator(hub)))
+    else:
+        server: RedisServer = request.getfixturevalue("redis_server")
+        members = (Member(redis_coordinator(server.url)), Member(redis_coordinator(server.url)))
     for member in members:
         await member.coordinator.open(member.events.append)
     yield members
     for member in members:
         await member.coordinator.close()
+
+
+async def delivered(member: Member, count: int) -> None:
+    """Wait (bounded) until `member` has received `count` events: Redis delivers later."""
+    await until(lambda: len(member.events) >= count, within_s=5)
 
 
 def user(uid: int) -> UserRecord:
@@ -71,15 +88,22 @@ async def test_an_announcement_reaches_the_others_and_releases_the_claims(
     failure = Failure("upstream_error", "500")
     outcomes: dict[int, Outcome] = {1: cache_entry(user(1)), 2: NOT_FOUND, 3: failure}
     await a.coordinator.announce(outcomes)
+    await delivered(b, 1)
     assert b.events == [Fetched(outcomes)]
     assert a.events == [], "a member is not told what it announced itself"
-    assert await b.coordinator.claim([1, 2, 3]) == [1, 2, 3]
+    # The claims are released: each id is b's to fetch, or its outcome comes with the claim.
+    b.events.clear()
+    mine = await b.coordinator.claim([1, 2, 3])
+    told = {uid for event in b.events if isinstance(event, Fetched) for uid in event.outcomes}
+    assert set(mine) | told == {1, 2, 3}
 
 
 async def test_cache_changes_reach_the_others(pair: tuple[Member, Member]) -> None:
     a, b = pair
     await a.coordinator.publish(Evicted((7,)))
     await b.coordinator.publish(ExpiredBefore(123.0))
+    await delivered(a, 1)
+    await delivered(b, 1)
     assert b.events == [Evicted((7,))]
     assert a.events == [ExpiredBefore(123.0)]
 
@@ -91,8 +115,25 @@ async def test_a_member_that_stops_abandons_its_claims_to_the_others(
     await a.coordinator.claim([5, 6])
     assert await b.coordinator.claim([5, 6]) == []
     await a.coordinator.close()
-    assert b.events == [Abandoned((5, 6))]
+    await delivered(b, 1)
+    assert Abandoned((5, 6)) in b.events
     assert await b.coordinator.claim([5, 6]) == [5, 6]
+
+
+async def test_a_claim_just_after_an_announcement_gets_the_outcome_not_the_id(
+    pair: tuple[Member, Member],
+) -> None:
+    """No lost wake-up: a member that missed the announcement learns it from its claim."""
+    a, b = pair
+    await a.coordinator.claim([8])
+    await a.coordinator.announce({8: cache_entry(user(8))})
+    b.events.clear()
+    mine = await b.coordinator.claim([8])
+    if mine == [8]:  # in-process: the hub already told b; nothing is kept after release
+        assert isinstance(a.coordinator, LocalCoordinator)
+    else:
+        assert mine == []
+        assert b.events == [Fetched({8: cache_entry(user(8))})]
 
 
 @dataclass
@@ -108,27 +149,41 @@ class SlowUpstream:
         return UpstreamBatch({uid: user(uid) for uid in user_ids if uid % 97})
 
 
+MakeCoordinator = Callable[[], Coordinator]
+
+
+@pytest.fixture(params=["local", "redis"])
+def deployment(request: pytest.FixtureRequest) -> MakeCoordinator:
+    """Coordinators of one deployment: on one LocalHub, or on one real redis-server."""
+    if request.param == "local":
+        hub = LocalHub()
+        return lambda: LocalCoordinator(hub)
+    server: RedisServer = request.getfixturevalue("redis_server")
+    return lambda: redis_coordinator(server.url)
+
+
 async def two_gateways(
-    tmp_path: Path, upstream: SlowUpstream, **overrides: float
+    tmp_path: Path, upstream: SlowUpstream, deployment: MakeCoordinator, **overrides: float
 ) -> tuple[Gateway, Gateway]:
-    """Two gateways on one store and one hub: two processes of one deployment."""
-    hub = LocalHub()
+    """Two gateways on one store and one deployment: two processes of one gateway."""
     gateways = []
     for _ in range(2):
         gateway = Gateway(
             settings=make_settings(tmp_path, **overrides),
             store=SqliteUserStore(tmp_path / "users.db"),
             upstream=upstream,
-            coordinator=LocalCoordinator(hub),
+            coordinator=deployment(),
         )
         await gateway.start()
         gateways.append(gateway)
     return gateways[0], gateways[1]
 
 
-async def test_two_gateways_of_one_deployment_fetch_each_id_once(tmp_path: Path) -> None:
+async def test_two_gateways_of_one_deployment_fetch_each_id_once(
+    tmp_path: Path, deployment: MakeCoordinator
+) -> None:
     upstream = SlowUpstream()
-    a, b = await two_gateways(tmp_path, upstream)
+    a, b = await two_gateways(tmp_path, upstream, deployment)
     try:
         batches = [list(range(i, i + 30)) for i in range(1, 200, 10)]
         results = await asyncio.gather(
@@ -146,7 +201,8 @@ async def test_two_gateways_of_one_deployment_fetch_each_id_once(tmp_path: Path)
         assert len(upstream.calls) <= 10
         assert await a.wait_idle(5) and await b.wait_idle(5)  # saved, then announced
         # Each gateway learnt the other's users from its announcements, without a store read.
-        assert len(a.memory) == len(b.memory) == len(looked_up) - 2  # 97 and 194 do not exist
+        found = len(looked_up) - 2  # 97 and 194 do not exist
+        await until(lambda: len(a.memory) == len(b.memory) == found)
         assert (await a.lookup([97])).not_found == [97]
         assert len(upstream.calls) == len({*map(tuple, upstream.calls)})
     finally:
@@ -154,15 +210,17 @@ async def test_two_gateways_of_one_deployment_fetch_each_id_once(tmp_path: Path)
         await b.stop()
 
 
-async def test_an_eviction_on_one_gateway_reaches_the_others_memory(tmp_path: Path) -> None:
+async def test_an_eviction_on_one_gateway_reaches_the_others_memory(
+    tmp_path: Path, deployment: MakeCoordinator
+) -> None:
     upstream = SlowUpstream(delay_s=0)
-    a, b = await two_gateways(tmp_path, upstream)
+    a, b = await two_gateways(tmp_path, upstream, deployment)
     try:
         await a.lookup([5])
         assert await a.wait_idle(5)  # saved, then announced
-        assert len(b.memory) == 1, "b learnt the user from a's announcement"
+        await until(lambda: len(b.memory) == 1)  # b learnt the user from a's announcement
         assert await b.admin.evict(5)
-        assert len(a.memory) == 0
+        await until(lambda: len(a.memory) == 0)
         await a.lookup([5])
         assert [call for call in upstream.calls if 5 in call] == [[5], [5]]
     finally:
@@ -170,9 +228,11 @@ async def test_an_eviction_on_one_gateway_reaches_the_others_memory(tmp_path: Pa
         await b.stop()
 
 
-async def test_ids_a_stopping_gateway_was_fetching_are_taken_over(tmp_path: Path) -> None:
+async def test_ids_a_stopping_gateway_was_fetching_are_taken_over(
+    tmp_path: Path, deployment: MakeCoordinator
+) -> None:
     upstream = SlowUpstream(delay_s=0.2)
-    a, b = await two_gateways(tmp_path, upstream, shutdown_grace_s=0)
+    a, b = await two_gateways(tmp_path, upstream, deployment, shutdown_grace_s=0)
     try:
         first = asyncio.create_task(a.lookup([11, 12]))
         await asyncio.sleep(0.05)  # a has claimed 11 and 12 and is calling upstream

@@ -157,12 +157,12 @@ async def test_delete_evicts_a_user_from_store_and_memory(
     running = await start_app()
     await running.lookup(7)
     assert await running.gateway.wait_idle(5)
-    response = await running.client.delete("/api/users/7")
+    response = await running.client.delete("/api/cache/users/7")
     assert response.json() == {"user_id": 7, "evicted": True}
     assert await running.gateway.store.get_many([7]) == {}
     assert (await running.lookup(7))["users"][0]["source"] == "fetched"
     assert len(freelancer.calls) == 2
-    unknown = await running.client.delete("/api/users/999999")
+    unknown = await running.client.delete("/api/cache/users/999999")
     assert unknown.json() == {"user_id": 999999, "evicted": False}
 
 
@@ -184,18 +184,18 @@ async def test_revalidate_queues_background_refreshes(
     running = await start_app(cache_ttl_s=TTL)
     await store_user(running, 11, age_s=50)
     await store_user(running, 12, age_s=500)
-    response = await running.client.post("/api/users/revalidate", json={"user_ids": [11, 13]})
+    response = await running.client.post("/api/cache/revalidate", json={"user_ids": [11, 13]})
     assert response.status_code == 202
     assert response.json() == {"queued": 2}
     assert await running.gateway.wait_idle(5)
     assert freelancer.lookups == {11: 1, 13: 1}
     stored = await running.gateway.store.get_many([11, 13])
     assert stored[11].username == "user11" and stored[13].username == "user13"
-    older = await running.client.post("/api/users/revalidate", json={"older_than_s": 100})
+    older = await running.client.post("/api/cache/revalidate", json={"older_than_s": 100})
     assert older.json() == {"queued": 1}
     assert await running.gateway.wait_idle(5)
     assert freelancer.lookups[12] == 1
-    bad = await running.client.post("/api/users/revalidate", json={})
+    bad = await running.client.post("/api/cache/revalidate", json={})
     assert bad.status_code == 422
     assert "exactly one" in bad.json()["detail"]
 
@@ -217,7 +217,7 @@ async def test_revalidate_refuses_what_is_not_a_number_of_seconds(
 ) -> None:
     running = await start_app()
     for body in ({"older_than_s": True}, {"older_than_s": "5"}, {"older_than_s": -1}):
-        response = await running.client.post("/api/users/revalidate", json=body)
+        response = await running.client.post("/api/cache/revalidate", json=body)
         assert response.status_code == 422, body
-    accepted = await running.client.post("/api/users/revalidate", json={"older_than_s": 5})
+    accepted = await running.client.post("/api/cache/revalidate", json={"older_than_s": 5})
     assert accepted.status_code == 202

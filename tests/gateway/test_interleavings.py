@@ -127,7 +127,7 @@ async def run_script(steps: list[tuple[str, object]], root: Path) -> None:
             answered = result.user_ids + result.not_found + result.unavailable
             assert sorted(answered) == sorted(ids), "every id gets exactly one answer"
         assert gateway.processing_count == 0
-        assert gateway.queue_size == 0
+        assert gateway.queue.qsize() == 0
         assert upstream.overlaps == []
     finally:
         for _, task in requests:

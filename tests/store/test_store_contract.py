@@ -104,3 +104,15 @@ async def test_ping_answers_when_open(store: UserStore) -> None:
 async def test_upserting_nothing_or_one_is_fine(store: UserStore, count: int) -> None:
     await store.upsert_many([user(60)][:count])
     assert await store.count() == count
+
+
+async def test_an_older_copy_never_replaces_a_newer_one(store: UserStore) -> None:
+    """A late writer (a paused process whose fetch was taken over) loses to the newer copy."""
+    await store.upsert_many([user(40, fetched_at=NOW, username="newer")])
+    await store.upsert_many([user(40, fetched_at=NOW - 60, username="older"), user(41)])
+    stored = await store.get_many([40, 41])
+    assert stored[40].username == "newer"
+    assert stored[40].fetched_at == NOW
+    assert 41 in stored, "the rest of the batch is saved"
+    await store.upsert_many([user(40, fetched_at=NOW + 60, username="newest")])
+    assert (await store.get_many([40]))[40].username == "newest"

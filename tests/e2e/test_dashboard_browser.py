@@ -1,0 +1,275 @@
+"""The dashboard in a real headless Chromium (Debian's /usr/bin/chromium, driven by
+Playwright), against the gateway running as a process on loopback.
+
+UPDATE_SCREENSHOT=1 also saves docs/dashboard.png, after some traffic for the charts.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+from playwright.sync_api import (
+    Browser,
+    ConsoleMessage,
+    Page,
+    Request,
+    Response,
+    expect,
+    sync_playwright,
+)
+
+from bench.procs import Process
+from bench.procs import gateway_process as start_gateway
+from tests.e2e.conftest import assert_clean_exit
+
+pytestmark = pytest.mark.e2e
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "dashboard.png"
+KEY = "dashboard-e2e-secret-key"
+
+
+@pytest.fixture
+def browser() -> Iterator[Browser]:
+    """Chromium from Debian's package; skipped (saying why) where it is not installed."""
+    if not CHROMIUM.exists():
+        reason = f"{CHROMIUM} is missing: apt-get install -y chromium"
+        print(reason)
+        pytest.skip(reason)
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(
+            executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
+        )
+        yield launched
+        launched.close()
+
+
+@dataclass
+class Watch:
+    """What a page did: console errors, failed requests, error answers, requests sent."""
+
+    page: Page
+    console_errors: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    error_answers: list[str] = field(default_factory=list)
+    requests: list[Request] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.page.on("console", self._console)
+        self.page.on("pageerror", lambda exc: self.console_errors.append(f"pageerror: {exc}"))
+        self.page.on("requestfailed", self._failed)
+        self.page.on("response", self._response)
+        self.page.on("request", lambda request: self.requests.append(request))
+
+    def _console(self, message: ConsoleMessage) -> None:
+        if message.type in ("error", "warning"):
+            self.console_errors.append(f"{message.type}: {message.text}")
+
+    def _failed(self, request: Request) -> None:
+        self.failed.append(f"{request.method} {request.url}: {request.failure}")
+
+    def _response(self, response: Response) -> None:
+        if response.status >= 400:
+            self.error_answers.append(
+                f"{response.request.method} {response.url}: {response.status}"
+            )
+
+    def number(self, selector: str) -> int:
+        """An integer the page shows (thousands separators allowed), -1 while it shows none."""
+        text = self.page.locator(selector).inner_text().replace(",", "")
+        return int(text) if text.isdigit() else -1
+
+    def wait_number(self, selector: str, minimum: int, timeout_s: float = 10.0) -> int:
+        """Wait until the number in `selector` reaches `minimum` (the stream updates it)."""
+        deadline = time.monotonic() + timeout_s
+        while (value := self.number(selector)) < minimum:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{selector} shows {value}, not yet {minimum}")
+            self.page.wait_for_timeout(100)
+        return value
+
+
+def look_up(watch: Watch, ids: str) -> list[tuple[str, str]]:
+    """Submit the lookup form; (id, source) of each row shown."""
+    page = watch.page
+    page.fill("#lookup-ids", ids)
+    page.click("#lookup-form button")
+    expect(page.locator("#lookup-message")).to_contain_text("found", timeout=10_000)
+    rows = page.locator("#lookup-results tr")
+    return [
+        (rows.nth(i).locator("td").nth(0).inner_text(), rows.nth(i).locator(".source").inner_text())
+        for i in range(rows.count())
+    ]
+
+
+def drive_traffic(url: str, seconds: float, clients: int = 3) -> None:
+    """Concurrent lookups for a while, so the charts have lines: each 200 ms slot asks
+    every client for the same ids (some new, so fetched once and shared), most repeats."""
+    deadline = time.monotonic() + seconds
+
+    def client_loop() -> None:
+        with httpx.Client(base_url=url, timeout=10) as client:
+            while (now := time.monotonic()) < deadline:
+                slot = int(now * 5)
+                ids = [1000 + (slot * 3 + i) % (300 + slot // 10) for i in range(20)]
+                client.post("/api/users", json={"user_ids": ids})
+                time.sleep(0.05 + 0.05 * (slot // 50 % 3))
+
+    threads = [threading.Thread(target=client_loop) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(seconds + 30)
+
+
+def assert_clean(watch: Watch) -> None:
+    assert watch.console_errors == [], watch.console_errors
+    assert watch.failed == [], watch.failed
+    assert watch.error_answers == [], watch.error_answers
+
+
+@pytest.fixture
+def budgeted_gateway(tmp_path: Path, simulator: Process) -> Iterator[Process]:
+    """The gateway with a budget the page can show usage against (e2e's is wide open)."""
+    budget = {"UPSTREAM_RATE_PER_MIN": "600", "UPSTREAM_BURST": "60"}
+    process = start_gateway(tmp_path, simulator, LOG_LEVEL="INFO", **budget)
+    process.start()
+    yield process
+    if process.popen is not None:
+        process.stop()
+
+
+@pytest.mark.timeout(150)  # UPDATE_SCREENSHOT=1 drives traffic for a minute first
+def test_dashboard_shows_live_numbers_and_looks_users_up(
+    browser: Browser, budgeted_gateway: Process
+) -> None:
+    gateway_process = budgeted_gateway
+    page = browser.new_page(viewport={"width": 1440, "height": 1000})
+    watch = Watch(page)
+    page.goto(f"{gateway_process.url}/dashboard")
+    expect(page.locator("#status")).to_have_text("live", timeout=10_000)
+    watch.wait_number("#requests-total", 0)
+    before = watch.number("#requests-total")
+    assert page.locator("#upstream-state").inner_text() == "ok"
+    assert page.locator("#store-kind").inner_text() == "sqlite"
+
+    first = look_up(watch, "11, 12 13")
+    assert first == [("11", "fetched"), ("12", "fetched"), ("13", "fetched")]
+    usernames = page.locator("#lookup-results tr td:nth-child(2)").all_inner_texts()
+    assert all(name.strip() for name in usernames), usernames
+    assert look_up(watch, "11 12 13") == [("11", "cache"), ("12", "cache"), ("13", "cache")]
+
+    # Only the stream writes these numbers: they moved, so the stream is live.
+    watch.wait_number("#requests-total", before + 2)
+    watch.wait_number("#ids-total", 6)
+    expect(page.locator("#hit-ratio-total")).to_have_text("50.0%", timeout=10_000)
+    expect(page.locator("#latency")).to_have_text(re.compile(r"[\d.]+ / [\d.]+"))
+    expect(page.locator("#budget .window").first).to_contain_text("calls")
+    canvases = page.locator("canvas").evaluate_all(
+        "cs => cs.map(c => c.width > 0 && c.getContext('2d')"
+        ".getImageData(0, 0, c.width, c.height).data.some(v => v !== 0))"
+    )
+    assert canvases and all(canvases), canvases  # every chart drew something
+
+    if os.environ.get("UPDATE_SCREENSHOT") == "1":
+        traffic = threading.Thread(target=drive_traffic, args=(gateway_process.url, 65))
+        traffic.start()
+        page.wait_for_timeout(60_000)
+        look_up(watch, "11, 12, 5000, 5001")
+        page.wait_for_timeout(1500)
+        SCREENSHOT.parent.mkdir(exist_ok=True)
+        page.screenshot(path=str(SCREENSHOT), full_page=True)
+        traffic.join(60)
+
+    assert_clean(watch)
+    page.close()
+    assert_clean_exit(gateway_process)
+
+
+def test_the_key_is_sent_as_a_header_and_kept_out_of_urls_and_storage(
+    browser: Browser, tmp_path: Path, simulator: Process
+) -> None:
+    gateway = start_gateway(tmp_path, simulator, API_KEYS=f"ops:{KEY}:read")
+    try:
+        gateway.start()
+        page = browser.new_page()
+        watch = Watch(page)
+        page.goto(f"{gateway.url}/dashboard")
+        expect(page.locator("#status")).to_have_text("API key needed", timeout=10_000)
+        # The refused stream is the only error so far (Chromium logs a 401 as one).
+        assert watch.error_answers == [f"GET {gateway.url}/api/events: 401"]
+        assert len(watch.console_errors) == 1 and "401" in watch.console_errors[0]
+        watch.error_answers.clear()
+        watch.console_errors.clear()
+
+        page.fill("#api-key", KEY)
+        page.click("#key-form button")
+        expect(page.locator("#status")).to_have_text("live", timeout=10_000)
+        assert look_up(watch, "21") == [("21", "fetched")]
+        watch.wait_number("#requests-total", 1)
+
+        sent = [r for r in watch.requests if "/api/" in r.url]
+        keyed = [r for r in sent if r.headers.get("x-api-key") == KEY]
+        assert {r.url.rsplit("/", 2)[-1] for r in keyed} >= {"events", "users"}
+        assert all(KEY not in r.url for r in watch.requests)
+        stored = page.evaluate(
+            "() => [localStorage.length, sessionStorage.length, document.cookie]"
+        )
+        assert stored == [0, 0, ""]
+        assert_clean(watch)
+        page.close()
+    finally:
+        if gateway.popen is not None:
+            gateway.stop()
+    assert KEY not in gateway.output()
+
+
+def test_sigterm_ends_open_streams_and_exits_cleanly(gateway_process: Process) -> None:
+    """uvicorn waits for open responses before shutting the app down: streams must end."""
+    gateway_process.start()
+    frames: list[str] = []
+    ended = threading.Event()
+
+    def read() -> None:
+        with (
+            httpx.Client(timeout=30) as client,
+            client.stream("GET", f"{gateway_process.url}/api/events") as response,
+        ):
+            for line in response.iter_lines():
+                if line.startswith("event:"):
+                    frames.append(line)
+        ended.set()
+
+    readers = [threading.Thread(target=read) for _ in range(3)]
+    for reader in readers:
+        reader.start()
+    deadline = time.monotonic() + 10
+    while frames.count("event: sample") < 6 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    started = time.monotonic()
+    assert_clean_exit(gateway_process)
+    assert time.monotonic() - started < 5  # well within SHUTDOWN_GRACE_S
+    for reader in readers:
+        reader.join(10)
+        assert not reader.is_alive()
+    assert ended.is_set()
+    log = gateway_process.output()
+    assert "timeout graceful shutdown exceeded" not in log, log
+    assert not re.search(r"ERROR|Exception in ASGI", log), log

@@ -1,0 +1,242 @@
+"""Several gateway processes as one, through a real redis-server and the simulator process.
+
+Upstream look-ups are counted at the simulator, never in the gateways.
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from bench.procs import Process, gateway_process
+from tests.e2e.conftest import assert_clean_exit
+from tests.redis_server import RedisServer
+
+pytestmark = pytest.mark.e2e
+
+LEASE_S = 2.0
+
+
+def configure(simulator: Process, **config: Any) -> None:
+    httpx.post(f"{simulator.url}/_sim/config", json=config, timeout=5).raise_for_status()
+
+
+def stats(simulator: Process) -> dict[str, Any]:
+    body: dict[str, Any] = httpx.get(f"{simulator.url}/_sim/stats", timeout=5).json()
+    return body
+
+
+def post(process: Process, ids: list[int], timeout: float = 15) -> tuple[int, dict[str, Any]]:
+    response = httpx.post(f"{process.url}/api/users", json={"user_ids": ids}, timeout=timeout)
+    return response.status_code, response.json()
+
+
+def health(process: Process) -> dict[str, Any]:
+    body: dict[str, Any] = httpx.get(f"{process.url}/", timeout=5).json()
+    return body
+
+
+def wait_for(condition: Any, within_s: float = 10.0) -> None:
+    deadline = time.monotonic() + within_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not met within {within_s} s")
+        time.sleep(0.05)
+
+
+def gateway(tmp_path: Path, simulator: Process, redis: RedisServer, **env: str) -> Process:
+    """A gateway process on the shared SQLite file and the shared Redis (not started)."""
+    settings = {
+        "REDIS_URL": redis.url,
+        "FLIGHT_LEASE_S": str(LEASE_S),
+        "LOG_LEVEL": "INFO",
+        **env,
+    }
+    return gateway_process(tmp_path, simulator, **settings)
+
+
+@pytest.fixture
+def processes(tmp_path: Path) -> Iterator[list[Process]]:
+    """Gateways the test starts; each is stopped at the end."""
+    started: list[Process] = []
+    yield started
+    for process in started:
+        if process.popen is not None and process.popen.poll() is None:
+            process.stop()
+
+
+def overlapping_batches(seed: int, base: int) -> tuple[list[list[int]], int]:
+    rng = random.Random(seed)
+    universe = list(range(base, base + 300))
+    batches = [rng.sample(universe, 40) for _ in range(20)]
+    return batches, len({i for b in batches for i in b})
+
+
+def test_four_workers_look_up_each_id_once(
+    tmp_path: Path, simulator: Process, redis_server: RedisServer, processes: list[Process]
+) -> None:
+    configure(simulator, latency_ms=100)
+    process = gateway(tmp_path, simulator, redis_server, WORKERS="4")
+    processes.append(process)
+    process.start()
+    wait_for(lambda: health(process)["processes"] == 4)
+    assert health(process)["coordination"] == "redis"
+    batches, unique = overlapping_batches(1, 1_000_000)
+    with ThreadPoolExecutor(20) as pool:
+        answers = list(pool.map(lambda ids: post(process, ids), batches))
+    for ids, (status, body) in zip(batches, answers, strict=True):
+        assert status == 200
+        assert body["unavailable"] == []
+        assert sorted([u["user_id"] for u in body["users"]] + body["not_found"]) == sorted(ids)
+    after = stats(simulator)
+    assert after["ids_requested"] == unique == after["unique_ids"], after
+    assert_clean_exit(processes.pop())
+
+
+def test_two_processes_share_fetches_evictions_and_memory(
+    tmp_path: Path, simulator: Process, redis_server: RedisServer, processes: list[Process]
+) -> None:
+    configure(simulator, latency_ms=100)
+    a = gateway(tmp_path, simulator, redis_server)
+    b = gateway(tmp_path, simulator, redis_server)
+    processes += [a, b]
+    a.start()
+    b.start()
+    wait_for(lambda: health(a)["processes"] == 2)
+    batches, unique = overlapping_batches(2, 2_000_000)
+    with ThreadPoolExecutor(20) as pool:
+        answers = list(pool.map(post, [a, b] * 10, batches))
+    assert all(status == 200 and not body["unavailable"] for status, body in answers)
+    assert stats(simulator)["ids_requested"] == unique
+    # a fetches 5; b answers it from memory, learnt from a's announcement (no call).
+    status, body = post(a, [5])
+    assert (status, body["users"][0]["source"]) == (200, "fetched")
+    wait_for(lambda: post(b, [5])[1]["users"][0]["source"] == "cache", within_s=5)
+    calls = stats(simulator)["calls"]
+    # An eviction on b reaches a's memory: a fetches 5 again.
+    assert httpx.delete(f"{b.url}/api/cache/users/5", timeout=5).json()["evicted"]
+    wait_for(lambda: post(a, [5])[1]["users"][0]["source"] == "fetched", within_s=5)
+    assert stats(simulator)["calls"] == calls + 1
+
+
+def test_one_budget_is_shared_by_every_process(
+    tmp_path: Path, simulator: Process, redis_server: RedisServer, processes: list[Process]
+) -> None:
+    """60 a minute with a burst of 2, for two processes together: counted at the simulator."""
+    configure(simulator, latency_ms=0)
+    env = {"UPSTREAM_RATE_PER_MIN": "60", "UPSTREAM_BURST": "2", "BATCH_WINDOW_MS": "0"}
+    a = gateway(tmp_path, simulator, redis_server, **env)
+    b = gateway(tmp_path, simulator, redis_server, **env)
+    processes += [a, b]
+    a.start()
+    b.start()
+    before = stats(simulator)["calls"]
+    started = time.monotonic()
+    stop = threading.Event()
+
+    def hammer(process: Process, base: int) -> None:
+        uid = base
+        while not stop.is_set() and time.monotonic() - started < 4:
+            uid += 1
+            post(process, [uid], timeout=10)
+
+    threads = [
+        threading.Thread(target=hammer, args=(p, base))
+        for p, base in ((a, 3_000_000), (b, 4_000_000), (a, 5_000_000), (b, 6_000_000))
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(20)
+    elapsed = time.monotonic() - started
+    calls = stats(simulator)["calls"] - before
+    # One bucket: a burst of 2, then one a second. Two buckets would allow twice that.
+    assert calls <= 2 + elapsed * 1.0 + 1, (calls, elapsed)
+    assert calls >= 3, "traffic reached Freelancer"
+
+
+def test_an_owner_killed_mid_fetch_is_taken_over_within_the_lease(
+    tmp_path: Path, simulator: Process, redis_server: RedisServer, processes: list[Process]
+) -> None:
+    configure(simulator, latency_ms=3000)
+    owner = gateway(tmp_path, simulator, redis_server)
+    waiter = gateway(tmp_path, simulator, redis_server)
+    processes += [owner, waiter]
+    owner.start()
+    waiter.start()
+    with ThreadPoolExecutor(2) as pool:
+        pool.submit(post, owner, [7_000_001])
+        time.sleep(0.5)  # the owner holds the lease and waits on the simulator
+        waiting = pool.submit(post, waiter, [7_000_001])
+        time.sleep(0.5)  # the waiter waits on the owner's announcement
+        configure(simulator, latency_ms=0)
+        assert owner.popen is not None
+        owner.popen.send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        status, body = waiting.result(timeout=15)
+    taken_over_s = time.monotonic() - killed
+    assert status == 200
+    assert [u["user_id"] for u in body["users"]] == [7_000_001]
+    assert taken_over_s <= LEASE_S + 1.0, taken_over_s
+
+
+@pytest.mark.parametrize("fault", ["stopped", "frozen"])
+def test_requests_are_answered_while_redis_is_gone_and_coordination_comes_back(
+    tmp_path: Path,
+    simulator: Process,
+    redis_server: RedisServer,
+    processes: list[Process],
+    fault: str,
+) -> None:
+    configure(simulator, latency_ms=20)
+    a = gateway(tmp_path, simulator, redis_server, REDIS_TIMEOUT_S="0.3")
+    b = gateway(tmp_path, simulator, redis_server, REDIS_TIMEOUT_S="0.3")
+    processes += [a, b]
+    a.start()
+    b.start()
+    post(a, list(range(1, 51)))  # cached: hits never need Redis
+    answered: list[tuple[int, float]] = []
+    stop = threading.Event()
+
+    def traffic(process: Process, base: int) -> None:
+        uid = base
+        while not stop.is_set():
+            uid += 1
+            started = time.monotonic()
+            status, _ = post(process, [1, 2, 3, uid], timeout=15)
+            answered.append((status, time.monotonic() - started))
+
+    threads = [
+        threading.Thread(target=traffic, args=(p, n)) for p, n in ((a, 8_000_000), (b, 9_000_000))
+    ]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.5)
+    if fault == "stopped":
+        redis_server.stop()
+    else:
+        redis_server.freeze()
+    time.sleep(LEASE_S + 1.5)  # longer than a lease
+    degraded = health(a)
+    assert degraded["status"] == "degraded"
+    assert any("REDIS_URL" in p for p in degraded["problems"])
+    if fault == "stopped":
+        redis_server.start()
+    else:
+        redis_server.thaw()
+    wait_for(lambda: not any("REDIS_URL" in p for p in health(a)["problems"]), within_s=10)
+    stop.set()
+    for thread in threads:
+        thread.join(20)
+    assert answered and all(status == 200 for status, _ in answered), answered[:5]
+    assert max(elapsed for _, elapsed in answered) < 10, "every request in time"
+    assert health(b)["coordination"] == "redis"

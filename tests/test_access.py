@@ -1,0 +1,249 @@
+"""API keys and roles, per-client limits on a fake clock, the miss quota, protected mode."""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from app.access import KeyRing, check_protected_mode, load_keys, parse_keys
+from app.errors import ConfigError
+from tests.clock import FakeClock
+from tests.conftest import FakeFreelancer, Running, StartApp, make_settings
+
+READ = "read-key-0123456789abcdef"
+CRAWL = "crawl-key-0123456789abcdef"
+ADMIN = "admin-key-0123456789abcdef"
+KEYS = f"reader:{READ}, crawler:{CRAWL}:crawl, boss:{ADMIN}:admin"
+
+
+def key(secret: str) -> dict[str, str]:
+    return {"X-API-Key": secret}
+
+
+def bearer(secret: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {secret}"}
+
+
+@pytest.fixture
+def limits_clock(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeClock]:
+    """The `limits` package's windows (and our Retry-After) on a clock the test steps."""
+    import limits.storage.memory
+    import limits.strategies
+
+    import app.quotas
+
+    clock = FakeClock()
+    fake_time = types.SimpleNamespace(time=clock)
+    for module in (limits.storage.memory, limits.strategies, app.quotas):
+        monkeypatch.setattr(module, "time", fake_time)
+    yield clock
+
+
+async def lookup(running: Running, ids: list[int], headers: dict[str, str]) -> httpx.Response:
+    return await running.client.post("/api/users", json={"user_ids": ids}, headers=headers)
+
+
+async def test_a_request_without_a_key_gets_401_and_an_unknown_key_403(
+    start_app: StartApp, freelancer: FakeFreelancer
+) -> None:
+    running = await start_app(api_keys=KEYS)
+    missing = await lookup(running, [1], {})
+    assert missing.status_code == 401
+    assert missing.json()["error"] == "unauthorized"
+    assert "X-API-Key" in missing.headers["WWW-Authenticate"]
+    wrong = await lookup(running, [1], key("not-a-key-0123456789abcdef"))
+    assert wrong.status_code == 403
+    assert wrong.json() == {"error": "forbidden", "detail": "unknown API key"}
+    assert freelancer.calls == []
+
+
+async def test_a_key_works_in_either_header(
+    start_app: StartApp, freelancer: FakeFreelancer
+) -> None:
+    running = await start_app(api_keys=KEYS)
+    assert (await lookup(running, [1], key(READ))).status_code == 200
+    assert (await lookup(running, [1], bearer(READ))).status_code == 200
+    assert (await running.client.get("/api/stats", headers=bearer(CRAWL))).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "role"),
+    [
+        ("POST", "/api/users", {"user_ids": [1]}, "read"),
+        ("GET", "/api/users/1", None, "read"),
+        ("GET", "/api/stats", None, "read"),
+        ("GET", "/api/queue", None, "read"),
+        ("POST", "/api/cache/revalidate", {"user_ids": [1]}, "crawl"),
+        ("POST", "/api/cache/clear-expired", None, "admin"),
+        ("DELETE", "/api/cache/users/1", None, "admin"),
+    ],
+)
+async def test_each_role_reaches_what_it_may_and_no_more(
+    start_app: StartApp,
+    freelancer: FakeFreelancer,
+    method: str,
+    path: str,
+    body: dict[str, Any] | None,
+    role: str,
+) -> None:
+    running = await start_app(api_keys=KEYS)
+    rank = ["read", "crawl", "admin"].index(role)
+    for index, secret in enumerate((READ, CRAWL, ADMIN)):
+        response = await running.client.request(method, path, json=body, headers=key(secret))
+        if index >= rank:
+            assert response.status_code < 400, (secret, response.text)
+        else:
+            assert response.status_code == 403, (secret, response.text)
+            assert f"needs the '{role}' role" in response.json()["detail"]
+    assert (await running.client.request(method, path, json=body)).status_code == 401
+
+
+async def test_health_and_probes_stay_public_and_metrics_too_unless_asked(
+    start_app: StartApp, freelancer: FakeFreelancer
+) -> None:
+    running = await start_app(api_keys=KEYS)
+    for path in ("/", "/healthz", "/readyz", "/metrics"):
+        assert (await running.client.get(path)).status_code == 200, path
+    assert (await running.client.get("/")).json()["auth"] == "keys"
+    locked = await start_app(api_keys=KEYS, metrics_require_key=True)
+    assert (await locked.client.get("/metrics")).status_code == 401
+    assert (await locked.client.get("/metrics", headers=key(READ))).status_code == 200
+
+
+async def test_requests_past_the_limit_get_429_with_ratelimit_headers(
+    start_app: StartApp, freelancer: FakeFreelancer, limits_clock: FakeClock
+) -> None:
+    running = await start_app(api_keys=KEYS, rate_limit_per_min=3)
+    for _ in range(3):
+        assert (await lookup(running, [1], key(READ))).status_code == 200
+    refused = await lookup(running, [1], key(READ))
+    assert refused.status_code == 429
+    assert refused.json()["error"] == "rate_limited"
+    assert 1 <= int(refused.headers["Retry-After"]) <= 120
+    assert refused.headers["RateLimit-Policy"].startswith('"requests";q=3;w=60')
+    assert refused.headers["RateLimit"].startswith('"requests";r=0;t=')
+    # Another client is not affected; the first is let in again as its window slides.
+    assert (await lookup(running, [1], key(CRAWL))).status_code == 200
+    limits_clock.advance(120)
+    assert (await lookup(running, [1], key(READ))).status_code == 200
+
+
+async def test_ids_count_against_their_own_limit(
+    start_app: StartApp, freelancer: FakeFreelancer, limits_clock: FakeClock
+) -> None:
+    running = await start_app(api_keys=KEYS, rate_limit_ids_per_min=150)
+    assert (await lookup(running, list(range(1, 101)), key(READ))).status_code == 200
+    refused = await lookup(running, list(range(1, 101)), key(READ))
+    assert refused.status_code == 429
+    assert refused.headers["RateLimit"].startswith('"ids";r=50;')
+    assert (await lookup(running, list(range(1, 51)), key(READ))).status_code == 200
+    limits_clock.advance(120)
+    assert (await lookup(running, list(range(1, 101)), key(READ))).status_code == 200
+
+
+async def test_a_greedy_client_gets_quota_for_new_ids_and_others_are_unaffected(
+    start_app: StartApp, freelancer: FakeFreelancer, limits_clock: FakeClock
+) -> None:
+    running = await start_app(api_keys=KEYS, key_misses_per_min=5)
+    first = (await lookup(running, [1, 2, 3], key(READ))).json()
+    assert [u["user_id"] for u in first["users"]] == [1, 2, 3]
+    greedy = (await lookup(running, [1, 2, 3, 10, 11, 12, 13, 14], key(READ))).json()
+    assert [u["user_id"] for u in greedy["users"]] == [1, 2, 3, 10, 11], "cached users still come"
+    assert greedy["unavailable"] == [12, 13, 14]
+    assert greedy["errors"] == {"12": "quota", "13": "quota", "14": "quota"}
+    other = (await lookup(running, [12, 13, 14], key(CRAWL))).json()
+    assert [u["user_id"] for u in other["users"]] == [12, 13, 14]
+    assert freelancer.lookups == dict.fromkeys([1, 2, 3, 10, 11, 12, 13, 14], 1)
+    stats = (await running.client.get("/api/stats", headers=key(ADMIN))).json()
+    usage = {row["name"]: row for row in stats["keys"]}
+    assert usage["reader"]["misses"] == 5
+    assert usage["reader"]["over_quota"] == 3
+    assert usage["crawler"]["misses"] == 3
+    limits_clock.advance(120)
+    later = (await lookup(running, [20], key(READ))).json()
+    assert later["errors"] == {}
+
+
+async def test_metrics_show_usage_by_key_name_and_never_a_key(
+    start_app: StartApp, freelancer: FakeFreelancer
+) -> None:
+    running = await start_app(api_keys=KEYS)
+    await lookup(running, [1, 2], key(READ))
+    text = (await running.client.get("/metrics")).text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    requests = {s.labels["key"]: s.value for s in families["gateway_key_requests"].samples}
+    assert requests["reader"] == 1
+    ids = {s.labels["key"]: s.value for s in families["gateway_key_ids"].samples}
+    assert ids["reader"] == 2
+    for secret in (READ, CRAWL, ADMIN):
+        assert secret not in text
+
+
+def test_key_entries_are_parsed_with_roles_and_checked() -> None:
+    keys = parse_keys(f"# the team\n{KEYS}\nnightly:{'n' * 20}:crawl  # cron", source="API_KEYS")
+    assert [(k.name, k.role) for k in keys] == [
+        ("reader", "read"),
+        ("crawler", "crawl"),
+        ("boss", "admin"),
+        ("nightly", "crawl"),
+    ]
+    for bad, why in [
+        ("nameonly", "name:key"),
+        (f"a:{READ}:root", "role 'root'"),
+        (f"a:{READ},a:{CRAWL}", "used twice"),
+        ("a:short", "shorter than 16"),
+    ]:
+        with pytest.raises(ConfigError, match=why):
+            parse_keys(bad, source="API_KEYS")
+
+
+def test_keys_come_from_a_file_too(tmp_path: Any) -> None:
+    path = tmp_path / "keys"
+    path.write_text(f"# operators\nboss:{ADMIN}:admin\n\n")
+    settings = make_settings(tmp_path, api_keys=f"reader:{READ}", api_keys_file=path)
+    assert sorted(k.name for k in load_keys(settings)) == ["boss", "reader"]
+    with pytest.raises(ConfigError, match="API_KEYS_FILE"):
+        load_keys(make_settings(tmp_path, api_keys_file=tmp_path / "missing"))
+
+
+def test_open_on_a_reachable_address_is_refused_unless_meant(tmp_path: Any) -> None:
+    open_ring = KeyRing([])
+    with pytest.raises(ConfigError) as refused:
+        check_protected_mode(make_settings(tmp_path, host="0.0.0.0"), open_ring)
+    assert "API_KEYS" in str(refused.value) and "AUTH_DISABLED" in str(refused.value)
+    check_protected_mode(make_settings(tmp_path, host="0.0.0.0", auth_disabled=True), open_ring)
+    check_protected_mode(make_settings(tmp_path, host="127.0.0.1"), open_ring)
+    check_protected_mode(make_settings(tmp_path, host="::1"), open_ring)
+    keyed = KeyRing(load_keys(make_settings(tmp_path, api_keys=KEYS)))
+    check_protected_mode(make_settings(tmp_path, host="0.0.0.0"), keyed)
+
+
+async def test_without_keys_the_service_is_open_and_says_so(
+    start_app: StartApp, freelancer: FakeFreelancer
+) -> None:
+    running = await start_app()
+    assert (await running.client.get("/")).json()["auth"] == "open"
+    assert (await running.client.delete("/api/cache/users/1")).status_code == 200
+
+
+async def test_the_schema_offers_both_key_headers_when_keys_are_on(
+    start_app: StartApp, freelancer: FakeFreelancer
+) -> None:
+    running = await start_app(api_keys=KEYS)
+    schema = (await running.client.get("/openapi.json")).json()
+    schemes = schema["components"]["securitySchemes"]
+    assert schemes["ApiKey"] == {"type": "apiKey", "in": "header", "name": "X-API-Key"}
+    assert schemes["Bearer"]["scheme"] == "bearer"
+    lookup_op = schema["paths"]["/api/users"]["post"]
+    assert lookup_op["security"] == [{"ApiKey": []}, {"Bearer": []}]
+    assert {"401", "403", "429"} <= lookup_op["responses"].keys()
+    assert "security" not in schema["paths"]["/healthz"]["get"]
+    open_app = await start_app()
+    open_schema = (await open_app.client.get("/openapi.json")).json()
+    assert "securitySchemes" not in open_schema.get("components", {})
+    assert "429" in open_schema["paths"]["/api/users"]["post"]["responses"]

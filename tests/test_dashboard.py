@@ -1,0 +1,435 @@
+"""The live dashboard in-process: its page and assets, the `/api/events` stream, one shared
+sampler, and streams that end cleanly (client gone, gateway stopped, server exiting)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import Callable
+from html.parser import HTMLParser
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import orjson
+import pytest
+from asgi_lifespan import LifespanManager
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Message
+
+from app.gateway.rates import POINT_FIELDS, CallWindow, percentile
+from app.main import create_app
+from app.routers import dashboard
+from tests.conftest import FakeFreelancer, Running, StartApp, make_settings, until
+
+SAMPLE_FIELDS = {
+    "seq",
+    "t",
+    "interval_s",
+    "requests_per_s",
+    "ids_per_s",
+    "coalesced_per_s",
+    "hit_ratio",
+    "requests_total",
+    "ids_total",
+    "coalesced_total",
+    "hit_ratio_total",
+    "queue",
+    "queue_limit",
+    "in_flight",
+    "upstream_calls_per_s",
+    "upstream_calls_total",
+    "upstream_errors_total",
+    "upstream_calls_last_minute",
+    "upstream_calls_last_hour",
+    "upstream_minute_covered_s",
+    "upstream_hour_covered_s",
+    "latency_p50_ms",
+    "latency_p95_ms",
+    "latency_samples",
+    "upstream_state",
+    "breaker",
+    "throttled",
+    "throttle_wait_s",
+    "budget",
+    "store",
+    "store_size",
+    "memory_size",
+    "keys",
+}
+FRAME_LINE = re.compile(r"(event|data|id|retry): ?(.*)|:.*")
+
+
+@pytest.fixture(autouse=True)
+def _fast_ticks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sample every 50 ms and a store count every 100 ms: streams show changes quickly."""
+    monkeypatch.setattr(dashboard, "TICK_S", 0.05)
+    monkeypatch.setattr(dashboard, "STORE_COUNT_S", 0.1)
+
+
+class Stream:
+    """An in-process `GET /api/events`, the ASGI app called directly.
+
+    httpx's ASGITransport returns only once the whole body is sent, which a stream never
+    is; here each body chunk arrives as it is sent, and `disconnect()` is what a server
+    tells the app when the client goes away.
+    """
+
+    def __init__(self, app: ASGIApp, *, stalled: bool = False) -> None:
+        self.app = app
+        self.stalled = stalled
+        """A client that never reads: every body chunk's `send` blocks."""
+        self.messages: asyncio.Queue[Message] = asyncio.Queue()
+        self.gone = asyncio.Event()
+        self.buffer = b""
+        self.finished = False
+        self.task: asyncio.Task[None] | None = None
+
+    async def open(self) -> Stream:
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0", "spec_version": "2.3"},
+            "http_version": "1.1",
+            "method": "GET",
+            "scheme": "http",
+            "path": "/api/events",
+            "raw_path": b"/api/events",
+            "root_path": "",
+            "query_string": b"",
+            "headers": [(b"host", b"gateway.test"), (b"accept", b"text/event-stream")],
+            "client": ("127.0.0.1", 50000),
+            "server": ("gateway.test", 80),
+        }
+        requested = False
+
+        async def receive() -> Message:
+            nonlocal requested
+            if not requested:
+                requested = True
+                return {"type": "http.request", "body": b"", "more_body": False}
+            await self.gone.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message: Message) -> None:
+            if self.stalled and message["type"] == "http.response.body":
+                await asyncio.Event().wait()  # until the app cancels it
+            await self.messages.put(message)
+
+        async def call() -> None:
+            await self.app(scope, receive, send)
+
+        self.task = asyncio.create_task(call(), name="test-stream")
+        start = await asyncio.wait_for(self.messages.get(), 5)
+        assert start["type"] == "http.response.start"
+        assert start["status"] == 200, start
+        headers = dict(start["headers"])
+        assert headers[b"content-type"].startswith(b"text/event-stream")
+        assert headers[b"cache-control"] == b"no-cache"
+        return self
+
+    async def frame(self, within_s: float = 5.0) -> dict[str, Any]:
+        """The next frame as {field: value}, every line of it checked to be well formed."""
+        while b"\n\n" not in self.buffer:
+            message = await asyncio.wait_for(self.messages.get(), within_s)
+            assert message["type"] == "http.response.body"
+            self.buffer += message.get("body", b"")
+            if not message.get("more_body", False):
+                self.finished = True
+                raise EOFError("the stream ended")
+        block, self.buffer = self.buffer.split(b"\n\n", 1)
+        fields: dict[str, Any] = {}
+        for line in block.decode().split("\n"):
+            match = FRAME_LINE.fullmatch(line)
+            assert match, f"malformed SSE line {line!r}"
+            if match.group(1):
+                assert match.group(1) not in fields, f"repeated field in {block!r}"
+                fields[match.group(1)] = match.group(2)
+        if "data" in fields:
+            fields["data"] = orjson.loads(fields["data"])
+        return fields
+
+    async def sample(self, within_s: float = 5.0) -> dict[str, Any]:
+        """The next `sample` event's data."""
+        while True:
+            frame = await self.frame(within_s)
+            if frame.get("event") == "sample":
+                assert frame["id"] == str(frame["data"]["seq"])
+                data: dict[str, Any] = frame["data"]
+                return data
+
+    async def sample_where(
+        self, condition: Callable[[dict[str, Any]], bool], within_s: float = 5.0
+    ) -> dict[str, Any]:
+        """The first sample for which `condition` holds."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within_s
+        while True:
+            sample = await self.sample(max(0.01, deadline - loop.time()))
+            if condition(sample):
+                return sample
+
+    async def until_ended(self, within_s: float = 5.0) -> None:
+        """Read until the app sends the last body chunk, then its call returns."""
+        with pytest.raises(EOFError):
+            while True:
+                await self.frame(within_s)
+        assert self.task is not None
+        await asyncio.wait_for(self.task, within_s)
+
+    async def disconnect(self) -> None:
+        """The client goes away: the app's call must return."""
+        self.gone.set()
+        assert self.task is not None
+        await asyncio.wait_for(self.task, 5)
+
+
+def dashboard_tasks() -> list[asyncio.Task[Any]]:
+    """Tasks the dashboard or a test stream started that have not finished."""
+    names = ("dashboard-", "test-stream")
+    return [t for t in asyncio.all_tasks() if t.get_name().startswith(names) and not t.done()]
+
+
+def assert_no_errors_logged(caplog: pytest.LogCaptureFixture) -> None:
+    errors = [
+        r
+        for r in caplog.records
+        if r.levelno >= logging.ERROR
+        or (r.levelno >= logging.WARNING and r.name in ("app.dashboard", "asyncio"))
+    ]
+    assert not errors, [r.getMessage() for r in errors]
+
+
+class AssetLinks(HTMLParser):
+    """Every `src` and `href` in a page."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.urls: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.urls.extend(value for name, value in attrs if name in ("src", "href") and value)
+
+
+async def test_the_page_and_every_asset_it_names_are_served(
+    start_app: StartApp, freelancer: FakeFreelancer
+) -> None:
+    running = await start_app()
+    page = await running.client.get("/dashboard")
+    assert page.status_code == 200
+    assert page.headers["content-type"].startswith("text/html")
+    csp = page.headers["content-security-policy"]
+    assert "script-src 'self'" in csp and "connect-src 'self'" in csp
+    parser = AssetLinks()
+    parser.feed(page.text)
+    assets = [url for url in parser.urls if not url.startswith("data:")]
+    assert {"/dashboard/dashboard.js", "/dashboard/dashboard.css"} <= set(assets), assets
+    bodies = [page.text]
+    for url in assets:
+        response = await running.client.get(url)
+        assert response.status_code == 200, url
+        kind = "text/javascript" if url.endswith(".js") else "text/css"
+        assert response.headers["content-type"].startswith(kind), url
+        bodies.append(response.text)
+    for body in bodies:  # self-contained: no CDN, no web font, nothing off this origin
+        assert not re.search(r"https?://|//[a-z0-9.-]+\.[a-z]{2,}/|@import|url\(", body)
+    script = bodies[assets.index("/dashboard/dashboard.js") + 1]
+    # The key travels in a header, never in storage or a URL; EventSource cannot send it.
+    assert '"X-API-Key"' in script
+    assert "localStorage" not in script and "sessionStorage" not in script
+    assert "new EventSource" not in script
+    missing = await running.client.get("/dashboard/nope.js")
+    assert missing.status_code == 404
+    assert missing.json()["error"] == "not_found"
+    paths = (await running.client.get("/openapi.json")).json()["paths"]
+    assert "/api/events" not in paths and "/dashboard" not in paths
+
+
+async def test_events_are_well_formed_and_counters_move_after_a_lookup(
+    start_app: StartApp, freelancer: FakeFreelancer, caplog: pytest.LogCaptureFixture
+) -> None:
+    running = await start_app()
+    stream = await Stream(running.app).open()
+    history = await stream.frame()
+    assert history["event"] == "history"
+    assert history["data"]["interval_s"] == dashboard.TICK_S
+    assert isinstance(history["data"]["points"], list)
+    first = await stream.sample()
+    assert set(first) == SAMPLE_FIELDS
+    assert first["requests_total"] == 0 and first["upstream_calls_total"] == 0
+    assert first["upstream_state"] == "ok" and first["breaker"] == "closed"
+    assert first["store"] == "sqlite" and isinstance(first["keys"], list)
+    assert first["budget"][0]["name"] == "minute"
+    assert set(first["budget"][0]) == {
+        "name",
+        "period_s",
+        "limit",
+        "remaining",
+        "used",
+        "covered_s",
+    }
+
+    await running.lookup(1, 2, 3)
+    moved = await stream.sample_where(lambda s: s["upstream_calls_total"] == 1)
+    assert moved["requests_total"] == 1 and moved["ids_total"] == 3
+    assert moved["upstream_calls_last_minute"] == 1 and moved["budget"][0]["used"] == 1
+    assert moved["latency_p50_ms"] is not None and moved["latency_samples"] == 1
+    assert moved["hit_ratio_total"] == 0.0
+    await running.lookup(1, 2, 3)
+    cached = await stream.sample_where(lambda s: s["requests_total"] == 2)
+    assert cached["hit_ratio_total"] == 0.5
+    assert cached["upstream_calls_total"] == 1  # answered from the cache
+    sized = await stream.sample_where(lambda s: s["store_size"] == 3)
+    assert sized["memory_size"] == 3
+    later = await Stream(running.app).open()
+    points = (await later.frame())["data"]["points"]
+    assert points and set(points[-1]) == set(POINT_FIELDS)
+    assert sum(p["ids_per_s"] or 0 for p in points) > 0  # the lookups are in the history
+    await later.disconnect()
+    await stream.disconnect()
+    assert_no_errors_logged(caplog)
+
+
+async def test_per_key_usage_comes_from_the_apps_key_usage(
+    start_app: StartApp, freelancer: FakeFreelancer
+) -> None:
+    running = await start_app()
+    usage = [{"name": "ops", "requests": 3, "ids": 30, "misses": 2}]
+    running.app.state.key_usage = lambda: usage
+    stream = await Stream(running.app).open()
+    first = await stream.sample()
+    assert first["keys"] == [
+        {"name": "ops", "requests": 3, "ids": 30, "misses": 2, "requests_per_s": None}
+    ]
+    usage = [{"name": "ops", "requests": 13, "ids": 30, "misses": 2}]
+    moved = await stream.sample_where(lambda s: s["keys"][0]["requests"] == 13)
+    assert moved["keys"][0]["requests_per_s"] > 0
+    running.app.state.key_usage = None  # no provider: an empty list
+    assert (await stream.sample_where(lambda s: s["keys"] == []))["keys"] == []
+    await stream.disconnect()
+
+
+async def test_one_sample_a_tick_is_shared_by_every_stream(
+    start_app: StartApp, freelancer: FakeFreelancer
+) -> None:
+    running = await start_app()
+    streams = [await Stream(running.app).open() for _ in range(10)]
+    seen: list[dict[int, str]] = []
+    for stream in streams:
+        await stream.frame()  # history
+    for stream in streams:
+        frames: dict[int, str] = {}
+        while len(frames) < 5:
+            sample = await stream.sample()
+            frames[sample["seq"]] = orjson.dumps(sample).decode()
+        seen.append(frames)
+    hub = dashboard.hub_for(running.app)
+    assert hub.streams == 10
+    # One computation per tick for all ten: the sample count is the sequence number,
+    # and streams that saw the same tick saw the same sample.
+    newest = max(seq for frames in seen for seq in frames)
+    assert hub.samples_taken == hub.sampler.seq >= newest
+    assert hub.samples_taken < 5 + 10  # ten streams did not mean ten samplers
+    for seq in seen[0]:
+        assert len({frames[seq] for frames in seen if seq in frames}) == 1
+    for stream in streams:
+        await stream.disconnect()
+    await until(lambda: not dashboard_tasks())
+
+
+async def test_a_client_that_disconnects_leaves_no_task(
+    start_app: StartApp, freelancer: FakeFreelancer, caplog: pytest.LogCaptureFixture
+) -> None:
+    running = await start_app()
+    hub = dashboard.hub_for(running.app)
+    first = await Stream(running.app).open()
+    second = await Stream(running.app).open()
+    await first.sample()
+    await second.sample()
+    await first.disconnect()
+    assert hub.streams == 1 and hub.running
+    await second.sample()  # the other stream goes on
+    await second.disconnect()
+    assert hub.streams == 0
+    await until(lambda: not dashboard_tasks(), within_s=2)
+    assert not hub.running
+    again = await Stream(running.app).open()  # and it starts again on demand
+    await again.sample()
+    await again.disconnect()
+    await until(lambda: not dashboard_tasks(), within_s=2)
+    assert_no_errors_logged(caplog)
+
+
+async def test_a_client_gone_while_its_sample_is_unread_leaves_no_task(
+    start_app: StartApp, freelancer: FakeFreelancer
+) -> None:
+    """The stream is parked at a `yield` (its reader never read) when the client goes."""
+    running = await start_app()
+    stream = await Stream(running.app, stalled=True).open()
+    await until(lambda: dashboard.hub_for(running.app).samples_taken >= 5)
+    await stream.disconnect()
+    assert dashboard.hub_for(running.app).streams == 0  # closed as the response ended
+    await until(lambda: not dashboard_tasks(), within_s=2)
+
+
+async def test_streams_end_when_the_app_shuts_down(
+    tmp_path: Path, freelancer: FakeFreelancer, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = create_app(make_settings(tmp_path), upstream_transport=freelancer.transport)
+    async with LifespanManager(app) as manager:
+        streams = [await Stream(manager.app).open() for _ in range(3)]
+        for stream in streams:
+            await stream.sample()
+    for stream in streams:  # no disconnect: each ends by itself
+        await stream.until_ended()
+    await until(lambda: not dashboard_tasks(), within_s=2)
+    assert_no_errors_logged(caplog)
+
+
+async def test_streams_end_when_uvicorn_is_exiting(
+    start_app: StartApp, freelancer: FakeFreelancer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # uvicorn waits for open responses before it runs the lifespan's shutdown: the hub
+    # watches the exit flag of the server whose SIGTERM handler is installed.
+    server = SimpleNamespace(should_exit=False)
+    monkeypatch.setattr(dashboard, "_uvicorn_server", lambda: server)
+    running = await start_app()
+    stream = await Stream(running.app).open()
+    await stream.sample()
+    server.should_exit = True
+    await stream.until_ended()
+    await until(lambda: not dashboard_tasks(), within_s=2)
+
+
+async def test_events_answer_503_outside_the_lifespan(tmp_path: Path) -> None:
+    app: FastAPI = create_app(make_settings(tmp_path))
+    stream = Stream(app)
+    with pytest.raises(AssertionError, match="503"):
+        await stream.open()
+    assert stream.task is not None
+    await stream.task
+
+
+async def test_latencies_are_kept_out_of_api_stats(
+    start_app: StartApp, freelancer: FakeFreelancer
+) -> None:
+    running: Running = await start_app()
+    await running.lookup(7)
+    assert len(running.gateway.stats.upstream_latencies) == 1
+    stats = (await running.client.get("/api/stats")).json()
+    assert "upstream_latencies" not in stats
+    assert stats["upstream_calls"] == 1
+
+
+def test_percentiles_and_call_windows() -> None:
+    assert percentile([], 0.5) is None
+    values = [float(v) for v in range(1, 101)]
+    assert percentile(values, 0.50) == 50.0
+    assert percentile(values, 0.95) == 95.0
+    assert percentile([3.0], 0.95) == 3.0
+    window = CallWindow(60)
+    window.add(1.0, 5, 1.0)
+    window.add(2.0, 1, 1.0)
+    assert (window.calls, window.covered_s) == (6, 2.0)
+    window.add(61.5, 2, 1.0)  # the span ending at 1.0 is older than the minute
+    assert (window.calls, window.covered_s) == (3, 2.0)
