@@ -46,8 +46,9 @@ run: $(STAMP)
 test: $(STAMP) lint typecheck system-packages
 	$(BIN)/python -m pytest
 
-# chromium: the dashboard's browser test; redis-server: the multi-process tests.
-SYSTEM_PACKAGES := chromium redis-server
+# chromium: the dashboard's browser test; redis-server: the multi-process tests;
+# docker-compose: checks docker-compose.yml (it needs no engine for that).
+SYSTEM_PACKAGES := chromium redis-server docker-compose
 system-packages:
 	@missing=""; for p in $(SYSTEM_PACKAGES); do 		dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; 	if [ -z "$$missing" ]; then exit 0; fi; 	if [ "$$(id -u)" = 0 ]; then 		echo "installing Debian packages:$$missing"; 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; 	else echo "not root: not installing$$missing (the tests that need them will skip)"; fi
 

@@ -20,8 +20,13 @@ UpstreamKind = Literal["freelancer", "simulator"]
 class Settings(BaseSettings):
     """Every setting of the gateway; `.env.template` documents each one."""
 
+    # An empty variable counts as unset: compose passes `${FREELANCER_OAUTH_TOKEN:-}` as "".
     model_config = SettingsConfigDict(
-        env_file=".env", env_file_encoding="utf-8", extra="ignore", case_sensitive=False
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        case_sensitive=False,
+        env_ignore_empty=True,
     )
 
     # Serving

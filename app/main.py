@@ -82,7 +82,12 @@ def create_app(
     keys = KeyRing(load_keys(settings))
     check_protected_mode(settings, keys)
     app.state.keys = keys
-    app.state.limits = limits = ClientLimits(settings)
+
+    def processes() -> int:
+        gateway: Gateway | None = app.state.gateway
+        return gateway.coordinator.live_processes if gateway is not None else 1
+
+    app.state.limits = limits = ClientLimits(settings, processes)
     app.state.key_usage = limits.snapshot
     request_metrics = RequestMetrics()
     app.state.registry = create_registry(

@@ -48,6 +48,11 @@ class GatewayCollector(Collector):
         stats = gateway.stats
         for name, doc in COUNTERS.items():
             yield CounterMetricFamily(f"gateway_{name}", doc, value=getattr(stats, name))
+        yield CounterMetricFamily(
+            "gateway_coordination_round_trips",
+            "Round trips to the coordinator (Redis) made for lookups; 0 when local.",
+            value=gateway.coordinator.round_trips,
+        )
         reasons = CounterMetricFamily(
             "gateway_unavailable_by_reason",
             "Ids answered unavailable, by reason.",
@@ -61,6 +66,11 @@ class GatewayCollector(Collector):
             ("processing", "Ids with a fetch in flight.", gateway.processing_count),
             ("memory_cache_users", "Users in the in-memory LRU.", len(gateway.memory)),
             ("healthy", "1 when healthy, 0 when degraded.", 0 if health.problems(gateway) else 1),
+            (
+                "processes",
+                "Processes of the deployment seen alive.",
+                gateway.coordinator.live_processes,
+            ),
         ):
             yield GaugeMetricFamily(f"gateway_{name}", doc, value=value)
         state = GaugeMetricFamily(

@@ -4,7 +4,8 @@ Requests and ids past RATE_LIMIT_PER_MIN / RATE_LIMIT_IDS_PER_MIN are refused wi
 the IETF RateLimit headers. New ids (misses, which spend Freelancer's budget) past
 KEY_MISSES_PER_MIN are not refused: the client still gets its cached users, and the ids
 it may not fetch come back `unavailable` with reason `quota`. Each window is a sliding
-window counter: cheap, and close to exact.
+window counter: cheap, and close to exact. Counting stays in the process (a hit must
+never wait on Redis): with several processes each counts against an equal share.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import math
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -40,36 +42,52 @@ class Usage:
 class ClientLimits:
     """Counts each client's requests, ids and misses in sliding one-minute windows."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, processes: Callable[[], int] = lambda: 1) -> None:
         self._limiter = SlidingWindowCounterRateLimiter(MemoryStorage())
-        self.requests = RateLimitItemPerMinute(settings.rate_limit_per_min)
-        self.ids = RateLimitItemPerMinute(settings.rate_limit_ids_per_min)
-        self.misses = RateLimitItemPerMinute(settings.key_misses_per_min)
+        self._limits = {
+            "requests": settings.rate_limit_per_min,
+            "ids": settings.rate_limit_ids_per_min,
+            "misses": settings.key_misses_per_min,
+        }
+        self._processes = processes
+        self._items: dict[tuple[str, int], RateLimitItem] = {}
         self.usage: defaultdict[str, Usage] = defaultdict(Usage)
-        self._policy = f'"requests";q={self.requests.amount};w=60, "ids";q={self.ids.amount};w=60'
+        self._policy = ", ".join(f'"{n}";q={self._limits[n]};w=60' for n in ("requests", "ids"))
+
+    def _item(self, name: str) -> RateLimitItem:
+        """This process's share of a limit: with N processes behind one balancer, 1/N each."""
+        share = max(1, self._processes())
+        item = self._items.get((name, share))
+        if item is None:
+            amount = max(1, self._limits[name] // share)
+            item = self._items[(name, share)] = RateLimitItemPerMinute(amount, namespace=name)
+        return item
 
     def admit(self, client: Client) -> None:
         """Count a request; TooManyRequests when the client is past its requests a minute."""
         usage = self.usage[client.name]
         usage.requests += 1
-        if not self._limiter.hit(self.requests, client.name):
+        item = self._item("requests")
+        if not self._limiter.hit(item, client.name):
             usage.refused += 1
-            self._refuse(client, self.requests, "requests")
+            self._refuse(client, item, "requests")
 
     def admit_ids(self, client: Client, count: int) -> None:
         """Count `count` ids looked up; TooManyRequests past the ids a minute."""
         usage = self.usage[client.name]
         usage.ids += count
-        if not self._limiter.hit(self.ids, client.name, cost=count):
+        item = self._item("ids")
+        if not self._limiter.hit(item, client.name, cost=count):
             usage.refused += 1
-            self._refuse(client, self.ids, "ids")
+            self._refuse(client, item, "ids")
 
     def allow_misses(self, client: Client, count: int) -> int:
         """How many of `count` new ids the client may send to Freelancer now (and count them)."""
-        stats = self._limiter.get_window_stats(self.misses, client.name)
+        item = self._item("misses")
+        stats = self._limiter.get_window_stats(item, client.name)
         allowed = min(count, stats.remaining)
         if allowed:
-            self._limiter.hit(self.misses, client.name, cost=allowed)
+            self._limiter.hit(item, client.name, cost=allowed)
         usage = self.usage[client.name]
         usage.misses += allowed
         usage.over_quota += count - allowed
@@ -83,7 +101,8 @@ class ClientLimits:
         stats = self._limiter.get_window_stats(item, client.name)
         retry_after = max(1, math.ceil(stats.reset_time - time.time()))
         raise TooManyRequests(
-            f"{client.name!r} is past {item.amount} {name} a minute; retry in {retry_after} s",
+            f"{client.name!r} is past {self._limits[name]} {name} a minute; "
+            f"retry in {retry_after} s",
             retry_after=retry_after,
             limit_headers={
                 "RateLimit-Policy": self._policy,

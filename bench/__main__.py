@@ -29,7 +29,7 @@ from typing import Any
 import httpx
 
 from bench import middleware
-from bench.procs import Process, free_port, gateway_process, simulator_process
+from bench.procs import Process, RedisServer, free_port, gateway_process, simulator_process
 
 HERE = Path(__file__).resolve().parent
 SIM_LATENCY_MS = 100.0
@@ -74,10 +74,10 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def cold_overlap(gateway: Process, sim: Process) -> dict[str, Any]:
+def cold_overlap(gateway: Process, sim: Process, first_id: int = 10_000_001) -> dict[str, Any]:
     """20 concurrent clients x 50 ids drawn from 500 unique ids, all uncached."""
     rng = random.Random(7)
-    universe = list(range(10_000_001, 10_000_501))
+    universe = list(range(first_id, first_id + 500))
     batches = [rng.sample(universe, 50) for _ in range(20)]
     unique = len({i for b in batches for i in b})
     before = sim_stats(sim)
@@ -305,9 +305,9 @@ def dashboards_open(gateway: Process, count: int) -> Iterator[None]:
             thread.join(timeout=5)
 
 
-def warm_from_store(gateway: Process, max_id: int) -> None:
+def warm_from_store(gateway: Process, max_id: int, key: str | None = BENCH_KEY) -> None:
     """Load the hot ids into a fresh gateway's memory from the store it shares."""
-    headers = {"X-API-Key": BENCH_KEY}
+    headers = {"X-API-Key": key} if key else {}
     with httpx.Client(headers=headers, timeout=30) as client:
         for start in range(max_id // 10 + 1, max_id + 1, 100):
             ids = list(range(start, min(start + 100, max_id + 1)))
@@ -342,6 +342,70 @@ def baseline_process(work: Path, body_file: Path) -> Process:
         work / "base.log",
         cwd=HERE.parent,
     )
+
+
+def scale_out(work: Path, sim: Process, max_id: int) -> dict[str, Any]:
+    """Processes through a real redis-server: the cold overlap with 4 workers, Redis round
+    trips per upstream batch, and cached batches served by 1 and by 2 workers."""
+    redis = RedisServer(work)
+    redis.start()
+    results: dict[str, Any] = {}
+    try:
+        sim_configure(sim, latency_ms=SIM_LATENCY_MS)
+        four = gateway_process(work, sim, REDIS_URL=redis.url, WORKERS="4")
+        four.start()
+        try:
+            cold4 = cold_overlap(four, sim, first_id=40_000_001)
+            # Four processes batch on their own: the targets are one look-up per id, in time.
+            del cold4["checks"]["upstream calls <= 10"]
+            results["cold overlap, 4 workers"] = cold4
+        finally:
+            four.stop()
+        one = gateway_process(work, sim, REDIS_URL=redis.url)
+        one.start()
+        try:
+            before = sim_stats(sim)["calls"]
+            cold = cold_overlap(one, sim, first_id=50_000_001)
+            calls = sim_stats(sim)["calls"] - before
+            trips = metric(one, "gateway_coordination_round_trips_total")
+            cold["redis_round_trips_per_batch"] = trips / calls
+            cold["checks"]["<= 2 Redis round trips per batch"] = trips <= 2 * calls
+            results["cold overlap, 1 process on Redis"] = cold
+            sim_configure(sim, latency_ms=0)
+            script = work / "hot.lua"
+            warm_from_store(one, max_id, key=None)
+            two = gateway_process(work, sim, REDIS_URL=redis.url, WORKERS="2")
+            two.start()
+            try:
+                for _ in range(2):  # each worker fills its own memory from the store
+                    run_wrk(f"{two.url}/api/users", script, 4)
+                runs: dict[str, list[dict[str, Any]]] = {"1 worker": [], "2 workers": []}
+                for _ in range(HOT_ROUNDS):
+                    runs["1 worker"].append(run_wrk(f"{one.url}/api/users", script, HOT_RUN_S))
+                    runs["2 workers"].append(run_wrk(f"{two.url}/api/users", script, HOT_RUN_S))
+            finally:
+                two.stop()
+            hot_trips = metric(one, "gateway_coordination_round_trips_total") - trips
+        finally:
+            one.stop()
+    finally:
+        redis.stop()
+    single, double = median_run(runs["1 worker"]), median_run(runs["2 workers"])
+    double["checks"] = {
+        "2 workers serve more than 1": double["rps"] > single["rps"] * 1.1,
+        "hits never touch Redis": hot_trips == 0,
+    }
+    results["hot, 1 process on Redis"] = single
+    results["hot, 2 workers on Redis"] = double
+    return results
+
+
+def metric(process: Process, name: str) -> float:
+    """One sample of the process's /metrics."""
+    text = httpx.get(f"{process.url}/metrics", timeout=5).text
+    match = re.search(rf"^{re.escape(name)} ([\d.e+-]+)$", text, re.M)
+    assert match is not None, name
+    return float(match.group(1))
 
 
 def machine() -> str:
@@ -415,6 +479,10 @@ def main() -> int:
             workloads["one miss"] = one_miss(gateway, sim)
             workloads[f"memory ({args.users} users)"] = warm(gateway, sim, args.users)
             workloads["hot (50-id batches)"] = hot(gateway, sim, args.users, work)
+            if shutil.which("redis-server") is not None:
+                workloads.update(scale_out(work, sim, args.users))
+            else:
+                print("redis-server is not installed: the multi-process workloads are skipped")
         finally:
             gateway.stop()
             sim.stop()

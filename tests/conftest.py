@@ -25,7 +25,7 @@ from app.errors import StoreUnavailable
 from app.gateway import Gateway
 from app.main import create_app
 from app.store import SqliteUserStore, UserStore
-from tests.redis_server import RedisServer
+from bench.procs import RedisServer
 
 API = "https://api.freelancer.test/api/users/0.1/users"
 

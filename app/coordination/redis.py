@@ -12,6 +12,7 @@ and ids spread over the cluster):
                    that claims just after the announcement gets the outcome, not the id
     p:events       the one channel: fetches, evictions, clears (JSON, with the sender)
     p:procs        live processes, a sorted set scored by heartbeat time
+    p:leader       the process that runs the refresh sweep, a lease renewed by heartbeats
     {p:budget}:*   the shared budget: one GCRA state per window, and a 429's pause
 
 Every call has REDIS_TIMEOUT_S. When Redis fails, claims fall back to this process alone
@@ -61,6 +62,7 @@ log = logging.getLogger("app.coordination")
 DONE_TTL_MS = 10_000
 RETRY_AFTER_FAILURE_S = 2.0
 HEARTBEAT_S = 2.0
+LEADER_LEASE_MS = int(HEARTBEAT_S * 3 * 1000)
 
 # KEYS: lease, done. ARGV: token, lease ms. Returns {1} won, {2, outcome} already done,
 # {0, pttl} held by another process.
@@ -153,6 +155,8 @@ class RedisCoordinator:
         self.listener: Listener | None = None
         self.live_processes = 1
         self.round_trips = 0
+        """Redis round trips made for lookups (claims, announcements, cache changes)."""
+        self._leading = False
         self._claim = redis.register_script(CLAIM)
         self._announce = redis.register_script(ANNOUNCE)
         self._renew = redis.register_script(RENEW)
@@ -262,6 +266,9 @@ class RedisCoordinator:
         except RedisError as exc:
             self._failed(exc)
 
+    def leads(self) -> bool:
+        return self._leading
+
     def problems(self) -> list[str]:
         if self._down_reason is None:
             return []
@@ -305,7 +312,7 @@ class RedisCoordinator:
         while True:
             pubsub: PubSub = self.redis.pubsub()
             try:
-                await self._call(pubsub.subscribe(self._channel))
+                await _bounded(pubsub.subscribe(self._channel), self.timeout_s)
                 if attempt:
                     self._resync()
                     log.info("subscribed to Redis again")
@@ -319,10 +326,13 @@ class RedisCoordinator:
                     if time.monotonic() - last_ping > HEARTBEAT_S:
                         # A connection to a frozen server stays open: only an answer shows
                         # it is alive.
-                        await self._call(pubsub.ping())
+                        await _bounded(pubsub.ping(), self.timeout_s)
                         last_ping = time.monotonic()
             except (RedisError, TimeoutError, OSError) as exc:
-                self._failed(exc)
+                # Only this connection may have failed (claims use others): say so, and
+                # let the calls that fail mark Redis down.
+                if attempt == 0:
+                    log.info("Redis subscription lost (%s); subscribing again", exc)
                 attempt += 1
             finally:
                 with contextlib.suppress(RedisError, OSError):
@@ -354,7 +364,7 @@ class RedisCoordinator:
                             args=[self.process, self.lease_ms],
                             client=pipe,
                         )
-                    await self._call(pipe.execute())
+                    await _bounded(pipe.execute(), self.timeout_s)
             except RedisError as exc:
                 self._failed(exc)
 
@@ -367,8 +377,16 @@ class RedisCoordinator:
                         pipe.zadd(self._procs, {self.process: now})
                         pipe.zremrangebyscore(self._procs, 0, now - HEARTBEAT_S * 3)
                         pipe.zcard(self._procs)
-                        replies = await self._call(pipe.execute())
+                        # The leader (who runs the refresh sweep) holds a lease too.
+                        pipe.set(self._leader, self.process, nx=True, px=LEADER_LEASE_MS)
+                        pipe.get(self._leader)
+                        replies = await _bounded(pipe.execute(), self.timeout_s)
                     self.live_processes = max(1, int(replies[2]))
+                    self._leading = replies[4] == self.process.encode()
+                    if self._leading:
+                        await _bounded(
+                            self.redis.pexpire(self._leader, LEADER_LEASE_MS), self.timeout_s
+                        )
                     self._recovered()
                 except RedisError as exc:
                     self._failed(exc)
@@ -408,6 +426,10 @@ class RedisCoordinator:
     @property
     def _procs(self) -> str:
         return f"{self.prefix}:procs"
+
+    @property
+    def _leader(self) -> str:
+        return f"{self.prefix}:leader"
 
 
 def outcome_from_wire_bytes(value: bytes) -> Outcome:

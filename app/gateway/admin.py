@@ -73,6 +73,8 @@ class CacheAdmin:
         interval = self.gateway.settings.refresh_interval_s
         while True:
             await asyncio.sleep(interval)
+            if not self.gateway.coordinator.leads():
+                continue  # another process of the deployment sweeps
             try:
                 queued = await self.revalidate_older_than(
                     self.gateway.settings.cache_ttl_s - interval

@@ -62,6 +62,10 @@ class Coordinator(Protocol):
     def live_processes(self) -> int:
         """Processes of the deployment seen alive lately (this one included)."""
 
+    @property
+    def round_trips(self) -> int:
+        """Calls to other processes' shared state made for lookups (claims, announcements)."""
+
     async def open(self, listener: Listener) -> None:
         """Start delivering other processes' events to `listener` (called on the loop)."""
 
@@ -80,6 +84,9 @@ class Coordinator(Protocol):
 
     async def publish(self, event: Evicted | ExpiredBefore) -> None:
         """Tell the others about a change to the cache made here."""
+
+    def leads(self) -> bool:
+        """Whether this process runs the work that belongs to one process (the sweep)."""
 
     def problems(self) -> list[str]:
         """Why coordination is degraded; empty when healthy."""
@@ -112,6 +119,10 @@ class LocalCoordinator:
     def live_processes(self) -> int:
         return max(1, len(self.hub.members))
 
+    @property
+    def round_trips(self) -> int:
+        return 0
+
     async def open(self, listener: Listener) -> None:
         self.listener = listener
         self.hub.members.append(self)
@@ -140,6 +151,9 @@ class LocalCoordinator:
 
     async def publish(self, event: Evicted | ExpiredBefore) -> None:
         self.hub.deliver(self, event)
+
+    def leads(self) -> bool:
+        return bool(self.hub.members) and self.hub.members[0] is self
 
     def problems(self) -> list[str]:
         return []

@@ -17,9 +17,8 @@ from typing import Any
 import httpx
 import pytest
 
-from bench.procs import Process, gateway_process
+from bench.procs import Process, RedisServer, gateway_process
 from tests.e2e.conftest import assert_clean_exit
-from tests.redis_server import RedisServer
 
 pytestmark = pytest.mark.e2e
 

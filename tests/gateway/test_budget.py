@@ -12,9 +12,9 @@ import pytest
 from redis.asyncio import Redis
 
 from app.gateway.budget import Budget, LocalBudget, Window, budget_windows
+from bench.procs import RedisServer
 from tests.clock import FakeClock
 from tests.conftest import make_settings
-from tests.redis_server import RedisServer
 
 MINUTE = Window("minute", limit=60, period_s=60, burst=3)
 HOUR = Window("hour", limit=100, period_s=3600, burst=100)

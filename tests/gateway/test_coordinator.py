@@ -8,6 +8,7 @@ Every implementation runs the same contract: today the in-memory `LocalCoordinat
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,8 +31,8 @@ from app.gateway.coordinator import (
 from app.gateway.results import NOT_FOUND, Failure, Outcome
 from app.store import SqliteUserStore
 from app.upstream import UpstreamBatch
+from bench.procs import RedisServer
 from tests.conftest import make_settings, until
-from tests.redis_server import RedisServer
 
 
 @dataclass
@@ -146,7 +147,9 @@ class SlowUpstream:
     async def fetch_users(self, user_ids: Sequence[int]) -> UpstreamBatch:
         self.calls.append(list(user_ids))
         await asyncio.sleep(self.delay_s)
-        return UpstreamBatch({uid: user(uid) for uid in user_ids if uid % 97})
+        now = time.time()
+        found = [uid for uid in user_ids if uid % 97]
+        return UpstreamBatch({u: user(u)._replace(created_at=now, fetched_at=now) for u in found})
 
 
 MakeCoordinator = Callable[[], Coordinator]
