@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from functools import partial
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -46,13 +45,27 @@ async def lookup_for_client(
     """A lookup counted against the caller's ids a minute and new ids a minute."""
     client = get_client(request)
     limits: ClientLimits = request.app.state.limits
-    limits.admit_ids(client, len(user_ids))
+    await limits.admit_ids(client, len(user_ids))
     # A batch memory holds whole is answered without awaiting the gateway at all.
     result = gateway.lookup_now(user_ids)
     if isinstance(result, LookupResult):
         return result
-    result.allow_misses = partial(limits.allow_misses, client)
-    return await gateway.finish(result)
+    # The gateway decides which ids are new with no await, so it gets what is left of the
+    # client's misses as a number, and the spending is counted after.
+    left = await limits.misses_left(client)
+    spent = [0, 0]
+
+    def allow(count: int) -> int:
+        allowed = min(count, left - spent[0])
+        spent[0] += allowed
+        spent[1] += count - allowed
+        return allowed
+
+    result.allow_misses = allow
+    try:
+        return await gateway.finish(result)
+    finally:
+        await limits.spend_misses(client, spent[0], spent[1])
 
 
 def log_audit(client: Client, action: str, size: int) -> None:

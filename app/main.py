@@ -170,7 +170,9 @@ def _coordination(settings: Settings) -> tuple[Coordinator | None, Budget | None
     """Redis' coordinator and shared budget when REDIS_URL is set; else the in-process ones."""
     if settings.redis_url is None:
         return None, None
-    from app.coordination.redis import RedisBudget, RedisCoordinator, connect
+    from app.coordination.budget import RedisBudget
+    from app.coordination.client import connect
+    from app.coordination.coordinator import RedisCoordinator
 
     redis = connect(settings.redis_url.get_secret_value(), settings.redis_timeout_s)
     coordinator = RedisCoordinator(

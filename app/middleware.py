@@ -136,7 +136,7 @@ class GatewayMiddleware:
             if path.startswith("/api/") or (path == "/metrics" and self.metrics_require_key):
                 address = scope["client"][0] if scope.get("client") else "unknown"
                 client = scope["gateway.client"] = self.keys.identify(scope["headers"], address)
-                self.limits.admit(client)
+                await self.limits.admit(client)
             # The server holds a body with a Content-Length to it: only others are counted.
             await self.app(scope, receive if length else self._limited(receive), send_with_id)
         except GatewayError as exc:  # raised here, before the app answered

@@ -1,5 +1,4 @@
-"""What `/openapi.json` adds to FastAPI's own schema: the configured id limit, key schemes,
-and the errors every `/api/` call may answer with."""
+"""What `/openapi.json` adds to FastAPI's schema: the id limit, key schemes, access errors."""
 
 from __future__ import annotations
 

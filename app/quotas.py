@@ -18,8 +18,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from limits import RateLimitItem, RateLimitItemPerMinute
-from limits.storage import MemoryStorage
-from limits.strategies import SlidingWindowCounterRateLimiter
+from limits.aio.storage import MemoryStorage
+from limits.aio.strategies import SlidingWindowCounterRateLimiter
 
 from app.access import Client
 from app.config import Settings
@@ -39,6 +39,10 @@ class Usage:
     """New ids answered `unavailable` with reason `quota`."""
 
 
+WINDOW_S = 60.0
+CREDIT_PARTS = 20
+
+
 class ClientLimits:
     """Counts each client's requests, ids and misses in sliding one-minute windows."""
 
@@ -52,6 +56,7 @@ class ClientLimits:
         self._processes = processes
         self._items: dict[tuple[str, int], RateLimitItem] = {}
         self.usage: defaultdict[str, Usage] = defaultdict(Usage)
+        self._credit: dict[tuple[str, str], list[float]] = {}
         self._policy = ", ".join(f'"{n}";q={self._limits[n]};w=60' for n in ("requests", "ids"))
 
     def _item(self, name: str) -> RateLimitItem:
@@ -63,42 +68,64 @@ class ClientLimits:
             item = self._items[(name, share)] = RateLimitItemPerMinute(amount, namespace=name)
         return item
 
-    def admit(self, client: Client) -> None:
+    async def admit(self, client: Client) -> None:
         """Count a request; TooManyRequests when the client is past its requests a minute."""
         usage = self.usage[client.name]
         usage.requests += 1
-        item = self._item("requests")
-        if not self._limiter.hit(item, client.name):
+        if not await self._take(client, "requests", 1):
             usage.refused += 1
-            self._refuse(client, item, "requests")
+            await self._refuse(client, "requests")
 
-    def admit_ids(self, client: Client, count: int) -> None:
+    async def admit_ids(self, client: Client, count: int) -> None:
         """Count `count` ids looked up; TooManyRequests past the ids a minute."""
         usage = self.usage[client.name]
         usage.ids += count
-        item = self._item("ids")
-        if not self._limiter.hit(item, client.name, cost=count):
+        if not await self._take(client, "ids", count):
             usage.refused += 1
-            self._refuse(client, item, "ids")
+            await self._refuse(client, "ids")
 
-    def allow_misses(self, client: Client, count: int) -> int:
-        """How many of `count` new ids the client may send to Freelancer now (and count them)."""
-        item = self._item("misses")
-        stats = self._limiter.get_window_stats(item, client.name)
-        allowed = min(count, stats.remaining)
+    async def _take(self, client: Client, name: str, cost: int) -> bool:
+        """Spend `cost` of a limit, from credit taken earlier when there is some.
+
+        Asking the limiter on every request cost the hot path a fifth of its throughput
+        in `make bench`, so a client far from its limit takes 1/CREDIT_PARTS of it at a
+        time and spends it locally; credit lapses with its window, and near the limit
+        (a take of that size refused) every request asks the limiter exactly.
+        """
+        key = (client.name, name)
+        credit = self._credit.get(key)
+        now = time.monotonic()
+        if credit is not None and credit[0] >= cost and now - credit[1] < WINDOW_S:
+            credit[0] -= cost
+            return True
+        item = self._item(name)
+        chunk = item.amount // CREDIT_PARTS
+        if chunk > cost and await self._limiter.hit(item, client.name, cost=chunk):
+            self._credit[key] = [chunk - cost, now]
+            return True
+        self._credit.pop(key, None)
+        return bool(await self._limiter.hit(item, client.name, cost=cost))
+
+    async def misses_left(self, client: Client) -> int:
+        """How many new ids the client may still send to Freelancer this minute."""
+        stats = await self._limiter.get_window_stats(self._item("misses"), client.name)
+        return int(stats.remaining)
+
+    async def spend_misses(self, client: Client, allowed: int, refused: int) -> None:
+        """Count the new ids a lookup sent upstream, and those it answered `quota`."""
         if allowed:
-            self._limiter.hit(item, client.name, cost=allowed)
+            await self._limiter.hit(self._item("misses"), client.name, cost=allowed)
         usage = self.usage[client.name]
         usage.misses += allowed
-        usage.over_quota += count - allowed
-        return allowed
+        usage.over_quota += refused
 
     def snapshot(self) -> list[dict[str, Any]]:
         """Usage per client name, for /api/stats, /metrics and the dashboard."""
         return [{"name": name, **asdict(usage)} for name, usage in sorted(self.usage.items())]
 
-    def _refuse(self, client: Client, item: RateLimitItem, name: str) -> None:
-        stats = self._limiter.get_window_stats(item, client.name)
+    async def _refuse(self, client: Client, name: str) -> None:
+        item = self._item(name)
+        stats = await self._limiter.get_window_stats(item, client.name)
         retry_after = max(1, math.ceil(stats.reset_time - time.time()))
         raise TooManyRequests(
             f"{client.name!r} is past {self._limits[name]} {name} a minute; "

@@ -373,7 +373,8 @@ def scale_out(work: Path, sim: Process, max_id: int) -> dict[str, Any]:
             results["cold overlap, 1 process on Redis"] = cold
             sim_configure(sim, latency_ms=0)
             script = work / "hot.lua"
-            warm_from_store(one, max_id, key=None)
+            warm_from_store(one, max_id, key=None)  # its ids that do not exist are claimed
+            trips = metric(one, "gateway_coordination_round_trips_total")
             two = gateway_process(work, sim, REDIS_URL=redis.url, WORKERS="2")
             two.start()
             try:

@@ -31,15 +31,15 @@ def bearer(secret: str) -> dict[str, str]:
 
 @pytest.fixture
 def limits_clock(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeClock]:
-    """The `limits` package's windows (and our Retry-After) on a clock the test steps."""
-    import limits.storage.memory
-    import limits.strategies
+    """The `limits` package's windows (and our credit and Retry-After) on a test clock."""
+    import limits.aio.storage.memory
+    import limits.aio.strategies
 
     import app.quotas
 
     clock = FakeClock()
-    fake_time = types.SimpleNamespace(time=clock)
-    for module in (limits.storage.memory, limits.strategies, app.quotas):
+    fake_time = types.SimpleNamespace(time=clock, monotonic=clock)
+    for module in (limits.aio.storage.memory, limits.aio.strategies, app.quotas):
         monkeypatch.setattr(module, "time", fake_time)
     yield clock
 
@@ -247,3 +247,13 @@ async def test_the_schema_offers_both_key_headers_when_keys_are_on(
     open_schema = (await open_app.client.get("/openapi.json")).json()
     assert "securitySchemes" not in open_schema.get("components", {})
     assert "429" in open_schema["paths"]["/api/users"]["post"]["responses"]
+
+
+async def test_a_client_far_from_its_limit_is_never_let_past_it(
+    start_app: StartApp, freelancer: FakeFreelancer, limits_clock: FakeClock
+) -> None:
+    """Credit taken from the limiter in advance never admits more than the limit."""
+    running = await start_app(api_keys=KEYS, rate_limit_per_min=100)
+    statuses = [(await lookup(running, [1], key(READ))).status_code for _ in range(105)]
+    assert statuses.count(200) == 100
+    assert statuses[100:] == [429] * 5

@@ -1,5 +1,7 @@
-"""User lookups: HTTP in, gateway call, HTTP out. Also the old cache-administration paths,
-deprecated for those under /api/cache/ (app.routers.cache) and kept for one release."""
+"""User lookups, and the deprecated cache-administration paths: HTTP in, gateway, HTTP out.
+
+The old paths are kept for one release; their successors live in `app.routers.cache`.
+"""
 
 from __future__ import annotations
 

@@ -28,7 +28,8 @@ async def make_budget(request: pytest.FixtureRequest) -> AsyncIterator[MakeBudge
     if request.param == "local":
         yield lambda windows, clock: LocalBudget(windows, clock=clock)
         return
-    from app.coordination.redis import RedisBudget, connect
+    from app.coordination.budget import RedisBudget
+    from app.coordination.client import connect
 
     server: RedisServer = request.getfixturevalue("redis_server")
     clients: list[Redis] = []

@@ -44,7 +44,8 @@ class Member:
 
 
 def redis_coordinator(url: str, *, lease_s: float = 5.0) -> Coordinator:
-    from app.coordination.redis import RedisCoordinator, connect
+    from app.coordination.client import connect
+    from app.coordination.coordinator import RedisCoordinator
 
     return RedisCoordinator(connect(url, 1.0), prefix="test", lease_s=lease_s, timeout_s=1.0)
 

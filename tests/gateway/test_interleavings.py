@@ -1,9 +1,10 @@
 """Random interleavings of requests, upstream answers, failures, timeouts and cancellations.
 
-Hypothesis drives a script against a Gateway whose upstream parks every call until the
-script answers it. After every step: no id is in two upstream calls at once. At the end:
-every request that was not cancelled got an answer for each of its ids, and nothing is
-left in flight or queued.
+Hypothesis drives a script against two gateways of one deployment (sharing a LocalHub, as
+processes share Redis) whose upstream parks every call until the script answers it.
+After every step: no id is in two upstream calls at once. At the end: every request that
+was not cancelled got an answer for each of its ids, and nothing is left in flight or
+queued.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from hypothesis import strategies as st
 from app.domain import UserRecord
 from app.errors import UpstreamServerError, UpstreamTimeout
 from app.gateway import Gateway, LookupResult
+from app.gateway.coordinator import LocalCoordinator, LocalHub
 from app.store import SqliteUserStore
 from app.upstream import UpstreamBatch
 from tests.conftest import make_settings
@@ -88,15 +90,27 @@ async def run_script(steps: list[tuple[str, object]], root: Path) -> None:
         shutdown_grace_s=0.5,
     )
     upstream = ParkedUpstream()
-    store = SqliteUserStore(root / "users.db")
-    gateway = Gateway(settings=config, store=store, upstream=upstream)
-    await gateway.start()
+    # Two gateways of one deployment (two processes, in-process): requests alternate
+    # between them, and no id may be in two upstream calls at once across both.
+    hub = LocalHub()
+    gateways = [
+        Gateway(
+            settings=config,
+            store=SqliteUserStore(root / "users.db"),
+            upstream=upstream,
+            coordinator=LocalCoordinator(hub),
+        )
+        for _ in range(2)
+    ]
+    for gateway in gateways:
+        await gateway.start()
     requests: list[tuple[list[int], asyncio.Task[LookupResult]]] = []
     cancelled: set[int] = set()
     try:
         for kind, arg in steps:
             if kind == "request":
                 ids = list(dict.fromkeys(arg))  # type: ignore[call-overload]
+                gateway = gateways[len(requests) % 2]
                 requests.append((ids, asyncio.create_task(gateway.lookup(ids))))
             elif kind == "answer":
                 upstream.answer_oldest(str(arg))
@@ -114,26 +128,30 @@ async def run_script(steps: list[tuple[str, object]], root: Path) -> None:
 
         def busy() -> bool:
             unfinished = any(not task.done() for _, task in requests)
-            return unfinished or bool(upstream.parked) or gateway.processing_count > 0
+            in_flight = any(g.processing_count for g in gateways)
+            return unfinished or bool(upstream.parked) or in_flight
 
         while busy() and loop.time() < deadline:
             upstream.answer_oldest("ok")
             await asyncio.sleep(0.001)
-        assert await gateway.wait_idle(2)
+        for gateway in gateways:
+            assert await gateway.wait_idle(2)
         for index, (ids, task) in enumerate(requests):
             if index in cancelled and task.cancelled():
                 continue
             result = await asyncio.wait_for(task, 2)
             answered = result.user_ids + result.not_found + result.unavailable
             assert sorted(answered) == sorted(ids), "every id gets exactly one answer"
-        assert gateway.processing_count == 0
-        assert gateway.queue.qsize() == 0
+        for gateway in gateways:
+            assert gateway.processing_count == 0
+            assert gateway.queue.qsize() == 0
         assert upstream.overlaps == []
     finally:
         for _, task in requests:
             task.cancel()
         await asyncio.gather(*(t for _, t in requests), return_exceptions=True)
-        await gateway.stop()
+        for gateway in gateways:
+            await gateway.stop()
 
 
 @settings(

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 from redis.asyncio import Redis
 
-from app.coordination.redis import RedisCoordinator, connect
+from app.coordination.client import connect
+from app.coordination.coordinator import RedisCoordinator
 from app.domain import UserRecord
 from app.gateway import Gateway
 from app.gateway.cache import cache_entry

@@ -1,4 +1,4 @@
-"""`RedisCoordinator` and `RedisBudget`: one gateway toward Freelancer from many processes.
+"""`RedisCoordinator`: one fetch per id, and one cache, across the deployment's processes.
 
 The lease on an id is an efficiency lock, not a correctness lock: if it fails (a Redis
 failover, a partitioned or paused process), Freelancer is asked twice for a user, never
@@ -13,7 +13,7 @@ and ids spread over the cluster):
     p:events       the one channel: fetches, evictions, clears (JSON, with the sender)
     p:procs        live processes, a sorted set scored by heartbeat time
     p:leader       the process that runs the refresh sweep, a lease renewed by heartbeats
-    {p:budget}:*   the shared budget: one GCRA state per window, and a 429's pause
+    {p:budget}:*   the shared budget (`app.coordination.budget`)
 
 Every call has REDIS_TIMEOUT_S. When Redis fails, claims fall back to this process alone
 (in-process single flight still holds), health says degraded naming REDIS_URL, and after a
@@ -29,16 +29,15 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from typing import Any
 
 import orjson
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from app.coordination.client import RETRY_AFTER_FAILURE_S, bounded
 from app.coordination.wire import (
     decode_event,
     encode_event,
@@ -46,7 +45,6 @@ from app.coordination.wire import (
     outcome_time,
     outcomes_to_wire,
 )
-from app.gateway.budget import LocalBudget, Window, WindowState
 from app.gateway.coordinator import (
     Abandoned,
     CoordinationKind,
@@ -60,7 +58,6 @@ from app.gateway.results import Outcome
 log = logging.getLogger("app.coordination")
 
 DONE_TTL_MS = 10_000
-RETRY_AFTER_FAILURE_S = 2.0
 HEARTBEAT_S = 2.0
 LEADER_LEASE_MS = int(HEARTBEAT_S * 3 * 1000)
 
@@ -86,59 +83,6 @@ RENEW = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return 0
 """
-# KEYS: pause, then one GCRA state per window. ARGV: now in ms (-1: the server's time, so
-# the processes' clocks never matter; tests pass their own), spend (1 to take a call, 0
-# to only ask), then per window its emission interval and burst tolerance in ms. Returns
-# {ms to wait (0: allowed, and taken when spending), ms the next call would wait, then
-# each window's calls left now}.
-BUDGET = """
-local now = tonumber(ARGV[1])
-if now < 0 then local t = redis.call('TIME') now = t[1] * 1000 + math.floor(t[2] / 1000) end
-local spend = tonumber(ARGV[2])
-local wait = math.max(0, tonumber(redis.call('GET', KEYS[1]) or '0') - now)
-local tats = {}
-for i = 2, #KEYS do
-  local interval, tolerance = tonumber(ARGV[i * 2 - 1]), tonumber(ARGV[i * 2])
-  tats[i] = math.max(tonumber(redis.call('GET', KEYS[i]) or '0'), now)
-  wait = math.max(wait, tats[i] - now - tolerance)
-end
-local reply = {wait, 0}
-local paused = math.max(0, tonumber(redis.call('GET', KEYS[1]) or '0') - now)
-local next_wait = paused
-for i = 2, #KEYS do
-  local interval, tolerance = tonumber(ARGV[i * 2 - 1]), tonumber(ARGV[i * 2])
-  if wait == 0 and spend == 1 then
-    tats[i] = tats[i] + interval
-    redis.call('SET', KEYS[i], tats[i], 'PX', math.ceil(tolerance + interval * 2))
-  end
-  next_wait = math.max(next_wait, tats[i] - now - tolerance)
-  reply[i + 1] = math.max(0, math.floor((now + tolerance + interval - tats[i]) / interval))
-end
-reply[2] = next_wait
-return reply
-"""
-# KEYS: pause. ARGV: ms, now in ms (-1: the server's). Nobody calls before now + ms; a
-# later pause wins.
-PAUSE = """
-local now = tonumber(ARGV[2])
-if now < 0 then local t = redis.call('TIME') now = t[1] * 1000 + math.floor(t[2] / 1000) end
-local until_ms = now + tonumber(ARGV[1])
-if until_ms > tonumber(redis.call('GET', KEYS[1]) or '0') then
-  redis.call('SET', KEYS[1], until_ms, 'PX', tonumber(ARGV[1]) + 1000)
-end
-return until_ms
-"""
-
-
-def connect(url: str, timeout_s: float) -> Redis:
-    """A client whose every call gives up after `timeout_s` and is never retried blindly."""
-    return Redis.from_url(
-        url,
-        socket_timeout=timeout_s,
-        socket_connect_timeout=timeout_s,
-        retry=Retry(NoBackoff(), 0),
-        health_check_interval=0,
-    )
 
 
 class RedisCoordinator:
@@ -312,7 +256,7 @@ class RedisCoordinator:
         while True:
             pubsub: PubSub = self.redis.pubsub()
             try:
-                await _bounded(pubsub.subscribe(self._channel), self.timeout_s)
+                await bounded(pubsub.subscribe(self._channel), self.timeout_s)
                 if attempt:
                     self._resync()
                     log.info("subscribed to Redis again")
@@ -326,7 +270,7 @@ class RedisCoordinator:
                     if time.monotonic() - last_ping > HEARTBEAT_S:
                         # A connection to a frozen server stays open: only an answer shows
                         # it is alive.
-                        await _bounded(pubsub.ping(), self.timeout_s)
+                        await bounded(pubsub.ping(), self.timeout_s)
                         last_ping = time.monotonic()
             except (RedisError, TimeoutError, OSError) as exc:
                 # Only this connection may have failed (claims use others): say so, and
@@ -364,7 +308,7 @@ class RedisCoordinator:
                             args=[self.process, self.lease_ms],
                             client=pipe,
                         )
-                    await _bounded(pipe.execute(), self.timeout_s)
+                    await bounded(pipe.execute(), self.timeout_s)
             except RedisError as exc:
                 self._failed(exc)
 
@@ -380,11 +324,11 @@ class RedisCoordinator:
                         # The leader (who runs the refresh sweep) holds a lease too.
                         pipe.set(self._leader, self.process, nx=True, px=LEADER_LEASE_MS)
                         pipe.get(self._leader)
-                        replies = await _bounded(pipe.execute(), self.timeout_s)
+                        replies = await bounded(pipe.execute(), self.timeout_s)
                     self.live_processes = max(1, int(replies[2]))
                     self._leading = replies[4] == self.process.encode()
                     if self._leading:
-                        await _bounded(
+                        await bounded(
                             self.redis.pexpire(self._leader, LEADER_LEASE_MS), self.timeout_s
                         )
                     self._recovered()
@@ -399,7 +343,7 @@ class RedisCoordinator:
 
     async def _call(self, awaitable: Awaitable[Any]) -> Any:
         self.round_trips += 1
-        return await _bounded(awaitable, self.timeout_s)
+        return await bounded(awaitable, self.timeout_s)
 
     def _usable(self) -> bool:
         return self._down_reason is None or time.monotonic() >= self._down_until
@@ -435,133 +379,3 @@ class RedisCoordinator:
 def outcome_from_wire_bytes(value: bytes) -> Outcome:
     """The outcome kept in a `done` key ("fetched_at|json")."""
     return outcome_from_wire(orjson.loads(value.split(b"|", 1)[1]))
-
-
-class RedisBudget:
-    """A `Budget` shared by every process: one GCRA state per window, in one Lua script.
-
-    While Redis cannot be reached it falls back to a local budget holding this process's
-    share of each window (the limit divided by the processes last seen alive), so the
-    deployment as a whole stays under Freelancer's limits.
-    """
-
-    def __init__(
-        self,
-        redis: Redis,
-        windows: Sequence[Window],
-        *,
-        prefix: str,
-        timeout_s: float,
-        processes: Callable[[], int],
-        clock: Callable[[], float] | None = None,
-    ) -> None:
-        self.redis = redis
-        self._clock = clock
-        self._windows = list(windows)
-        self.timeout_s = timeout_s
-        self._processes = processes
-        self._script = redis.register_script(BUDGET)
-        self._pause = redis.register_script(PAUSE)
-        tag = f"{{{prefix}:budget}}"
-        self._keys = [f"{tag}:paused", *(f"{tag}:{w.name}" for w in self._windows)]
-        self._args: list[float] = []
-        for window in self._windows:
-            interval_ms = window.period_s * 1000 / window.limit
-            self._args += [interval_ms, interval_ms * max(0, window.burst - 1)]
-        self._local: LocalBudget | None = None
-        self._local_share = 0
-        self._down_until = 0.0
-        self._last: list[int] = [0, 0, *(w.burst for w in self._windows)]
-        self._last_at = self._elapsed_clock()
-
-    async def acquire(self) -> None:
-        while True:
-            wait = await self._ask(spend=True)
-            if wait is None:
-                await self._fallback().acquire()
-                return
-            if wait <= 0:
-                return
-            await asyncio.sleep(wait)
-
-    async def pause(self, seconds: float) -> None:
-        await self._fallback().pause(seconds)
-        self._last[1], self._last_at = (
-            max(self._last[1], int(seconds * 1000)),
-            self._elapsed_clock(),
-        )
-        if time.monotonic() >= self._down_until:
-            try:
-                await _bounded(
-                    self._pause(keys=self._keys[:1], args=[int(seconds * 1000)]), self.timeout_s
-                )
-            except RedisError as exc:
-                self._down(exc)
-
-    async def observe_remaining(self, remaining: int) -> None:
-        # Freelancer counts every process's calls: nothing left means nobody may call.
-        if remaining <= 0:
-            await self.pause(1.0)
-
-    def wait_s(self) -> float:
-        """From the last answer: the wait it said the next call has, less the time since."""
-        return max(0.0, self._last[1] / 1000 - (self._elapsed_clock() - self._last_at))
-
-    async def refresh(self) -> None:
-        """Ask Redis what is left, without spending (monitoring calls this)."""
-        await self._ask(spend=False)
-
-    @property
-    def throttled(self) -> bool:
-        return self.wait_s() > 0
-
-    def windows(self) -> list[WindowState]:
-        return [
-            WindowState(w.name, w.limit, w.period_s, int(left))
-            for w, left in zip(self._windows, self._last[2:], strict=True)
-        ]
-
-    async def _ask(self, *, spend: bool) -> float | None:
-        """Seconds to wait (0: a call was taken); None while Redis cannot be asked."""
-        if time.monotonic() < self._down_until:
-            return None
-        try:
-            reply = await _bounded(
-                self._script(keys=self._keys, args=[self._now_ms(), int(spend), *self._args]),
-                self.timeout_s,
-            )
-        except RedisError as exc:
-            self._down(exc)
-            return None
-        self._last = [int(v) for v in reply]
-        self._last_at = self._elapsed_clock()
-        return self._last[0] / 1000
-
-    def _elapsed_clock(self) -> float:
-        return time.monotonic() if self._clock is None else self._clock()
-
-    def _now_ms(self) -> int:
-        return -1 if self._clock is None else int(self._clock() * 1000)
-
-    def _down(self, exc: BaseException) -> None:
-        log.warning("shared budget unavailable (%s): this process uses its share", exc)
-        self._down_until = time.monotonic() + RETRY_AFTER_FAILURE_S
-
-    def _fallback(self) -> LocalBudget:
-        share = max(1, self._processes())
-        if self._local is None or share != self._local_share:
-            windows = [
-                Window(w.name, w.limit / share, w.period_s, max(1, w.burst // share))
-                for w in self._windows
-            ]
-            self._local, self._local_share = LocalBudget(windows), share
-        return self._local
-
-
-async def _bounded(awaitable: Awaitable[Any], timeout_s: float) -> Any:
-    """`awaitable` within `timeout_s`, a timeout raised as a RedisError."""
-    try:
-        async with asyncio.timeout(timeout_s):
-            return await awaitable
-    except TimeoutError as exc:
-        raise RedisError("timed out") from exc

@@ -1,0 +1,35 @@
+"""The Redis client the coordination shares: bounded calls, never retried blindly."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+# After a failed call, how long Redis is left alone (the process works alone meanwhile).
+RETRY_AFTER_FAILURE_S = 2.0
+
+
+def connect(url: str, timeout_s: float) -> Redis:
+    """A client whose every call gives up after `timeout_s` and is never retried blindly."""
+    return Redis.from_url(
+        url,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        retry=Retry(NoBackoff(), 0),
+        health_check_interval=0,
+    )
+
+
+async def bounded(awaitable: Awaitable[Any], timeout_s: float) -> Any:
+    """`awaitable` within `timeout_s`, a timeout raised as a RedisError."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await awaitable
+    except TimeoutError as exc:
+        raise RedisError("timed out") from exc
