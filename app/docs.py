@@ -25,6 +25,10 @@ from starlette.types import Receive, Scope, Send
 
 DOCS_URL = "/docs"
 REDOC_URL = "/redoc"
+REDOC_CSP = (
+    "default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; "
+    "script-src 'self' 'unsafe-inline' blob:; worker-src 'self' blob:; font-src 'self' data:"
+)
 OAUTH2_REDIRECT_URL = "/docs/oauth2-redirect"
 # One mount: every asset request is labelled with this path in /metrics (a bounded label).
 STATIC_URL = "/static/docs"
@@ -78,10 +82,14 @@ def install_docs(app: FastAPI) -> None:
     @app.get(REDOC_URL, include_in_schema=False)
     async def redoc(request: Request) -> HTMLResponse:
         root = prefix(request)
-        return get_redoc_html(
+        page = get_redoc_html(
             openapi_url=f"{root}{openapi_url}",
             title=f"{app.title} - ReDoc",
             redoc_js_url=f"{root}{STATIC_URL}/redoc.standalone.js",
             redoc_favicon_url=f"{root}{STATIC_URL}/favicon.png",
             with_google_fonts=False,
         )
+        # ReDoc's footer always asks cdn.redoc.ly for a logo: the browser is told not to
+        # load anything from elsewhere (ReDoc hides the image when it fails).
+        page.headers["Content-Security-Policy"] = REDOC_CSP
+        return page

@@ -20,12 +20,13 @@ from typing import Any
 from app.clock import Clock, wall_clock
 from app.config import Settings
 from app.domain import UserRecord
-from app.errors import Overloaded, ShuttingDown, UpstreamError
+from app.errors import Overloaded, ShuttingDown, StoreUnavailable, UpstreamError
 from app.gateway import coordinator as coord
 from app.gateway.admin import CacheAdmin
 from app.gateway.batching import PRIORITY_MISS, PRIORITY_REFRESH, BatchQueue
 from app.gateway.breaker import CircuitBreaker
 from app.gateway.budget import Budget, LocalBudget, budget_windows
+from app.gateway.cache import cache_entry
 from app.gateway.flight import Fetch, PendingLookup
 from app.gateway.memory import Memory
 from app.gateway.resilient import ResilientUpstream
@@ -88,8 +89,6 @@ class Gateway:
         self._closing = False
         self.restarted_at: float | None = None
 
-    # ---- lifecycle -------------------------------------------------------------------
-
     async def start(self) -> None:
         """Open the store (or keep retrying in the background) and start the worker."""
         if not await self.writes.open():
@@ -120,9 +119,8 @@ class Gateway:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return False
-            waitables: list[asyncio.Future[Any]] = [f.future for f in self._inflight.values()]
-            waitables.extend(self._batches)
-            await asyncio.wait(waitables, timeout=remaining)
+            futures: list[asyncio.Future[Any]] = [f.future for f in self._inflight.values()]
+            await asyncio.wait([*futures, *self._batches], timeout=remaining)
         return True
 
     def _spawn(self, coro: Any, name: str) -> asyncio.Task[None]:
@@ -130,13 +128,6 @@ class Gateway:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
-
-    @property
-    def store_ready(self) -> bool:
-        """False since a store read or save failed, until one succeeds."""
-        return self.writes.store_ready
-
-    # ---- lookups ---------------------------------------------------------------------
 
     async def lookup(self, user_ids: Sequence[int]) -> LookupResult:
         """Users for distinct `user_ids`, within WAIT_TIMEOUT_S, in request order."""
@@ -225,8 +216,6 @@ class Gateway:
         for uid in new:
             fetch = self._register(uid, lookup.previous.get(uid), PRIORITY_MISS)
             waits.append((uid, "fetched", fetch))
-        if new:
-            log.debug("queued %d ids, joined %d fetches in flight", len(new), len(waits) - len(new))
         return waits
 
     async def _wait(self, waits: list[tuple[int, Source, Fetch]], lookup: PendingLookup) -> None:
@@ -281,8 +270,6 @@ class Gateway:
     def processing_ids(self, limit: int = 1000) -> list[int]:
         """Up to `limit` ids with a fetch in flight."""
         return list(itertools.islice(self._inflight, limit))
-
-    # ---- the worker ------------------------------------------------------------------
 
     async def _supervise(self) -> None:
         """Run the worker; if it ever dies, fail what it held, restart it and say degraded."""
@@ -378,19 +365,32 @@ class Gateway:
         if isinstance(event, coord.Fetched):
             self._complete(event.outcomes, event.outcomes, INTERNAL)
         elif isinstance(event, coord.Abandoned):
-            for uid in event.user_ids:
-                fetch = self._inflight.get(uid)
-                if fetch is not None and fetch.taken:
-                    fetch.taken = False
-                    try:
-                        self.queue.put_nowait(uid, PRIORITY_MISS)
-                    except asyncio.QueueFull:
-                        self._complete([uid], {}, INTERNAL)
+            waiting = [u for u in event.user_ids if (f := self._inflight.get(u)) and f.taken]
+            if waiting:
+                self._spawn(self._take_over(waiting), "take-over")
         elif isinstance(event, coord.Evicted):
             for uid in event.user_ids:
                 self.forget(uid)
         else:
             self.memory.expire_before(event.cutoff)
+
+    async def _take_over(self, ids: list[int]) -> None:
+        """Ids another process stopped fetching: answer what the store has, queue the rest."""
+        try:
+            stored = await self.writes.read(ids)
+        except StoreUnavailable:
+            stored = {}
+        fresh_after = self.clock() - self.settings.cache_ttl_s
+        found = {u: cache_entry(r) for u, r in stored.items() if r.fetched_at > fresh_after}
+        self._complete(found, found, INTERNAL)
+        for uid in ids:
+            fetch = self._inflight.get(uid)
+            if fetch is not None and fetch.taken:
+                fetch.taken = False
+                try:
+                    self.queue.put_nowait(uid, PRIORITY_MISS)
+                except asyncio.QueueFull:
+                    self._complete([uid], {}, INTERNAL)
 
 
 async def _cancel_all(tasks: set[asyncio.Task[None]]) -> None:

@@ -22,7 +22,7 @@ def upstream_state(gateway: Gateway) -> UpstreamState:
 def problems(gateway: Gateway) -> list[str]:
     """Why the gateway is degraded, each naming what to check; empty when healthy."""
     found = []
-    if not gateway.store_ready:
+    if not gateway.writes.store_ready:
         found.append(f"store unavailable: check {gateway.store.setting}")
     if gateway.upstream.auth_failed:
         found.append(

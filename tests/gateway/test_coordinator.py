@@ -249,3 +249,28 @@ async def test_ids_a_stopping_gateway_was_fetching_are_taken_over(
         assert upstream.calls == [[11, 12], [11, 12]]
     finally:
         await b.stop()
+
+
+async def test_an_abandoned_id_the_store_already_has_is_answered_without_a_fetch(
+    tmp_path: Path,
+) -> None:
+    """After a gap (a lost subscription, a dead fetcher), the store is checked first."""
+    upstream = SlowUpstream(delay_s=1.0)
+    hub = LocalHub()
+    a, b = await two_gateways(tmp_path, upstream, lambda: LocalCoordinator(hub))
+    try:
+        fetching = asyncio.create_task(a.lookup([21]))
+        await until(lambda: len(upstream.calls) == 1)  # a holds 21
+        waiting = asyncio.create_task(b.lookup([21]))
+        await asyncio.sleep(0.05)  # b waits on a
+        now = time.time()
+        await b.store.upsert_many([UserRecord(21, "saved", created_at=now, fetched_at=now)])
+        assert isinstance(b.coordinator, LocalCoordinator) and b.coordinator.listener
+        b.coordinator.listener(Abandoned((21,)))  # as after a gap in b's subscription
+        result = await asyncio.wait_for(waiting, 2)
+        assert result.user_ids == [21]
+        assert len(upstream.calls) == 1, "answered from the store, not fetched again"
+        await fetching
+    finally:
+        await a.stop()
+        await b.stop()

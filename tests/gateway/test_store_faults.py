@@ -26,7 +26,7 @@ async def test_an_unreachable_store_at_start_is_reported_and_recovers_without_re
     assert freelancer.calls == [], "no upstream call while the store cannot be read"
 
     blocker.unlink()  # the operator fixes the path; the gateway reconnects by itself
-    await until(lambda: running.gateway.store_ready, within_s=10)
+    await until(lambda: running.gateway.writes.store_ready, within_s=10)
     assert (await running.client.get("/readyz")).status_code == 200
     assert (await running.lookup(1))["users"][0]["user_id"] == 1
 
