@@ -257,3 +257,15 @@ async def test_a_client_far_from_its_limit_is_never_let_past_it(
     statuses = [(await lookup(running, [1], key(READ))).status_code for _ in range(105)]
     assert statuses.count(200) == 100
     assert statuses[100:] == [429] * 5
+
+
+async def test_single_user_reads_count_against_the_same_quota(
+    start_app: StartApp, freelancer: FakeFreelancer, limits_clock: FakeClock
+) -> None:
+    running = await start_app(api_keys=KEYS, key_misses_per_min=1)
+    assert (await running.client.get("/api/users/30", headers=key(READ))).status_code == 200
+    over = await running.client.get("/api/users/31", headers=key(READ))
+    assert over.status_code == 429
+    assert over.json()["reason"] == "quota"
+    assert "KEY_MISSES_PER_MIN" in over.json()["detail"]
+    assert freelancer.lookups == {30: 1}

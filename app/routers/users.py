@@ -15,7 +15,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from app.dependencies import AdminClient, CrawlClient, GatewayDep, get_gateway, lookup_for_client
 from app.errors import UserNotFound, UserUnavailable
-from app.gateway.results import TIMEOUT
+from app.gateway.results import QUOTA, TIMEOUT
 from app.models import (
     DEFAULT_MAX_IDS,
     ErrorResponse,
@@ -157,14 +157,21 @@ router.add_api_route(
 )
 
 
-async def lookup_user(user_id: UserIdPath, gateway: GatewayDep) -> Response:
+async def lookup_user(request: Request, user_id: UserIdPath, gateway: GatewayDep) -> Response:
     """One user: 404 if Freelancer has no such user, 504 if not fetched in time, 503 if failing."""
-    result = await gateway.lookup([user_id])
+    result = await lookup_for_client(request, gateway, [user_id])
     if result.users:
         return Response(result.user_json(0), media_type="application/json")
     if result.not_found:
         raise UserNotFound(f"Freelancer has no user {user_id}")
     reason = result.errors[str(user_id)]
+    if reason == QUOTA.reason:
+        raise UserUnavailable(
+            f"user {user_id} is not cached, and this client is past KEY_MISSES_PER_MIN new ids "
+            "a minute; retry later",
+            reason=reason,
+            status_code=429,
+        )
     if reason == TIMEOUT.reason:
         raise UserUnavailable(
             f"user {user_id} was not fetched within WAIT_TIMEOUT_S; it will be cached when it is",
