@@ -81,6 +81,10 @@ class PayloadTooLarge(GatewayError):
     status_code = 413
     code = "payload_too_large"
 
+    def headers(self) -> dict[str, str]:
+        # The rest of the body is not read: the connection cannot be reused.
+        return {"Connection": "close"}
+
 
 class TooManyRequests(GatewayError):
     """A client limit was hit; `limit_headers` are the IETF RateLimit headers."""

@@ -25,7 +25,7 @@ from app.gateway.budget import Budget, budget_windows
 from app.gateway.coordinator import Coordinator
 from app.logs import add_secrets, configure_logging
 from app.metrics import KeyUsageCollector, create_registry
-from app.middleware import GatewayMiddleware, RequestMetrics
+from app.middleware import GatewayMiddleware, RequestMetrics, error_response
 from app.openapi import customize_openapi
 from app.quotas import ClientLimits
 from app.routers import cache, dashboard, monitoring, users
@@ -203,14 +203,8 @@ def _secret_values(settings: Settings) -> list[str | None]:
 
 
 def _json_error(
-    status: int,
-    body: dict[str, Any],
-    retry_after: float | None = None,
-    headers: Mapping[str, str] | None = None,
+    status: int, body: dict[str, Any], headers: Mapping[str, str] | None = None
 ) -> Response:
-    headers = dict(headers or {})
-    if retry_after:
-        headers["Retry-After"] = str(max(1, round(retry_after)))
     return Response(
         orjson.dumps(body), status_code=status, media_type="application/json", headers=headers
     )
@@ -221,7 +215,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     async def gateway_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, GatewayError)
-        return _json_error(exc.status_code, exc.body(), exc.retry_after, exc.headers())
+        return error_response(exc)
 
     async def validation_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestValidationError)

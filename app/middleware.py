@@ -19,6 +19,7 @@ from secrets import token_hex
 import orjson
 from prometheus_client.core import HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.access import Client, KeyRing
@@ -131,7 +132,7 @@ class GatewayMiddleware:
 
         try:
             if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
-                raise PayloadTooLarge(f"the request body must be at most {self.max_bytes} bytes")
+                raise self._too_large()
             path: str = scope["path"]
             if path.startswith("/api/") or (path == "/metrics" and self.metrics_require_key):
                 address = scope["client"][0] if scope.get("client") else "unknown"
@@ -142,11 +143,13 @@ class GatewayMiddleware:
         except GatewayError as exc:  # raised here, before the app answered
             if status:
                 raise
-            status = exc.status_code
-            await _send_error(send_with_id, exc)
+            await error_response(exc)(scope, receive, send_with_id)
         finally:
             self._finish(scope, status or 500, started, client)
             request_id.reset(token)
+
+    def _too_large(self) -> PayloadTooLarge:
+        return PayloadTooLarge(f"the request body must be at most {self.max_bytes} bytes")
 
     def _limited(self, receive: Receive) -> Receive:
         received = 0
@@ -157,9 +160,7 @@ class GatewayMiddleware:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
-                    raise PayloadTooLarge(
-                        f"the request body must be at most {self.max_bytes} bytes"
-                    )
+                    raise self._too_large()
             return message
 
         return limited_receive
@@ -186,14 +187,14 @@ class GatewayMiddleware:
             )
 
 
-async def _send_error(send: Send, exc: GatewayError) -> None:
-    """The JSON error response of `exc`, for errors raised before the app answers."""
-    body = orjson.dumps(exc.body())
-    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+def error_response(exc: GatewayError) -> Response:
+    """The JSON response of a GatewayError: the app's handler and this middleware use it."""
+    headers = exc.headers()
     if exc.retry_after:
-        headers.append((b"retry-after", b"%d" % max(1, round(exc.retry_after))))
-    headers += [(k.lower().encode(), v.encode()) for k, v in exc.headers().items()]
-    if isinstance(exc, PayloadTooLarge):
-        headers.append((b"connection", b"close"))
-    await send({"type": "http.response.start", "status": exc.status_code, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+        headers["Retry-After"] = str(max(1, round(exc.retry_after)))
+    return Response(
+        orjson.dumps(exc.body()),
+        status_code=exc.status_code,
+        media_type="application/json",
+        headers=headers,
+    )

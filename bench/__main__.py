@@ -29,7 +29,15 @@ from typing import Any
 import httpx
 
 from bench import middleware
-from bench.procs import Process, RedisServer, free_port, gateway_process, simulator_process
+from bench.procs import (
+    Process,
+    RedisServer,
+    free_port,
+    gateway_process,
+    sim_configure,
+    sim_stats,
+    simulator_process,
+)
 
 HERE = Path(__file__).resolve().parent
 SIM_LATENCY_MS = 100.0
@@ -49,15 +57,6 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     raise RuntimeError("no VmRSS")
-
-
-def sim_stats(sim: Process) -> dict[str, Any]:
-    stats: dict[str, Any] = httpx.get(f"{sim.url}/_sim/stats", timeout=5).json()
-    return stats
-
-
-def sim_configure(sim: Process, **config: Any) -> None:
-    httpx.post(f"{sim.url}/_sim/config", json=config, timeout=5).raise_for_status()
 
 
 def post_users(client: httpx.Client, url: str, ids: list[int]) -> tuple[float, dict[str, Any]]:

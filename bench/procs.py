@@ -11,6 +11,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -89,6 +90,17 @@ def simulator_process(work: Path, *, latency_ms: float) -> Process:
     port = free_port()
     args = [sys.executable, "-m", "app.simulator", "--port", str(port)]
     return Process([*args, "--latency-ms", str(latency_ms)], port, work / "sim.log", cwd=work)
+
+
+def sim_stats(sim: Process) -> dict[str, Any]:
+    """What the simulator process was asked (`GET /_sim/stats`)."""
+    stats: dict[str, Any] = httpx.get(f"{sim.url}/_sim/stats", timeout=5).json()
+    return stats
+
+
+def sim_configure(sim: Process, **config: Any) -> None:
+    """Change the simulator process's behaviour (`POST /_sim/config`)."""
+    httpx.post(f"{sim.url}/_sim/config", json=config, timeout=5).raise_for_status()
 
 
 def gateway_process(work: Path, simulator: Process, **settings: str) -> Process:

@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 import pytest
 
-from bench.procs import Process, free_port
+from bench.procs import Process, free_port, sim_stats
 from tests.e2e.conftest import assert_clean_exit
 
 pytestmark = pytest.mark.e2e
@@ -22,11 +22,6 @@ def lookup(process: Process, ids: list[int]) -> dict[str, Any]:
     assert response.status_code == 200, response.text
     body: dict[str, Any] = response.json()
     return body
-
-
-def simulator_stats(simulator: Process) -> dict[str, Any]:
-    stats: dict[str, Any] = httpx.get(f"{simulator.url}/_sim/stats", timeout=5).json()
-    return stats
 
 
 def test_cold_batch_then_cache_then_restart_serves_from_the_store(
@@ -47,7 +42,7 @@ def test_cold_batch_then_cache_then_restart_serves_from_the_store(
     assert all(
         u["avatar_url"] is None or u["avatar_url"].startswith("https://") for u in cold["users"]
     )
-    after_cold = simulator_stats(simulator)
+    after_cold = sim_stats(simulator)
     assert after_cold["unique_ids"] == 21
     assert after_cold["duplicate_lookups"] == 0
 
@@ -55,7 +50,7 @@ def test_cold_batch_then_cache_then_restart_serves_from_the_store(
     assert [u["user_id"] for u in warm["users"]] == list(range(1, 21))
     assert {u["source"] for u in warm["users"]} == {"cache"}
     assert warm["not_found"] == [97]
-    assert simulator_stats(simulator)["calls"] == after_cold["calls"], "no new upstream call"
+    assert sim_stats(simulator)["calls"] == after_cold["calls"], "no new upstream call"
 
     assert_clean_exit(gateway_process)
     gateway_process.start()
@@ -63,7 +58,7 @@ def test_cold_batch_then_cache_then_restart_serves_from_the_store(
     assert [u["user_id"] for u in restarted["users"]] == list(range(1, 21))
     assert {u["source"] for u in restarted["users"]} == {"cache"}
     assert [u["created_at"] for u in restarted["users"]] == [u["created_at"] for u in cold["users"]]
-    assert simulator_stats(simulator)["calls"] == after_cold["calls"], "served from the store"
+    assert sim_stats(simulator)["calls"] == after_cold["calls"], "served from the store"
 
     single = httpx.get(f"{gateway_process.url}/api/users/194", timeout=15)
     assert single.status_code == 404

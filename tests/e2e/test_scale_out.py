@@ -9,7 +9,7 @@ import random
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -17,21 +17,12 @@ from typing import Any
 import httpx
 import pytest
 
-from bench.procs import Process, RedisServer, gateway_process
+from bench.procs import Process, RedisServer, gateway_process, sim_configure, sim_stats
 from tests.e2e.conftest import assert_clean_exit
 
 pytestmark = pytest.mark.e2e
 
 LEASE_S = 2.0
-
-
-def configure(simulator: Process, **config: Any) -> None:
-    httpx.post(f"{simulator.url}/_sim/config", json=config, timeout=5).raise_for_status()
-
-
-def stats(simulator: Process) -> dict[str, Any]:
-    body: dict[str, Any] = httpx.get(f"{simulator.url}/_sim/stats", timeout=5).json()
-    return body
 
 
 def post(process: Process, ids: list[int], timeout: float = 15) -> tuple[int, dict[str, Any]]:
@@ -63,11 +54,24 @@ def gateway(tmp_path: Path, simulator: Process, redis: RedisServer, **env: str) 
     return gateway_process(tmp_path, simulator, **settings)
 
 
+StartGateways = Callable[..., list[Process]]
+
+
 @pytest.fixture
-def processes(tmp_path: Path) -> Iterator[list[Process]]:
-    """Gateways the test starts; each is stopped at the end."""
+def start_gateways(
+    tmp_path: Path, simulator: Process, redis_server: RedisServer
+) -> Iterator[StartGateways]:
+    """Start `count` gateways of one deployment; each still running is stopped at the end."""
     started: list[Process] = []
-    yield started
+
+    def start(count: int = 1, **env: str) -> list[Process]:
+        new = [gateway(tmp_path, simulator, redis_server, **env) for _ in range(count)]
+        started.extend(new)
+        for process in new:
+            process.start()
+        return new
+
+    yield start
     for process in started:
         if process.popen is not None and process.popen.poll() is None:
             process.stop()
@@ -81,12 +85,10 @@ def overlapping_batches(seed: int, base: int) -> tuple[list[list[int]], int]:
 
 
 def test_four_workers_look_up_each_id_once(
-    tmp_path: Path, simulator: Process, redis_server: RedisServer, processes: list[Process]
+    simulator: Process, start_gateways: StartGateways
 ) -> None:
-    configure(simulator, latency_ms=100)
-    process = gateway(tmp_path, simulator, redis_server, WORKERS="4")
-    processes.append(process)
-    process.start()
+    sim_configure(simulator, latency_ms=100)
+    (process,) = start_gateways(WORKERS="4")
     wait_for(lambda: health(process)["processes"] == 4)
     assert health(process)["coordination"] == "redis"
     batches, unique = overlapping_batches(1, 1_000_000)
@@ -96,49 +98,41 @@ def test_four_workers_look_up_each_id_once(
         assert status == 200
         assert body["unavailable"] == []
         assert sorted([u["user_id"] for u in body["users"]] + body["not_found"]) == sorted(ids)
-    after = stats(simulator)
+    after = sim_stats(simulator)
     assert after["ids_requested"] == unique == after["unique_ids"], after
-    assert_clean_exit(processes.pop())
+    assert_clean_exit(process)
 
 
 def test_two_processes_share_fetches_evictions_and_memory(
-    tmp_path: Path, simulator: Process, redis_server: RedisServer, processes: list[Process]
+    simulator: Process, start_gateways: StartGateways
 ) -> None:
-    configure(simulator, latency_ms=100)
-    a = gateway(tmp_path, simulator, redis_server)
-    b = gateway(tmp_path, simulator, redis_server)
-    processes += [a, b]
-    a.start()
-    b.start()
+    sim_configure(simulator, latency_ms=100)
+    a, b = start_gateways(2)
     wait_for(lambda: health(a)["processes"] == 2)
     batches, unique = overlapping_batches(2, 2_000_000)
     with ThreadPoolExecutor(20) as pool:
         answers = list(pool.map(post, [a, b] * 10, batches))
     assert all(status == 200 and not body["unavailable"] for status, body in answers)
-    assert stats(simulator)["ids_requested"] == unique
+    assert sim_stats(simulator)["ids_requested"] == unique
     # a fetches 5; b answers it from memory, learnt from a's announcement (no call).
     status, body = post(a, [5])
     assert (status, body["users"][0]["source"]) == (200, "fetched")
     wait_for(lambda: post(b, [5])[1]["users"][0]["source"] == "cache", within_s=5)
-    calls = stats(simulator)["calls"]
+    calls = sim_stats(simulator)["calls"]
     # An eviction on b reaches a's memory: a fetches 5 again.
     assert httpx.delete(f"{b.url}/api/cache/users/5", timeout=5).json()["evicted"]
     wait_for(lambda: post(a, [5])[1]["users"][0]["source"] == "fetched", within_s=5)
-    assert stats(simulator)["calls"] == calls + 1
+    assert sim_stats(simulator)["calls"] == calls + 1
 
 
 def test_one_budget_is_shared_by_every_process(
-    tmp_path: Path, simulator: Process, redis_server: RedisServer, processes: list[Process]
+    simulator: Process, start_gateways: StartGateways
 ) -> None:
     """60 a minute with a burst of 2, for two processes together: counted at the simulator."""
-    configure(simulator, latency_ms=0)
+    sim_configure(simulator, latency_ms=0)
     env = {"UPSTREAM_RATE_PER_MIN": "60", "UPSTREAM_BURST": "2", "BATCH_WINDOW_MS": "0"}
-    a = gateway(tmp_path, simulator, redis_server, **env)
-    b = gateway(tmp_path, simulator, redis_server, **env)
-    processes += [a, b]
-    a.start()
-    b.start()
-    before = stats(simulator)["calls"]
+    a, b = start_gateways(2, **env)
+    before = sim_stats(simulator)["calls"]
     started = time.monotonic()
     stop = threading.Event()
 
@@ -157,27 +151,23 @@ def test_one_budget_is_shared_by_every_process(
     for thread in threads:
         thread.join(20)
     elapsed = time.monotonic() - started
-    calls = stats(simulator)["calls"] - before
+    calls = sim_stats(simulator)["calls"] - before
     # One bucket: a burst of 2, then one a second. Two buckets would allow twice that.
     assert calls <= 2 + elapsed * 1.0 + 1, (calls, elapsed)
     assert calls >= 3, "traffic reached Freelancer"
 
 
 def test_an_owner_killed_mid_fetch_is_taken_over_within_the_lease(
-    tmp_path: Path, simulator: Process, redis_server: RedisServer, processes: list[Process]
+    simulator: Process, start_gateways: StartGateways
 ) -> None:
-    configure(simulator, latency_ms=3000)
-    owner = gateway(tmp_path, simulator, redis_server)
-    waiter = gateway(tmp_path, simulator, redis_server)
-    processes += [owner, waiter]
-    owner.start()
-    waiter.start()
+    sim_configure(simulator, latency_ms=3000)
+    owner, waiter = start_gateways(2)
     with ThreadPoolExecutor(2) as pool:
         pool.submit(post, owner, [7_000_001])
         time.sleep(0.5)  # the owner holds the lease and waits on the simulator
         waiting = pool.submit(post, waiter, [7_000_001])
         time.sleep(0.5)  # the waiter waits on the owner's announcement
-        configure(simulator, latency_ms=0)
+        sim_configure(simulator, latency_ms=0)
         assert owner.popen is not None
         owner.popen.send_signal(signal.SIGKILL)
         killed = time.monotonic()
@@ -190,18 +180,13 @@ def test_an_owner_killed_mid_fetch_is_taken_over_within_the_lease(
 
 @pytest.mark.parametrize("fault", ["stopped", "frozen"])
 def test_requests_are_answered_while_redis_is_gone_and_coordination_comes_back(
-    tmp_path: Path,
     simulator: Process,
     redis_server: RedisServer,
-    processes: list[Process],
+    start_gateways: StartGateways,
     fault: str,
 ) -> None:
-    configure(simulator, latency_ms=20)
-    a = gateway(tmp_path, simulator, redis_server, REDIS_TIMEOUT_S="0.3")
-    b = gateway(tmp_path, simulator, redis_server, REDIS_TIMEOUT_S="0.3")
-    processes += [a, b]
-    a.start()
-    b.start()
+    sim_configure(simulator, latency_ms=20)
+    a, b = start_gateways(2, REDIS_TIMEOUT_S="0.3")
     post(a, list(range(1, 51)))  # cached: hits never need Redis
     answered: list[tuple[int, float]] = []
     stop = threading.Event()
