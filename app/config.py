@@ -72,7 +72,8 @@ class Settings(BaseSettings):
     upstream_max_attempts: int = Field(3, ge=1)
     upstream_backoff_s: float = Field(0.5, ge=0)
     upstream_concurrency: int = Field(4, ge=1)
-    upstream_rate_per_min: float = Field(50.0, gt=0)
+    upstream_rate_per_min: float = Field(50.0, ge=2)
+    upstream_rate_per_hour: float = Field(1000.0, ge=2)
     upstream_burst: int = Field(10, ge=1)
     simulator_latency_ms: float = Field(100.0, ge=0)
 

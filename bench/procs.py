@@ -118,6 +118,7 @@ def gateway_process(work: Path, simulator: Process, **settings: str) -> Process:
         "SQLITE_PATH": str(work / "data" / "users.db"),
         "FREELANCER_API_BASE": f"{simulator.url}/api/users/0.1/users",
         "UPSTREAM_RATE_PER_MIN": "1000000",
+        "UPSTREAM_RATE_PER_HOUR": "1000000000",
         "UPSTREAM_BURST": "1000",
         # One load generator is one client: its limits must not be what is measured.
         "RATE_LIMIT_PER_MIN": "1000000000",

@@ -37,6 +37,7 @@ def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
         "freelancer_api_base": API,
         "freelancer_oauth_token": "test-token",
         "upstream_rate_per_min": 60_000,
+        "upstream_rate_per_hour": 3_600_000,
         "upstream_burst": 1000,
         "upstream_backoff_s": 0.01,
         "wait_timeout_s": 5,

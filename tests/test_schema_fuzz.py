@@ -37,6 +37,7 @@ with pytest.MonkeyPatch.context() as _env:
             simulator_latency_ms=0,  # demo mode: the in-process simulator is Freelancer
             wait_timeout_s=2,
             upstream_rate_per_min=1_000_000,
+            upstream_rate_per_hour=1_000_000_000,
             upstream_burst=1000,
             # The client limits are off: a 429 here would be our pace, not the contract's.
             rate_limit_per_min=1_000_000,

@@ -88,7 +88,7 @@ class RedisBudget:
         self._keys = [f"{tag}:paused", *(f"{tag}:{w.name}" for w in self._windows)]
         self._args: list[float] = []
         for window in self._windows:
-            interval_ms = window.period_s * 1000 / window.limit
+            interval_ms = 1000 / window.rate_per_s
             self._args += [interval_ms, interval_ms * max(0, window.burst - 1)]
         self._local: LocalBudget | None = None
         self._local_share = 0

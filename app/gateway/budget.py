@@ -18,12 +18,23 @@ from app.config import Settings
 
 @dataclass(frozen=True, slots=True)
 class Window:
-    """At most `limit` calls per `period_s`, of which `burst` may go back to back."""
+    """At most `limit` calls in any `period_s`, of which `burst` may go back to back.
+
+    A bucket holding `burst` calls and refilled at `limit / period_s` would allow
+    `burst + limit` in a period; refilled at `rate_per_s`, it never allows more than `limit`.
+    """
 
     name: str
     limit: float
     period_s: float
     burst: int
+
+    @property
+    def rate_per_s(self) -> float:
+        """The sustained rate: what is left of the limit once a burst is spent, per second
+        (a window too small to hold its burst falls back to `limit / period_s`)."""
+        left = self.limit - self.burst
+        return (left if left > 0 else self.limit) / self.period_s
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,8 +48,12 @@ class WindowState:
 
 
 def budget_windows(settings: Settings) -> list[Window]:
-    """Freelancer's limits as budget windows, from the settings."""
-    return [Window("minute", settings.upstream_rate_per_min, 60.0, settings.upstream_burst)]
+    """Freelancer's limits as budget windows, from the settings (the shortest first)."""
+    minute, hour = settings.upstream_rate_per_min, settings.upstream_rate_per_hour
+    return [
+        Window("minute", minute, 60.0, min(settings.upstream_burst, int(minute) - 1)),
+        Window("hour", hour, 3600.0, min(settings.upstream_burst, int(hour) - 1)),
+    ]
 
 
 class Budget(Protocol):
@@ -149,7 +164,7 @@ class LocalBudget:
             raise ValueError("a budget needs at least one window")
         self._windows = list(windows)
         self._buckets = [
-            TokenBucket(w.limit / w.period_s, w.burst, clock=clock) for w in self._windows
+            TokenBucket(w.rate_per_s, w.burst, clock=clock) for w in self._windows
         ]
 
     async def acquire(self) -> None:
