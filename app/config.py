@@ -83,6 +83,15 @@ class Settings(BaseSettings):
     queue_max: int = Field(1000, ge=1)
     max_waiters_per_id: int = Field(1000, ge=1)
 
+    # Crawl jobs
+    job_share: float = Field(0.2, ge=0, le=1)
+    job_max_ids: int = Field(100_000, ge=1)
+    job_max_range: int = Field(10_000_000, ge=1)
+    job_max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    job_max_attempts: int = Field(3, ge=1)
+    webhook_secret: SecretStr | None = None
+    webhook_timeout_s: float = Field(5.0, gt=0)
+
     # Failure handling
     breaker_failures: int = Field(5, ge=1)
     breaker_cooldown_s: float = Field(30.0, gt=0)

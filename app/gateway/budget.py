@@ -163,9 +163,7 @@ class LocalBudget:
         if not windows:
             raise ValueError("a budget needs at least one window")
         self._windows = list(windows)
-        self._buckets = [
-            TokenBucket(w.rate_per_s, w.burst, clock=clock) for w in self._windows
-        ]
+        self._buckets = [TokenBucket(w.rate_per_s, w.burst, clock=clock) for w in self._windows]
 
     async def acquire(self) -> None:
         wait = max([bucket.reserve() for bucket in self._buckets])

@@ -21,8 +21,9 @@ class Fetch:
     waiters: int = 0
     request_id: str | None = None
     """The request that started the fetch: the worker's log lines name it."""
-    taken: bool = False
-    """Set when the worker takes the id off the queue: it is never put in two batches."""
+    taken: int = 0
+    """The number of the batch that took the id off the queue (0: not taken yet): an id is
+    never put in two batches, and a job counts the upstream calls its ids went out in."""
 
 
 @dataclass(slots=True)
@@ -36,3 +37,11 @@ class PendingLookup:
     previous: dict[int, UserRecord] = field(default_factory=dict)
     allow_misses: Callable[[int], int] | None = None
     """How many of n new ids the caller may send upstream (the rest: `quota`); None: all."""
+
+
+async def cancel_all(tasks: set[asyncio.Task[None]]) -> None:
+    """Cancel tasks and wait until every one has finished."""
+    for task in list(tasks):
+        task.cancel()
+    if tasks:
+        await asyncio.gather(*tasks, return_exceptions=True)

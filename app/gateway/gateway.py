@@ -1,12 +1,11 @@
 """The single-flight core: memory → store → in-flight futures → queue → batched upstream calls.
 
-A lookup answers from memory with no await (a batch of fresh hits needs nothing else),
-reads the rest from the store in one query, then, *with no await in between*, re-checks
-memory, joins a Future in flight or registers one and queues the id, and awaits its
-Futures with `asyncio.wait` (which never cancels them) until one deadline. The worker
-owns every fetch: it batches the queue, claims each batch through the `Coordinator`,
-calls the `ResilientUpstream`, and in one synchronous step (`_complete`) updates memory,
-resolves the Futures and drops the in-flight entries. Futures carry values, never errors.
+A lookup answers from memory with no await, reads the rest from the store in one query,
+then, *with no await in between*, re-checks memory, joins a Future in flight or registers
+one and queues the id, and awaits its Futures (never cancelling them) until one deadline.
+The worker batches the queue (crawl jobs in their own lane), claims each batch through the
+`Coordinator`, calls the `ResilientUpstream`, and in one synchronous step (`_complete`)
+updates memory, resolves the Futures and drops the in-flight entries. Futures carry values.
 """
 
 from __future__ import annotations
@@ -23,11 +22,11 @@ from app.domain import UserRecord
 from app.errors import Overloaded, ShuttingDown, StoreUnavailable, UpstreamError
 from app.gateway import coordinator as coord
 from app.gateway.admin import CacheAdmin
-from app.gateway.batching import PRIORITY_MISS, PRIORITY_REFRESH, BatchQueue
+from app.gateway.batching import PRIORITY_JOB, PRIORITY_MISS, PRIORITY_REFRESH, BatchQueue
 from app.gateway.breaker import CircuitBreaker
 from app.gateway.budget import Budget, LocalBudget, budget_windows
 from app.gateway.cache import cache_entry
-from app.gateway.flight import Fetch, PendingLookup
+from app.gateway.flight import Fetch, PendingLookup, cancel_all
 from app.gateway.memory import Memory
 from app.gateway.resilient import ResilientUpstream
 from app.gateway.results import (
@@ -78,11 +77,12 @@ class Gateway:
         )
         self.writes = WriteBehind(store, stats=self.stats, settings=settings)
         self.memory = Memory(settings)
-        self.queue = BatchQueue(settings.queue_max)
+        self.queue = BatchQueue(settings.queue_max, job_share=settings.job_share)
         self.admin = CacheAdmin(self)
         self._inflight: dict[int, Fetch] = {}
         self._slots = asyncio.Semaphore(settings.upstream_concurrency)
         self._in_hand: list[int] = []
+        self._batch_no = 0
         self._batches: set[asyncio.Task[None]] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._supervisor: asyncio.Task[None] | None = None
@@ -101,9 +101,9 @@ class Gateway:
     async def stop(self) -> None:
         """Stop taking work, let fetches finish for SHUTDOWN_GRACE_S, answer every waiter."""
         self._closing = True
-        await _cancel_all({t for t in self._tasks if t is not self._supervisor})
+        await cancel_all({t for t in self._tasks if t is not self._supervisor})
         await self.wait_idle(self.settings.shutdown_grace_s)
-        await _cancel_all(self._tasks | self._batches)
+        await cancel_all(self._tasks | self._batches)
         self.queue.clear()
         self._complete(list(self._inflight), {}, SHUTDOWN)
         await self.coordinator.close()
@@ -124,8 +124,7 @@ class Gateway:
         return True
 
     def _spawn(self, coro: Any, name: str) -> asyncio.Task[None]:
-        task = asyncio.create_task(coro, name=name)
-        self._tasks.add(task)
+        self._tasks.add(task := asyncio.create_task(coro, name=name))
         task.add_done_callback(self._tasks.discard)
         return task
 
@@ -236,8 +235,7 @@ class Gateway:
 
     def _register(self, uid: int, previous: UserRecord | None, priority: int) -> Fetch:
         future = asyncio.get_running_loop().create_future()
-        fetch = Fetch(future, previous, request_id=request_id.get())
-        self._inflight[uid] = fetch
+        fetch = self._inflight[uid] = Fetch(future, previous, request_id=request_id.get())
         self.queue.put_nowait(uid, priority)
         return fetch
 
@@ -254,8 +252,19 @@ class Gateway:
         ):
             return False
         self._register(uid, record, priority)
-        self.stats.refreshes_queued += 1
+        self.stats.refreshes_queued += priority != PRIORITY_JOB
         return True
+
+    def enlist(
+        self, user_ids: Iterable[int], previous: Mapping[int, UserRecord]
+    ) -> dict[int, Fetch | None]:
+        """A job's ids: each joins a fetch in flight or starts one in the job lane; None
+        where none can start now (known failing, breaker open, no room). No await."""
+        now = self.clock()
+        for uid in user_ids:
+            if uid not in self._inflight:
+                self.schedule_refresh(uid, previous.get(uid), PRIORITY_JOB, now)
+        return {uid: self._inflight.get(uid) for uid in user_ids}
 
     def forget(self, user_id: int) -> bool:
         """Drop an id from memory and the unsaved buffer; True if memory knew it."""
@@ -264,12 +273,10 @@ class Gateway:
 
     @property
     def processing_count(self) -> int:
-        """Ids with a fetch in flight (queued or being fetched)."""
-        return len(self._inflight)
+        return len(self._inflight)  # ids with a fetch in flight (queued or being fetched)
 
     def processing_ids(self, limit: int = 1000) -> list[int]:
-        """Up to `limit` ids with a fetch in flight."""
-        return list(itertools.islice(self._inflight, limit))
+        return list(itertools.islice(self._inflight, limit))  # up to `limit` ids in flight
 
     async def _supervise(self) -> None:
         """Run the worker; if it ever dies, fail what it held, restart it and say degraded."""
@@ -290,6 +297,7 @@ class Gateway:
         while True:
             await self._slots.acquire()
             batch = self._in_hand = []
+            self._batch_no += 1
             window_s = self.settings.batch_window_ms / 1000
             try:
                 await self.queue.next_batch(batch, self.settings.batch_size, window_s, self._take)
@@ -306,7 +314,7 @@ class Gateway:
         fetch = self._inflight.get(uid)
         if fetch is None or fetch.taken:
             return False
-        fetch.taken = True
+        fetch.taken = self._batch_no
         return True
 
     async def _run_batch(self, ids: list[int]) -> None:
@@ -316,7 +324,7 @@ class Gateway:
         default = INTERNAL
         records: list[UserRecord] = []
         gone: list[int] = []
-        # This task's log lines name the requests it serves (the first few, where cheap).
+        # Its log lines name the requests it serves (the first few, where cheap).
         waiting = {f.request_id for u in ids[:20] if (f := self._inflight.get(u)) and f.request_id}
         request_id.set(",".join(sorted(waiting)) or None)
         try:
@@ -349,10 +357,8 @@ class Gateway:
     def _complete(
         self, ids: Iterable[int], outcomes: Mapping[int, Outcome], default: Failure
     ) -> None:
-        """Outcomes into memory, Futures resolved, in-flight entries dropped: in one step.
-
-        Synchronous on purpose: a lookup sees either the in-flight entry or the result.
-        """
+        """Outcomes into memory, Futures resolved, in-flight entries dropped: in one step,
+        synchronous on purpose (a lookup sees either the in-flight entry or the result)."""
         now = self.clock()
         for uid in ids:
             outcome = self.memory.learn(uid, outcomes.get(uid, default), now)
@@ -386,15 +392,8 @@ class Gateway:
         for uid in ids:
             fetch = self._inflight.get(uid)
             if fetch is not None and fetch.taken:
-                fetch.taken = False
+                fetch.taken = 0
                 try:
                     self.queue.put_nowait(uid, PRIORITY_MISS)
                 except asyncio.QueueFull:
                     self._complete([uid], {}, INTERNAL)
-
-
-async def _cancel_all(tasks: set[asyncio.Task[None]]) -> None:
-    for task in list(tasks):
-        task.cancel()
-    if tasks:
-        await asyncio.gather(*tasks, return_exceptions=True)

@@ -148,7 +148,11 @@ def assert_clean(watch: Watch) -> None:
 @pytest.fixture
 def budgeted_gateway(tmp_path: Path, simulator: Process) -> Iterator[Process]:
     """The gateway with a budget the page can show usage against (e2e's is wide open)."""
-    budget = {"UPSTREAM_RATE_PER_MIN": "600", "UPSTREAM_RATE_PER_HOUR": "36000", "UPSTREAM_BURST": "60"}
+    budget = {
+        "UPSTREAM_RATE_PER_MIN": "600",
+        "UPSTREAM_RATE_PER_HOUR": "36000",
+        "UPSTREAM_BURST": "60",
+    }
     process = start_gateway(tmp_path, simulator, LOG_LEVEL="INFO", **budget)
     process.start()
     yield process

@@ -128,7 +128,8 @@ def test_two_processes_share_fetches_evictions_and_memory(
 def test_one_budget_is_shared_by_every_process(
     simulator: Process, start_gateways: StartGateways
 ) -> None:
-    """62 a minute with a burst of 2 (one a second after it), for two processes together: counted at the simulator."""
+    """62 a minute, a burst of 2 then one a second, for two processes together: counted at
+    the simulator."""
     sim_configure(simulator, latency_ms=0)
     env = {"UPSTREAM_RATE_PER_MIN": "62", "UPSTREAM_BURST": "2", "BATCH_WINDOW_MS": "0"}
     a, b = start_gateways(2, **env)

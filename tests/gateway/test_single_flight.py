@@ -224,16 +224,17 @@ async def test_a_crashed_worker_is_restarted_and_health_says_degraded(
     running = await start_app()
     gateway = running.gateway
     # No seam reaches inside the worker, so a bug is planted in its queue: the first
-    # batch it gathers blows up in its hands (the worker is already awaiting the first id,
-    # so the bug sits in the step after it).
+    # batch it gathers blows up in its hands, after the ids were taken off the queue.
     real_drain = gateway.queue._drain
     crashes: list[list[int]] = []
 
-    def crash_once(batch: list[int], size: int, accept: Callable[[int], bool]) -> None:
+    def crash_once(
+        batch: list[int], size: int, accept: Callable[[int], bool], order: tuple[int, ...]
+    ) -> None:
+        real_drain(batch, size, accept, order)
         if not crashes:
             crashes.append(batch[:])
             raise RuntimeError("bug in the worker")
-        real_drain(batch, size, accept)
 
     monkeypatch.setattr(gateway.queue, "_drain", crash_once)
     body = await running.lookup(71)
