@@ -1,4 +1,5 @@
-"""`python -m app [serve|check]`: run the gateway, or test the Freelancer credentials."""
+"""`python -m app [serve|check|jobs]`: run the gateway, test the Freelancer credentials, or
+manage crawl jobs on a running gateway."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from app.errors import (
     UpstreamTimeout,
     UserNotFound,
 )
+from app.jobs import cli as jobs_cli
 from app.logs import configure_logging
 from app.upstream import FreelancerClient, create_http_client
 
@@ -106,10 +108,13 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("serve", help="run the gateway (the default)")
     check_cmd = commands.add_parser("check", help="test the Freelancer credentials")
     check_cmd.add_argument("--user-id", type=int, default=CHECK_USER_ID)
+    jobs_cli.add_parser(commands)
     args = parser.parse_args(argv)
     settings = Settings()
     if args.command == "check":
         return asyncio.run(check(settings, args.user_id))
+    if args.command == "jobs":
+        return jobs_cli.run(args, settings)
     try:
         serve(settings)
     except ConfigError as exc:

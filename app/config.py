@@ -92,6 +92,10 @@ class Settings(BaseSettings):
     webhook_secret: SecretStr | None = None
     webhook_timeout_s: float = Field(5.0, gt=0)
 
+    # The `python -m app jobs` command line: which gateway it talks to, with which key.
+    gateway_url: str = "http://127.0.0.1:8000"
+    gateway_api_key: SecretStr | None = None
+
     # Failure handling
     breaker_failures: int = Field(5, ge=1)
     breaker_cooldown_s: float = Field(30.0, gt=0)

@@ -105,6 +105,23 @@ class UserNotFound(GatewayError):
     code = "not_found"
 
 
+class JobNotFound(GatewayError):
+    status_code = 404
+    code = "not_found"
+
+
+class JobConflict(GatewayError):
+    """The action does not fit the job's state (retry a running job, cancel a finished one)."""
+
+    status_code = 409
+    code = "conflict"
+
+
+class UnsupportedMediaType(GatewayError):
+    status_code = 415
+    code = "unsupported_media_type"
+
+
 class Overloaded(GatewayError):
     status_code = 503
     code = "overloaded"

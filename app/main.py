@@ -23,12 +23,14 @@ from app.errors import ConfigError, GatewayError
 from app.gateway import Gateway
 from app.gateway.budget import Budget, budget_windows
 from app.gateway.coordinator import Coordinator
+from app.jobs.runner import JobRunner
+from app.jobs.store import create_job_store
 from app.logs import add_secrets, configure_logging
-from app.metrics import KeyUsageCollector, create_registry
+from app.metrics import JobCollector, KeyUsageCollector, create_registry
 from app.middleware import GatewayMiddleware, RequestMetrics, error_response
 from app.openapi import customize_openapi
 from app.quotas import ClientLimits
-from app.routers import cache, dashboard, monitoring, users
+from app.routers import cache, dashboard, jobs, monitoring, users
 from app.store import UserStore, create_store
 from app.upstream import FreelancerClient, create_http_client
 
@@ -78,7 +80,7 @@ def create_app(
     app.state.store = store
     app.state.upstream_transport = upstream_transport
     app.state.clock = clock
-    app.state.gateway = None
+    app.state.gateway = app.state.jobs = None
     keys = KeyRing(load_keys(settings))
     check_protected_mode(settings, keys)
     app.state.keys = keys
@@ -91,11 +93,15 @@ def create_app(
     app.state.key_usage = limits.snapshot
     request_metrics = RequestMetrics()
     app.state.registry = create_registry(
-        lambda: app.state.gateway, request_metrics, KeyUsageCollector(limits)
+        lambda: app.state.gateway,
+        request_metrics,
+        KeyUsageCollector(limits),
+        JobCollector(lambda: app.state.jobs),
     )
     app.router.routes.insert(0, users.hot_route)
     app.include_router(users.router)
     app.include_router(cache.router)
+    app.include_router(jobs.router)
     app.include_router(monitoring.router)
     app.include_router(dashboard.router)
     install_docs(app)
@@ -105,6 +111,7 @@ def create_app(
     app.add_middleware(
         GatewayMiddleware,
         max_bytes=settings.max_body_bytes,
+        large_bodies={"/api/jobs": settings.job_max_body_bytes},
         metrics=request_metrics,
         keys=keys,
         limits=limits,
@@ -151,6 +158,9 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         )
         await gateway.start()
         app.state.gateway = gateway
+        runner = JobRunner(gateway, create_job_store(settings, store), clock=clock)
+        await runner.start()
+        app.state.jobs = runner
         log.info(
             "gateway started: store=%s upstream=%s batch_size=%d concurrency=%d",
             store.kind,
@@ -161,7 +171,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         try:
             yield
         finally:
-            app.state.gateway = None
+            app.state.gateway = app.state.jobs = None
+            await runner.stop()
             await gateway.stop()
             log.info("gateway stopped")
 

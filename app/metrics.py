@@ -9,6 +9,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from app.gateway import Gateway, health
+from app.jobs.model import STATUSES
+from app.jobs.runner import JobRunner
 from app.quotas import ClientLimits
 
 COUNTERS = {
@@ -80,6 +82,39 @@ class GatewayCollector(Collector):
         for name in ("ok", "throttled", "open"):
             state.add_metric([name], 1 if upstream_state == name else 0)
         yield state
+        windows = gateway.budget.windows()
+        for field, doc in (
+            ("limit", "Calls Freelancer allows per window."),
+            ("remaining", "Calls left in each window now (as of the last check)."),
+        ):
+            family = GaugeMetricFamily(f"gateway_budget_{field}", doc, labels=["window"])
+            for window in windows:
+                family.add_metric([window.name], getattr(window, field))
+            yield family
+
+
+class JobCollector(Collector):
+    """Crawl jobs under `gateway_jobs_`: jobs by status, ids done, upstream calls."""
+
+    def __init__(self, runner: Callable[[], JobRunner | None]) -> None:
+        self._runner = runner
+
+    def collect(self) -> Iterator[Metric]:
+        runner = self._runner()
+        if runner is None:
+            return
+        family = GaugeMetricFamily("gateway_jobs", "Jobs by status.", labels=["status"])
+        for status in STATUSES:
+            family.add_metric([status], runner.by_status.get(status, 0))
+        yield family
+        yield CounterMetricFamily(
+            "gateway_job_ids_done", "Job ids recorded done by this process.", runner.ids_done
+        )
+        yield CounterMetricFamily(
+            "gateway_job_upstream_calls",
+            "Upstream calls job ids went out in.",
+            runner.upstream_calls,
+        )
 
 
 def create_registry(

@@ -92,6 +92,7 @@ class GatewayMiddleware:
         app: ASGIApp,
         *,
         max_bytes: int,
+        large_bodies: dict[str, int] | None = None,
         metrics: RequestMetrics,
         keys: KeyRing,
         limits: ClientLimits,
@@ -100,6 +101,7 @@ class GatewayMiddleware:
     ) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.large_bodies = large_bodies or {}
         self.metrics = metrics
         self.keys = keys
         self.limits = limits
@@ -131,15 +133,16 @@ class GatewayMiddleware:
             await send(message)
 
         try:
-            if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
-                raise self._too_large()
             path: str = scope["path"]
+            limit = self.large_bodies.get(path, self.max_bytes)
+            if length is not None and (not length.isdigit() or int(length) > limit):
+                raise _too_large(limit)
             if path.startswith("/api/") or (path == "/metrics" and self.metrics_require_key):
                 address = scope["client"][0] if scope.get("client") else "unknown"
                 client = scope["gateway.client"] = self.keys.identify(scope["headers"], address)
                 await self.limits.admit(client)
             # The server holds a body with a Content-Length to it: only others are counted.
-            await self.app(scope, receive if length else self._limited(receive), send_with_id)
+            await self.app(scope, receive if length else _limited(receive, limit), send_with_id)
         except GatewayError as exc:  # raised here, before the app answered
             if status:
                 raise
@@ -147,23 +150,6 @@ class GatewayMiddleware:
         finally:
             self._finish(scope, status or 500, started, client)
             request_id.reset(token)
-
-    def _too_large(self) -> PayloadTooLarge:
-        return PayloadTooLarge(f"the request body must be at most {self.max_bytes} bytes")
-
-    def _limited(self, receive: Receive) -> Receive:
-        received = 0
-
-        async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise self._too_large()
-            return message
-
-        return limited_receive
 
     def _finish(self, scope: Scope, status: int, started: float, client: Client | None) -> None:
         # The route's template (`/api/users/{user_id}`), never the raw path: the label
@@ -185,6 +171,26 @@ class GatewayMiddleware:
                     "key": client.name if client else None,
                 },
             )
+
+
+def _too_large(limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(f"the request body must be at most {limit} bytes")
+
+
+def _limited(receive: Receive, limit: int) -> Receive:
+    """`receive`, refusing a body (sent without a Content-Length) past `limit` bytes."""
+    received = 0
+
+    async def limited_receive() -> Message:
+        nonlocal received
+        message = await receive()
+        if message["type"] == "http.request":
+            received += len(message.get("body", b""))
+            if received > limit:
+                raise _too_large(limit)
+        return message
+
+    return limited_receive
 
 
 def error_response(exc: GatewayError) -> Response:

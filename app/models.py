@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 import orjson
@@ -103,26 +104,31 @@ class ErrorResponse(BaseModel):
 REVALIDATE_ONE_OF = "give exactly one of user_ids or older_than_s"
 
 
-def _revalidate_schema(schema: dict[str, Any]) -> None:
-    """Say "exactly one of the two fields" in the schema: `oneOf`, each alternative closed.
+def one_of(*names: str) -> Callable[[dict[str, Any]], None]:
+    """A schema hook saying "exactly one of `names`": `oneOf`, each alternative closed and
+    holding the other fields too. The alternatives' fields are optional only in that one of
+    them is given; none takes null."""
 
-    The fields are optional only in that one of them is given; neither takes null.
-    """
-    properties = schema["properties"]
-    for prop in properties.values():
-        branches = [b for b in prop.pop("anyOf", []) if b.get("type") != "null"]
-        prop.pop("default", None)
-        if branches:
-            prop.update(branches[0])
-    schema["oneOf"] = [
-        {
-            "type": "object",
-            "properties": {name: properties[name]},
-            "required": [name],
-            "additionalProperties": False,
-        }
-        for name in properties
-    ]
+    def hook(schema: dict[str, Any]) -> None:
+        properties = schema["properties"]
+        for name in names:
+            prop = properties[name]
+            branches = [b for b in prop.pop("anyOf", []) if b.get("type") != "null"]
+            prop.pop("default", None)
+            if branches:
+                prop.update(branches[0])
+        shared = {k: v for k, v in properties.items() if k not in names}
+        schema["oneOf"] = [
+            {
+                "type": "object",
+                "properties": {name: properties[name], **shared},
+                "required": [name],
+                "additionalProperties": False,
+            }
+            for name in names
+        ]
+
+    return hook
 
 
 class RevalidateRequest(BaseModel):
@@ -131,7 +137,7 @@ class RevalidateRequest(BaseModel):
     Exactly one of the two fields.
     """
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra=_revalidate_schema)
+    model_config = ConfigDict(extra="forbid", json_schema_extra=one_of("user_ids", "older_than_s"))
 
     user_ids: list[UserId] | None = Field(None, min_length=1, max_length=1000)
     older_than_s: float | None = Field(None, strict=True, ge=0, le=10 * 365 * 86400)
@@ -169,6 +175,24 @@ class ClearExpiredResponse(BaseModel):
     removed: int = Field(description="Users removed from the store")
 
 
+class BudgetWindow(BaseModel):
+    """One of Freelancer's limits: calls allowed per period, and what is left of it now."""
+
+    name: str = Field(examples=["minute"])
+    limit: float
+    period_s: float
+    remaining: int
+
+
+class JobStats(BaseModel):
+    """Crawl jobs: how many in each status, and what the runner did since start."""
+
+    by_status: dict[str, int]
+    ids_done: int = Field(description="Job ids this process recorded as done since start")
+    upstream_calls: int = Field(description="Upstream calls job ids went out in")
+    running_here: bool = Field(description="This process runs the deployment's jobs")
+
+
 class Health(BaseModel):
     message: str = "Freelancer user-info gateway is running"
     status: Literal["healthy", "degraded"]
@@ -185,6 +209,7 @@ class Health(BaseModel):
         description="redis: the processes of the deployment share fetches, budget and cache"
     )
     processes: int = Field(description="Processes of the deployment seen alive lately")
+    budget: list[BudgetWindow] = Field(description="Freelancer's minute and hour windows")
 
 
 class QueueInfo(BaseModel):
@@ -236,6 +261,8 @@ class Stats(BaseModel):
     store_save_failures: int
     worker_restarts: int
     keys: list[KeyUsage] = Field(description="Usage per client")
+    budget: list[BudgetWindow] = Field(description="Freelancer's minute and hour windows")
+    jobs: JobStats | None = Field(description="Crawl jobs; null while the runner is down")
 
 
 def users_request_schema(max_ids: int) -> dict[str, Any]:

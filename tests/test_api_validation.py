@@ -135,7 +135,7 @@ async def test_every_request_body_is_closed_in_the_schema(
             assert body["additionalProperties"] is False, (method, path)
             for alternative in body.get("oneOf", []):
                 assert alternative["additionalProperties"] is False, (method, path)
-    assert bodies == 3  # POST /api/users, /api/cache/revalidate, /api/users/revalidate
+    assert bodies == 4  # POST /api/users, /api/jobs, /api/cache/revalidate, /api/users/revalidate
 
 
 async def test_revalidation_takes_exactly_one_field(

@@ -73,6 +73,10 @@ async def test_health_queue_stats_and_metrics_answer(
         "auth": "open",
         "coordination": "local",
         "processes": 1,
+        "budget": [  # the test budget's burst is 1000, refilled within ms of the one call
+            {"name": "minute", "limit": 60_000, "period_s": 60, "remaining": 1000},
+            {"name": "hour", "limit": 3_600_000, "period_s": 3600, "remaining": 1000},
+        ],
     }
     queue = (await running.client.get("/api/queue")).json()
     assert queue == {
@@ -90,6 +94,8 @@ async def test_health_queue_stats_and_metrics_answer(
     assert "gateway_upstream_calls_total 1.0" in metrics
     assert "gateway_cache_hits_total 2.0" in metrics
     assert 'route="/api/users"' in metrics
+    assert 'gateway_budget_limit{window="hour"} 3.6e+06' in metrics
+    assert 'gateway_jobs{status="running"} 0.0' in metrics
     assert "test-token" not in metrics
     assert (await running.client.get("/readyz")).json() == {"status": "ready"}
 

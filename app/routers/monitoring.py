@@ -7,8 +7,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app.dependencies import GatewayDep
 from app.errors import StoreUnavailable
+from app.gateway import Gateway
 from app.gateway import health as gateway_health
-from app.models import ErrorResponse, Health, QueueInfo, Stats
+from app.jobs.runner import JobRunner
+from app.models import BudgetWindow, ErrorResponse, Health, JobStats, QueueInfo, Stats
 
 router = APIRouter(tags=["monitoring"])
 
@@ -28,6 +30,7 @@ async def health(request: Request, gateway: GatewayDep) -> Health:
         auth="open" if request.app.state.keys.open else "keys",
         coordination=gateway.coordinator.kind,
         processes=gateway.coordinator.live_processes,
+        budget=await budget_windows(gateway),
     )
 
 
@@ -80,7 +83,26 @@ async def stats(request: Request, gateway: GatewayDep) -> Stats:
         processing_count=gateway.processing_count,
         upstream_state=gateway_health.upstream_state(gateway),
         keys=request.app.state.limits.snapshot(),
+        budget=await budget_windows(gateway),
+        jobs=job_stats(request.app.state.jobs),
         **gateway.stats.snapshot(),
+    )
+
+
+async def budget_windows(gateway: Gateway) -> list[BudgetWindow]:
+    """Each budget window as it stands now (a shared budget is asked first)."""
+    await gateway.budget.refresh()
+    return [BudgetWindow.model_validate(w, from_attributes=True) for w in gateway.budget.windows()]
+
+
+def job_stats(runner: JobRunner | None) -> JobStats | None:
+    if runner is None:
+        return None
+    return JobStats(
+        by_status=runner.by_status,
+        ids_done=runner.ids_done,
+        upstream_calls=runner.upstream_calls,
+        running_here=runner.gateway.coordinator.leads(),
     )
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Collection, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -42,6 +42,11 @@ class MongoUserStore:
         self._users = client[database][collection]
         self.timeout_s = timeout_s
         self._owns_client = owns_client
+
+    @property
+    def client(self) -> AsyncMongoClient[dict[str, Any]]:
+        """The client: the job store shares it (app.jobs.store.create_job_store)."""
+        return self._client
 
     async def open(self) -> None:
         """Create the indexes (idempotent); fails while the server cannot be reached."""
@@ -121,15 +126,19 @@ class MongoUserStore:
             documents = await cursor.to_list(None)
         return [_record(doc) for doc in documents]
 
-    @asynccontextmanager
-    async def _guard(self) -> AsyncIterator[None]:
-        """Bound the operation in time; driver errors become StoreUnavailable (no URL in it)."""
-        try:
-            async with asyncio.timeout(self.timeout_s):
-                yield
-        except (PyMongoError, TimeoutError) as exc:
-            reason = "timed out" if isinstance(exc, TimeoutError) else type(exc).__name__
-            raise StoreUnavailable(f"MongoDB store failed: {reason}; check MONGODB_URL") from exc
+    def _guard(self) -> AbstractAsyncContextManager[None]:
+        return failures(self.timeout_s)
+
+
+@asynccontextmanager
+async def failures(timeout_s: float) -> AsyncIterator[None]:
+    """Bound the operation in time; driver errors become StoreUnavailable (no URL in it)."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            yield
+    except (PyMongoError, TimeoutError) as exc:
+        reason = "timed out" if isinstance(exc, TimeoutError) else type(exc).__name__
+        raise StoreUnavailable(f"MongoDB store failed: {reason}; check MONGODB_URL") from exc
 
 
 def _datetime(ts: float) -> datetime:

@@ -1,11 +1,16 @@
-"""The embedded store: one SQLite file (WAL), one table keyed by user_id, through aiosqlite."""
+"""The embedded store: one SQLite file (WAL), one table keyed by user_id, through aiosqlite.
+
+Every read is one `execute_fetchall` (one trip to the connection's thread): a cursor left
+open across an await would hold a read snapshot, and a write on the same connection after
+another connection committed would then fail at once with "database is locked".
+"""
 
 from __future__ import annotations
 
 import asyncio
 import sqlite3
 from collections.abc import AsyncIterator, Collection, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -70,17 +75,7 @@ class SqliteUserStore:
         if self._db is not None:
             return
         async with self._failures():
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            db = await aiosqlite.connect(self.path)
-            try:
-                await db.execute("PRAGMA journal_mode=WAL")
-                await db.execute("PRAGMA synchronous=NORMAL")
-                await db.executescript(SCHEMA)
-                await db.commit()
-            except BaseException:
-                await db.close()
-                raise
-            self._db = db
+            self._db = await connect(self.path, SCHEMA)
 
     async def close(self) -> None:
         """Close the connection, if open."""
@@ -103,9 +98,9 @@ class SqliteUserStore:
             for start in range(0, len(ids), CHUNK):
                 chunk = ids[start : start + CHUNK]
                 marks = ",".join("?" * len(chunk))
-                async with db.execute(f"{SELECT} WHERE user_id IN ({marks})", chunk) as cursor:
-                    for row in await cursor.fetchall():
-                        found[row[0]] = _record(row)
+                rows = await db.execute_fetchall(f"{SELECT} WHERE user_id IN ({marks})", chunk)
+                for row in rows:
+                    found[row[0]] = _record(row)
         return found
 
     async def upsert_many(self, users: Sequence[UserRecord]) -> None:
@@ -126,9 +121,9 @@ class SqliteUserStore:
 
     async def count(self) -> int:
         """How many users are stored."""
-        async with self._guard() as db, db.execute("SELECT COUNT(*) FROM users") as cursor:
-            row = await cursor.fetchone()
-        return int(row[0]) if row else 0
+        async with self._guard() as db:
+            rows = list(await db.execute_fetchall("SELECT COUNT(*) FROM users"))
+        return int(rows[0][0]) if rows else 0
 
     async def delete_fetched_before(self, cutoff: float) -> int:
         """Remove users fetched before `cutoff`; how many went."""
@@ -140,32 +135,56 @@ class SqliteUserStore:
     async def fetched_before(self, cutoff: float, *, limit: int) -> list[UserRecord]:
         """Up to `limit` users fetched before `cutoff`, oldest first."""
         query = f"{SELECT} WHERE fetched_at < ? ORDER BY fetched_at LIMIT ?"
-        async with self._guard() as db, db.execute(query, (cutoff, limit)) as cursor:
-            return [_record(row) for row in await cursor.fetchall()]
+        async with self._guard() as db:
+            return [_record(row) for row in await db.execute_fetchall(query, (cutoff, limit))]
 
-    @asynccontextmanager
-    async def _guard(self) -> AsyncIterator[aiosqlite.Connection]:
-        """The open connection, within the failure boundary."""
-        async with self._failures():
-            if self._db is None:
-                raise StoreUnavailable(
-                    f"SQLite store at {self.path} is not open; check SQLITE_PATH"
-                )
-            yield self._db
+    def _guard(self) -> AbstractAsyncContextManager[aiosqlite.Connection]:
+        return guard(self._db, self.path, self.timeout_s)
 
-    @asynccontextmanager
-    async def _failures(self) -> AsyncIterator[None]:
-        """Bound the operation in time and turn every failure into StoreUnavailable."""
-        try:
-            async with asyncio.timeout(self.timeout_s):
-                yield
-        except (sqlite3.Error, OSError, ValueError, TimeoutError) as exc:
-            reason = (
-                "timed out" if isinstance(exc, TimeoutError) else str(exc) or type(exc).__name__
-            )
-            raise StoreUnavailable(
-                f"SQLite store at {self.path} failed: {reason}; check SQLITE_PATH"
-            ) from exc
+    def _failures(self) -> AbstractAsyncContextManager[None]:
+        return failures(self.path, self.timeout_s)
+
+
+@asynccontextmanager
+async def guard(
+    db: aiosqlite.Connection | None, path: Path, timeout_s: float
+) -> AsyncIterator[aiosqlite.Connection]:
+    """The open connection `db`, within the failure boundary."""
+    async with failures(path, timeout_s):
+        if db is None:
+            raise StoreUnavailable(f"SQLite store at {path} is not open; check SQLITE_PATH")
+        yield db
+
+
+@asynccontextmanager
+async def failures(path: Path, timeout_s: float) -> AsyncIterator[None]:
+    """Bound the operation in time and turn every failure into StoreUnavailable."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            yield
+    except (sqlite3.Error, OSError, ValueError, TimeoutError) as exc:
+        reason = "timed out" if isinstance(exc, TimeoutError) else str(exc) or type(exc).__name__
+        raise StoreUnavailable(
+            f"SQLite store at {path} failed: {reason}; check SQLITE_PATH"
+        ) from exc
+
+
+async def connect(path: Path, schema: str) -> aiosqlite.Connection:
+    """A connection to the file at `path` in WAL mode, with `schema` created."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # BEGIN IMMEDIATE for every write: a deferred transaction that reads before it writes
+    # fails at once ("database is locked") when the jobs' connection wrote in between,
+    # instead of waiting its turn as an immediate one does.
+    db = await aiosqlite.connect(path, isolation_level="IMMEDIATE")
+    try:
+        await db.execute("PRAGMA journal_mode=WAL")
+        await db.execute("PRAGMA synchronous=NORMAL")
+        await db.executescript(schema)
+        await db.commit()
+    except BaseException:
+        await db.close()
+        raise
+    return db
 
 
 def _record(row: Any) -> UserRecord:

@@ -13,6 +13,9 @@ import pytest
 from mongomock_motor import AsyncMongoMockClient
 from pymongo import AsyncMongoClient
 
+from app.jobs.mongo import MongoJobStore
+from app.jobs.sqlite import SqliteJobStore
+from app.jobs.store import JobStore
 from app.store import SqliteUserStore, UserStore
 from app.store.mongo import MongoUserStore
 
@@ -55,6 +58,30 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
             pytest.skip("TEST_MONGODB_URL not set: no MongoDB server on this machine")
         client = AsyncMongoClient(url, tz_aware=True, serverSelectionTimeoutMS=3000)
         opened = MongoUserStore(client, database=database, owns_client=False)
+    await opened.open()
+    yield opened
+    await opened.close()
+    if client is not None:
+        await client.drop_database(database)
+        await client.close()
+
+
+@pytest.fixture(params=["sqlite", "mongomock", "mongodb"])
+async def job_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[JobStore]:
+    """Each job store, opened, closed after the test."""
+    database = f"gateway_test_{uuid.uuid4().hex[:8]}"
+    client: AsyncMongoClient[dict[str, Any]] | None = None
+    if request.param == "sqlite":
+        opened: JobStore = SqliteJobStore(tmp_path / "users.db")
+    elif request.param == "mongomock":
+        mock: Any = AsyncMongoMockClient(tz_aware=True)
+        opened = MongoJobStore(mock, database=f"test_{uuid.uuid4().hex[:8]}")
+    else:
+        url = os.environ.get("TEST_MONGODB_URL")
+        if not url:
+            pytest.skip("TEST_MONGODB_URL not set: no MongoDB server on this machine")
+        client = AsyncMongoClient(url, tz_aware=True, serverSelectionTimeoutMS=3000)
+        opened = MongoJobStore(client, database=database)
     await opened.open()
     yield opened
     await opened.close()

@@ -1,0 +1,78 @@
+"""What a crawl job is: its record, its states, and the state of each of its ids."""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, fields
+from typing import Any, Literal, get_args
+
+JobStatus = Literal["pending", "running", "completed", "failed", "cancelled"]
+Priority = Literal["high", "normal", "low"]
+WebhookState = Literal["pending", "delivered", "failed"]
+STATUSES: tuple[JobStatus, ...] = get_args(JobStatus)
+ACTIVE: tuple[JobStatus, ...] = ("pending", "running")
+FINISHED: tuple[JobStatus, ...] = ("completed", "failed", "cancelled")
+PRIORITY_RANK: dict[str, int] = {"high": 0, "normal": 1, "low": 2}
+
+# One id of a job: waiting, or how it ended.
+PENDING, FOUND, NOT_FOUND, FAILED = 0, 1, 2, 3
+ITEM_STATES = {FOUND: "found", NOT_FOUND: "not_found", FAILED: "failed"}
+
+
+@dataclass(slots=True)
+class Job:
+    """A job as the store keeps it. Times are Unix seconds; counters cover every id."""
+
+    job_id: str
+    status: str
+    priority: str
+    total: int
+    materialised: int
+    """Ids written as items so far: a list's all at once, a range's chunk by chunk."""
+    range_first: int | None = None
+    """First id of an `id_range` job (its items are `range_first + seq`)."""
+    label: str | None = None
+    owner: str | None = None
+    max_age_s: float = 86400.0
+    callback_url: str | None = None
+    done: int = 0
+    found: int = 0
+    not_found: int = 0
+    failed: int = 0
+    upstream_calls: int = 0
+    created_at: float = 0.0
+    started_at: float | None = None
+    updated_at: float = 0.0
+    finished_at: float | None = None
+    error: str | None = None
+    webhook: str | None = None
+    webhook_attempts: int = 0
+    webhook_error: str | None = None
+    webhook_next_at: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """Every field, for a store to write."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @property
+    def rank(self) -> int:
+        """Its priority as a sort key: high first."""
+        return PRIORITY_RANK.get(self.priority, 1)
+
+
+JOB_FIELDS = tuple(f.name for f in fields(Job))
+
+
+def new_job_id(now: float) -> str:
+    """An id that sorts by creation time (newest last), unguessable in its second half."""
+    return f"{int(now * 1000):012x}{secrets.token_hex(8)}"
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    """One id of a job: its position in the job, the id, its state, and why it failed."""
+
+    seq: int
+    user_id: int
+    state: int
+    reason: str | None = None

@@ -1,0 +1,332 @@
+"""The job runner: advances every active job a chunk at a time through the gateway's job lane.
+
+One runner per deployment works (the process that holds the coordinator's lead). Each
+round it takes the active jobs of the highest priority present and hands each of them one
+chunk (round robin), at most UPSTREAM_CONCURRENCY - 1 chunks at once, so a waiting
+client always finds a fetch slot free. A chunk is answered from memory and the store
+where fresh enough (`max_age_s`), and the rest joins the gateway's single-flight path in
+the job lane (`Gateway.enlist`). Before it does, the runner leaves a reserve of each
+budget window to interactive misses, unless jobs are getting less than JOB_SHARE of the
+calls. Results are written to the store chunk by chunk: after a crash, a job resumes at
+its first pending id, and what was saved is not fetched again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Coroutine, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from app.clock import Clock
+from app.errors import StoreUnavailable
+from app.gateway import Gateway
+from app.gateway.budget import budget_windows
+from app.gateway.cache import fetched_at, record_of
+from app.gateway.flight import cancel_all
+from app.gateway.results import NOT_FOUND, Failure
+from app.jobs.model import ACTIVE, FAILED, FOUND, Item, Job
+from app.jobs.model import NOT_FOUND as ITEM_NOT_FOUND
+from app.jobs.store import JobStore
+from app.jobs.webhook import Webhooks
+
+log = logging.getLogger("app.jobs")
+
+POLL_S = 1.0
+"""How often an idle runner looks for new jobs (a submission wakes it at once)."""
+MATERIALISE_CHUNK = 10_000
+"""Ids of a range written as items at a time."""
+STATUS_EVERY_S = 5.0
+SHARE_WINDOW_S = 60.0
+PAUSE_S = 1.0
+"""How long a job waits when a chunk could start nothing (breaker open, ids failing)."""
+
+
+@dataclass(slots=True)
+class Progress:
+    """What the runner knows of one job between rounds (lost on restart, by design)."""
+
+    cursor: int = -1
+    """The last `seq` handed to a chunk: the next chunk reads after it."""
+    chunks: int = 0
+    not_before: float = 0.0
+    attempts: dict[int, int] = field(default_factory=dict)
+    rate: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=30))
+    """(monotonic time, ids done) samples: the job's recent speed."""
+
+    def ids_per_s(self) -> float | None:
+        if len(self.rate) < 2 or self.rate[-1][0] <= self.rate[0][0]:
+            return None
+        (t0, n0), (t1, n1) = self.rate[0], self.rate[-1]
+        return (n1 - n0) / (t1 - t0)
+
+
+class JobRunner:
+    """Runs jobs in the background of one gateway process."""
+
+    def __init__(self, gateway: Gateway, store: JobStore, *, clock: Clock) -> None:
+        self.gateway = gateway
+        self.store = store
+        self.clock = clock
+        settings = gateway.settings
+        self.settings = settings
+        self.reserve = max(1, settings.upstream_burst // 2)
+        self.webhooks = Webhooks(store, settings, clock=clock)
+        self.progress: dict[str, Progress] = {}
+        self.by_status: dict[str, int] = {}
+        self.ids_done = 0
+        self.upstream_calls = 0
+        self._lane = asyncio.Semaphore(max(1, settings.upstream_concurrency - 1))
+        self._wake = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._chunks: set[asyncio.Task[None]] = set()
+        self._share: deque[tuple[float, int, int]] = deque()
+        self._status_at = 0.0
+
+    async def start(self) -> None:
+        """Open the job store (retrying in the background while it fails), start the loops."""
+        with contextlib.suppress(StoreUnavailable):
+            await self.store.open()
+        self._spawn(self._run(), "job-runner")
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def stop(self) -> None:
+        """Stop taking chunks; chunks in flight are abandoned (their ids stay pending)."""
+        await cancel_all(self._tasks | self._chunks)
+        await self.webhooks.close()
+        await self.store.close()
+
+    def wake(self) -> None:
+        """A job was submitted or changed: look now, not at the next poll."""
+        self._wake.set()
+
+    def eta_s(self, job: Job) -> float | None:
+        """Seconds until the job is done, from the budget left and its recent speed."""
+        if job.status not in ACTIVE:
+            return None
+        left = job.total - job.done
+        calls = math.ceil(left / self.settings.batch_size)
+        rates = {w.name: w for w in budget_windows(self.settings)}
+        budget_s = 0.0
+        for state in self.gateway.budget.windows():
+            window = rates.get(state.name)
+            if window is not None and calls > state.remaining:
+                budget_s = max(budget_s, (calls - state.remaining) / window.rate_per_s)
+        progress = self.progress.get(job.job_id)
+        speed = progress.ids_per_s() if progress else None
+        return round(max(budget_s, left / speed if speed else 0.0), 1)
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.store.open()
+                break
+            except StoreUnavailable as exc:
+                log.warning("jobs wait for the store: %s", exc)
+                await asyncio.sleep(POLL_S * 5)
+        self._spawn(self.webhooks.run(), "job-webhooks")
+        while True:
+            moved = False
+            try:
+                await self._count_statuses()
+                if self.gateway.coordinator.leads():
+                    moved = await self._round()
+            except StoreUnavailable as exc:
+                log.warning("jobs paused: %s", exc)
+            except Exception:
+                log.exception("job runner round failed; retrying")
+            if not moved:
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(POLL_S):
+                        await self._wake.wait()
+
+    async def _count_statuses(self) -> None:
+        now = time.monotonic()
+        if now - self._status_at >= STATUS_EVERY_S:
+            self.by_status = await self.store.count_by_status()
+            self._status_at = now
+
+    async def _round(self) -> bool:
+        """One chunk for each ready job of the highest priority present; True if any."""
+        jobs = await self.store.active()
+        for gone in set(self.progress) - {j.job_id for j in jobs}:
+            if not self.progress[gone].chunks:
+                del self.progress[gone]
+        now = time.monotonic()
+        ready = [j for j in jobs if self._progress(j).not_before <= now]
+        if not ready:
+            return False
+        rank = min(j.rank for j in ready)
+        moved = False
+        for job in (j for j in ready if j.rank == rank):
+            if job.status == "pending":
+                changes = {"status": "running", "started_at": job.started_at or self.clock()}
+                await self.store.update(job.job_id, changes, only_if=("pending",))
+            await self._lane.acquire()
+            try:
+                items = await self._next_chunk(job)
+            except BaseException:
+                self._lane.release()
+                raise
+            if not items:
+                self._lane.release()
+                continue
+            progress = self._progress(job)
+            progress.cursor = items[-1].seq
+            progress.chunks += 1
+            task = asyncio.create_task(self._chunk(job, items), name="job-chunk")
+            self._chunks.add(task)
+            task.add_done_callback(self._chunks.discard)
+            moved = True
+        return moved
+
+    def _progress(self, job: Job) -> Progress:
+        return self.progress.setdefault(job.job_id, Progress())
+
+    async def _next_chunk(self, job: Job) -> list[Item]:
+        """The next pending items after the cursor, materialising a range as needed; when
+        there are none, finish the job (or go round again for ids left pending)."""
+        progress = self._progress(job)
+        size = self.settings.batch_size
+        items = await self.store.pending_items(job.job_id, after=progress.cursor, limit=size)
+        if not items and job.range_first is not None and job.materialised < job.total:
+            count = min(MATERIALISE_CHUNK, job.total - job.materialised)
+            first = job.range_first + job.materialised
+            await self.store.materialise(job.job_id, job.materialised, range(first, first + count))
+            items = await self.store.pending_items(job.job_id, after=progress.cursor, limit=size)
+        if items or progress.chunks:
+            return items
+        if progress.cursor >= 0:  # ids left pending behind the cursor: go round again
+            progress.cursor = -1
+            return await self.store.pending_items(job.job_id, after=-1, limit=size)
+        await self._finish(job, "completed")
+        return []
+
+    async def _finish(self, job: Job, status: str, error: str | None = None) -> None:
+        now = self.clock()
+        changes: dict[str, object] = {"status": status, "finished_at": now, "updated_at": now}
+        if error is not None:
+            changes["error"] = error
+        if job.callback_url:
+            changes |= {"webhook": "pending", "webhook_next_at": now, "webhook_attempts": 0}
+        if await self.store.update(job.job_id, changes, only_if=ACTIVE):
+            log.info("job %s %s: %s", job.job_id, status, error or "every id done")
+            self.progress.pop(job.job_id, None)
+            self.webhooks.wake()
+
+    async def _chunk(self, job: Job, items: list[Item]) -> None:
+        progress = self._progress(job)
+        try:
+            done, calls, error = await self._resolve(job, items, progress)
+            if done or calls:
+                await self.store.record(job.job_id, done, upstream_calls=calls, now=self.clock())
+            self.ids_done += len(done)
+            self.upstream_calls += calls
+            if error is not None:
+                await self._finish(job, "failed", error)
+            elif len(done) < len(items) and not calls:
+                progress.not_before = time.monotonic() + PAUSE_S
+            stored = await self.store.get(job.job_id)
+            if stored is not None:
+                progress.rate.append((time.monotonic(), stored.done))
+        except StoreUnavailable as exc:
+            log.warning("job %s: chunk not recorded, it will be redone: %s", job.job_id, exc)
+            progress.cursor = min(progress.cursor, items[0].seq - 1)
+            progress.not_before = time.monotonic() + PAUSE_S
+        finally:
+            progress.chunks -= 1
+            self._lane.release()
+            self._wake.set()
+
+    async def _resolve(
+        self, job: Job, items: Sequence[Item], progress: Progress
+    ) -> tuple[list[Item], int, str | None]:
+        """Each item's new state (items left out stay pending), the upstream calls spent,
+        and why the job cannot go on, if it cannot."""
+        gateway = self.gateway
+        now = self.clock()
+        fresh_after = now - job.max_age_s
+        done: list[Item] = []
+        need: dict[int, Item] = {}
+        for item in items:
+            entry = gateway.memory.users.get(item.user_id)
+            if entry is not None and fetched_at(entry) >= fresh_after:
+                done.append(Item(item.seq, item.user_id, FOUND))
+            elif gateway.memory.not_found.get(item.user_id, now) is not None:
+                done.append(Item(item.seq, item.user_id, ITEM_NOT_FOUND))
+            else:
+                need[item.user_id] = item
+        if not need:
+            return done, 0, None
+        stored = await gateway.writes.read(list(need))
+        for uid, record in stored.items():
+            if record.fetched_at >= fresh_after:
+                done.append(Item(need.pop(uid).seq, uid, FOUND))
+        if not need:
+            return done, 0, None
+        await self._pace(len(need))
+        fetches = gateway.enlist(list(need), stored)
+        futures = {f.future for f in fetches.values() if f is not None}
+        if futures:
+            bound = self.settings.upstream_timeout_s * self.settings.upstream_max_attempts + 60
+            await asyncio.wait(futures, timeout=bound)
+        calls = len({f.taken for f in fetches.values() if f is not None and f.taken})
+        records = []
+        error = None
+        for uid, fetch in fetches.items():
+            item = need[uid]
+            if fetch is None or not fetch.future.done():
+                continue
+            outcome = fetch.future.result()
+            if not isinstance(outcome, Failure):
+                records.append(record_of(outcome))
+                done.append(Item(item.seq, uid, FOUND))
+            elif outcome.reason == NOT_FOUND.reason:
+                done.append(Item(item.seq, uid, ITEM_NOT_FOUND))
+            elif outcome.reason == "auth":
+                error = f"Freelancer refused the credentials: {outcome.detail}"
+            elif outcome.reason != "shutdown":
+                tries = progress.attempts[item.seq] = progress.attempts.get(item.seq, 0) + 1
+                if tries >= self.settings.job_max_attempts:
+                    done.append(Item(item.seq, uid, FAILED, outcome.reason))
+        # The users are saved before their items say `found`, so a crash in between can
+        # only leave an id pending (fetched again, or found fresh in the store), never
+        # marked found with nothing to show. Upserts never replace a newer copy.
+        if records:
+            await gateway.store.upsert_many(records)
+        for item in done:
+            progress.attempts.pop(item.seq, None)
+        return done, calls, error
+
+    async def _pace(self, count: int) -> None:
+        """Wait until a job call may go out: the budget allows it with a reserve left for
+        interactive misses (or jobs are owed their share), and the queue has room."""
+        gateway = self.gateway
+        room = count + self.settings.max_users_per_request
+        while True:
+            await gateway.budget.refresh()
+            wait = gateway.budget.wait_s()
+            left = min((w.remaining for w in gateway.budget.windows()), default=self.reserve + 1)
+            if wait <= 0 and (left > self.reserve or self._owed()) and gateway.queue.room >= room:
+                return
+            await asyncio.sleep(min(max(wait, 0.05), POLL_S))
+
+    def _owed(self) -> bool:
+        """True while jobs made fewer than JOB_SHARE of the calls of the last minute."""
+        now = time.monotonic()
+        self._share.append((now, self.gateway.stats.upstream_calls, self.upstream_calls))
+        while len(self._share) > 1 and now - self._share[0][0] > SHARE_WINDOW_S:
+            self._share.popleft()
+        _, total0, jobs0 = self._share[0]
+        total = self.gateway.stats.upstream_calls - total0
+        return self.upstream_calls - jobs0 < self.settings.job_share * max(total, 1)

@@ -1,0 +1,247 @@
+"""Jobs in the SQLite file beside the users: a `jobs` table and a `job_items` table."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import defaultdict
+from collections.abc import AsyncIterator, Collection, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from app.jobs.model import (
+    ACTIVE,
+    FAILED,
+    FINISHED,
+    ITEM_STATES,
+    JOB_FIELDS,
+    PENDING,
+    Item,
+    Job,
+)
+from app.store.sqlite import connect, failures, guard
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    job_id TEXT PRIMARY KEY,
+    status TEXT NOT NULL,
+    priority TEXT NOT NULL,
+    total INTEGER NOT NULL,
+    materialised INTEGER NOT NULL,
+    range_first INTEGER,
+    label TEXT,
+    owner TEXT,
+    max_age_s REAL NOT NULL,
+    callback_url TEXT,
+    done INTEGER NOT NULL,
+    found INTEGER NOT NULL,
+    not_found INTEGER NOT NULL,
+    failed INTEGER NOT NULL,
+    upstream_calls INTEGER NOT NULL,
+    created_at REAL NOT NULL,
+    started_at REAL,
+    updated_at REAL NOT NULL,
+    finished_at REAL,
+    error TEXT,
+    webhook TEXT,
+    webhook_attempts INTEGER NOT NULL,
+    webhook_error TEXT,
+    webhook_next_at REAL
+);
+CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, job_id);
+CREATE TABLE IF NOT EXISTS job_items (
+    job_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    user_id INTEGER NOT NULL,
+    state INTEGER NOT NULL,
+    reason TEXT,
+    PRIMARY KEY (job_id, seq)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS job_items_state ON job_items (job_id, state, seq);
+"""
+SELECT = f"SELECT {', '.join(JOB_FIELDS)} FROM jobs"
+INSERT_JOB = (
+    f"INSERT INTO jobs ({', '.join(JOB_FIELDS)}) VALUES ({', '.join('?' for _ in JOB_FIELDS)})"
+)
+INSERT_ITEM = "INSERT OR IGNORE INTO job_items (job_id, seq, user_id, state) VALUES (?, ?, ?, 0)"
+
+
+class SqliteJobStore:
+    """Jobs in the SQLite file at SQLITE_PATH, on a connection of their own (WAL lets the
+    users' connection read and write beside it)."""
+
+    def __init__(self, path: Path, *, timeout_s: float = 5.0) -> None:
+        self.path = Path(path)
+        self.timeout_s = timeout_s
+        self._db: aiosqlite.Connection | None = None
+        self._lock = asyncio.Lock()
+
+    async def open(self) -> None:
+        if self._db is None:
+            async with failures(self.path, self.timeout_s):
+                self._db = await connect(self.path, SCHEMA)
+
+    async def close(self) -> None:
+        db, self._db = self._db, None
+        if db is not None:
+            await db.close()
+
+    def _guard(self) -> AbstractAsyncContextManager[aiosqlite.Connection]:
+        return guard(self._db, self.path, self.timeout_s)
+
+    @asynccontextmanager
+    async def _write(self) -> AsyncIterator[aiosqlite.Connection]:
+        """One write transaction at a time on this connection, committed whole or rolled
+        back whole (coroutines share the connection; their statements must not mix)."""
+        async with self._lock, self._guard() as db:
+            try:
+                yield db
+                await db.commit()
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(db.rollback())
+                raise
+
+    async def create(self, job: Job, user_ids: Sequence[int]) -> None:
+        row = tuple(job.as_dict().values())
+        async with self._write() as db:
+            await db.execute(INSERT_JOB, row)
+            await db.executemany(
+                INSERT_ITEM, ((job.job_id, seq, uid) for seq, uid in enumerate(user_ids))
+            )
+
+    async def get(self, job_id: str) -> Job | None:
+        async with self._guard() as db:
+            rows = list(await db.execute_fetchall(f"{SELECT} WHERE job_id = ?", (job_id,)))
+        return Job(*rows[0]) if rows else None
+
+    async def list_jobs(self, *, status: str | None, limit: int, before: str | None) -> list[Job]:
+        where, args = _where(status=status, before=before)
+        query = f"{SELECT}{where} ORDER BY job_id DESC LIMIT ?"
+        async with self._guard() as db:
+            return [Job(*row) for row in await db.execute_fetchall(query, (*args, limit))]
+
+    async def active(self) -> list[Job]:
+        query = f"{SELECT} WHERE status IN (?, ?) ORDER BY job_id"
+        async with self._guard() as db:
+            return [Job(*row) for row in await db.execute_fetchall(query, ACTIVE)]
+
+    async def update(
+        self, job_id: str, changes: Mapping[str, Any], *, only_if: Collection[str] = ()
+    ) -> bool:
+        unknown = set(changes) - set(JOB_FIELDS)
+        if unknown:
+            raise ValueError(f"not job fields: {sorted(unknown)}")
+        sets = ", ".join(f"{name} = ?" for name in changes)
+        query = f"UPDATE jobs SET {sets} WHERE job_id = ?"
+        args = [*changes.values(), job_id]
+        if only_if:
+            query += f" AND status IN ({', '.join('?' for _ in only_if)})"
+            args += list(only_if)
+        async with self._write() as db:
+            cursor = await db.execute(query, args)
+        return cursor.rowcount > 0
+
+    async def materialise(self, job_id: str, first_seq: int, user_ids: Sequence[int]) -> None:
+        async with self._write() as db:
+            await db.executemany(
+                INSERT_ITEM, ((job_id, first_seq + i, uid) for i, uid in enumerate(user_ids))
+            )
+            await db.execute(
+                "UPDATE jobs SET materialised = MAX(materialised, ?) WHERE job_id = ?",
+                (first_seq + len(user_ids), job_id),
+            )
+
+    async def pending_items(self, job_id: str, *, after: int, limit: int) -> list[Item]:
+        return await self.items(job_id, after=after, limit=limit, states=(PENDING,))
+
+    async def record(
+        self, job_id: str, items: Sequence[Item], *, upstream_calls: int, now: float
+    ) -> None:
+        by_state: dict[int, list[tuple[int, str | None, str, int]]] = defaultdict(list)
+        for item in items:
+            by_state[item.state].append((item.state, item.reason, job_id, item.seq))
+        changed: dict[str, int] = {}
+        async with self._write() as db:
+            for state, rows in by_state.items():
+                cursor = await db.executemany(
+                    "UPDATE job_items SET state = ?, reason = ? "
+                    "WHERE job_id = ? AND seq = ? AND state = 0",
+                    rows,
+                )
+                changed[ITEM_STATES[state]] = cursor.rowcount
+            await db.execute(
+                "UPDATE jobs SET found = found + ?, not_found = not_found + ?, "
+                "failed = failed + ?, done = done + ?, upstream_calls = upstream_calls + ?, "
+                "updated_at = ? WHERE job_id = ?",
+                (
+                    changed.get("found", 0),
+                    changed.get("not_found", 0),
+                    changed.get("failed", 0),
+                    sum(changed.values()),
+                    upstream_calls,
+                    now,
+                    job_id,
+                ),
+            )
+
+    async def items(
+        self, job_id: str, *, after: int, limit: int, states: Collection[int]
+    ) -> list[Item]:
+        marks = ", ".join("?" for _ in states)
+        query = (
+            "SELECT seq, user_id, state, reason FROM job_items "
+            f"WHERE job_id = ? AND seq > ? AND state IN ({marks}) ORDER BY seq LIMIT ?"
+        )
+        async with self._guard() as db:
+            rows = await db.execute_fetchall(query, (job_id, after, *states, limit))
+        return [Item(*row) for row in rows]
+
+    async def retry_failed(self, job_id: str, now: float) -> int:
+        async with self._write() as db:
+            cursor = await db.execute(
+                "UPDATE job_items SET state = 0, reason = NULL WHERE job_id = ? AND state = ?",
+                (job_id, FAILED),
+            )
+            count = cursor.rowcount
+            await db.execute(
+                "UPDATE jobs SET failed = failed - ?, done = done - ?, status = 'pending', "
+                "finished_at = NULL, error = NULL, updated_at = ?, webhook = NULL, "
+                "webhook_attempts = 0, webhook_error = NULL, webhook_next_at = NULL "
+                f"WHERE job_id = ? AND status IN ({', '.join('?' for _ in FINISHED)})",
+                (count, count, now, job_id, *FINISHED),
+            )
+        return count
+
+    async def delete(self, job_id: str) -> bool:
+        async with self._write() as db:
+            await db.execute("DELETE FROM job_items WHERE job_id = ?", (job_id,))
+            cursor = await db.execute("DELETE FROM jobs WHERE job_id = ?", (job_id,))
+        return cursor.rowcount > 0
+
+    async def count_by_status(self) -> dict[str, int]:
+        query = "SELECT status, COUNT(*) FROM jobs GROUP BY status"
+        async with self._guard() as db:
+            return {status: count for status, count in await db.execute_fetchall(query)}
+
+    async def webhooks_due(self, now: float, limit: int) -> list[Job]:
+        query = (
+            f"{SELECT} WHERE webhook = 'pending' AND webhook_next_at <= ? "
+            "ORDER BY webhook_next_at LIMIT ?"
+        )
+        async with self._guard() as db:
+            return [Job(*row) for row in await db.execute_fetchall(query, (now, limit))]
+
+
+def _where(*, status: str | None, before: str | None) -> tuple[str, list[Any]]:
+    clauses, args = [], []
+    if status is not None:
+        clauses.append("status = ?")
+        args.append(status)
+    if before is not None:
+        clauses.append("job_id < ?")
+        args.append(before)
+    return (" WHERE " + " AND ".join(clauses) if clauses else ""), args

@@ -1,0 +1,97 @@
+"""The interface every job store implements: jobs and the state of each of their ids.
+
+A job's ids are items `(job_id, seq)`; they are written in chunks (a list's at submission,
+a range's as the job advances) and read in `seq` order, so no job is ever held whole in
+memory. Every method raises `app.errors.StoreUnavailable` when the database fails.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping, Sequence
+from typing import Any, Protocol
+
+from app.config import Settings
+from app.jobs.model import Item, Job
+from app.store.base import UserStore
+
+
+class JobStore(Protocol):
+    """Where jobs live, beside the users (SQLite file or MongoDB database)."""
+
+    async def open(self) -> None:
+        """Connect and create the schema / indexes. Safe to call again after a failure."""
+
+    async def close(self) -> None:
+        """Release connections."""
+
+    async def create(self, job: Job, user_ids: Sequence[int]) -> None:
+        """Save a new job and its first `user_ids` as items 0..n-1, pending."""
+
+    async def get(self, job_id: str) -> Job | None:
+        """The job, or None."""
+        ...
+
+    async def list_jobs(self, *, status: str | None, limit: int, before: str | None) -> list[Job]:
+        """Up to `limit` jobs, newest first, with ids below `before` when given."""
+        ...
+
+    async def active(self) -> list[Job]:
+        """Every pending or running job."""
+        ...
+
+    async def update(
+        self, job_id: str, changes: Mapping[str, Any], *, only_if: Collection[str] = ()
+    ) -> bool:
+        """Set fields of a job (only while its status is in `only_if`, when given); True if
+        it was changed."""
+        ...
+
+    async def materialise(self, job_id: str, first_seq: int, user_ids: Sequence[int]) -> None:
+        """Add pending items `first_seq...` and set `materialised` past them, together."""
+
+    async def pending_items(self, job_id: str, *, after: int, limit: int) -> list[Item]:
+        """Up to `limit` pending items with `seq > after`, in `seq` order."""
+        ...
+
+    async def record(
+        self, job_id: str, items: Sequence[Item], *, upstream_calls: int, now: float
+    ) -> None:
+        """Items that were pending take their new state; the job's counters move by what
+        changed (an item recorded twice counts once)."""
+
+    async def items(
+        self, job_id: str, *, after: int, limit: int, states: Collection[int]
+    ) -> list[Item]:
+        """Up to `limit` items in `states` with `seq > after`, in `seq` order."""
+        ...
+
+    async def retry_failed(self, job_id: str, now: float) -> int:
+        """Failed items back to pending and the job back to `pending`; how many."""
+        ...
+
+    async def delete(self, job_id: str) -> bool:
+        """Remove the job and its items; True when it was there."""
+        ...
+
+    async def count_by_status(self) -> dict[str, int]:
+        """How many jobs are in each status (statuses with none are left out)."""
+        ...
+
+    async def webhooks_due(self, now: float, limit: int) -> list[Job]:
+        """Finished jobs whose callback is pending and due by `now`."""
+        ...
+
+
+def create_job_store(settings: Settings, users: UserStore) -> JobStore:
+    """Jobs beside the users: in their MongoDB database (on the same client), else in the
+    SQLite file at SQLITE_PATH."""
+    client = getattr(users, "client", None)
+    if users.kind == "mongodb" and client is not None:
+        from app.jobs.mongo import MongoJobStore
+
+        return MongoJobStore(
+            client, database=settings.database_name, timeout_s=settings.store_timeout_s
+        )
+    from app.jobs.sqlite import SqliteJobStore
+
+    return SqliteJobStore(settings.sqlite_path, timeout_s=settings.store_timeout_s)

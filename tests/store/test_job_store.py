@@ -1,0 +1,114 @@
+"""The `JobStore` contract: every store keeps jobs and their ids the same way."""
+
+from __future__ import annotations
+
+import pytest
+
+from app.jobs.model import FAILED, FOUND, NOT_FOUND, PENDING, Item, Job
+from app.jobs.store import JobStore
+
+NOW = 1_700_000_000.0
+
+
+def make_job(job_id: str, *, total: int, status: str = "pending", **fields: object) -> Job:
+    job = Job(job_id=job_id, status=status, priority="normal", total=total, materialised=total)
+    for name, value in {"created_at": NOW, "updated_at": NOW, **fields}.items():
+        setattr(job, name, value)
+    return job
+
+
+async def test_a_job_and_its_ids_are_saved_and_read_back_in_order(job_store: JobStore) -> None:
+    job = make_job("a1", total=5, label="first", owner="crawler", callback_url="http://x/")
+    await job_store.create(job, [50, 40, 30, 20, 10])
+    assert await job_store.get("a1") == job
+    assert await job_store.get("nope") is None
+    first = await job_store.pending_items("a1", after=-1, limit=2)
+    assert first == [Item(0, 50, PENDING), Item(1, 40, PENDING)]
+    rest = await job_store.pending_items("a1", after=first[-1].seq, limit=10)
+    assert [i.user_id for i in rest] == [30, 20, 10]
+
+
+async def test_recording_moves_items_and_counts_each_once(job_store: JobStore) -> None:
+    await job_store.create(make_job("r1", total=4), [1, 2, 3, 4])
+    done = [Item(0, 1, FOUND), Item(1, 2, NOT_FOUND), Item(2, 3, FAILED, "timeout")]
+    await job_store.record("r1", done, upstream_calls=1, now=NOW + 5)
+    await job_store.record("r1", done, upstream_calls=0, now=NOW + 6)  # replayed
+    job = await job_store.get("r1")
+    assert job is not None
+    assert (job.done, job.found, job.not_found, job.failed) == (3, 1, 1, 1)
+    assert (job.upstream_calls, job.updated_at) == (1, NOW + 6)
+    assert await job_store.pending_items("r1", after=-1, limit=10) == [Item(3, 4, PENDING)]
+    missing = await job_store.items("r1", after=-1, limit=10, states=(NOT_FOUND, FAILED))
+    assert missing == [Item(1, 2, NOT_FOUND), Item(2, 3, FAILED, "timeout")]
+
+
+async def test_a_range_is_materialised_in_chunks(job_store: JobStore) -> None:
+    job = make_job("g1", total=1000, range_first=5000)
+    job.materialised = 0
+    await job_store.create(job, [])
+    await job_store.materialise("g1", 0, range(5000, 5100))
+    await job_store.materialise("g1", 0, range(5000, 5100))  # a chunk written twice
+    await job_store.materialise("g1", 100, range(5100, 5200))
+    stored = await job_store.get("g1")
+    assert stored is not None and stored.materialised == 200
+    items = await job_store.pending_items("g1", after=-1, limit=1000)
+    assert [i.user_id for i in items] == list(range(5000, 5200))
+
+
+async def test_update_only_in_an_allowed_status(job_store: JobStore) -> None:
+    await job_store.create(make_job("u1", total=1, status="completed"), [1])
+    assert not await job_store.update("u1", {"status": "cancelled"}, only_if=("pending",))
+    assert await job_store.update("u1", {"label": "renamed"})
+    job = await job_store.get("u1")
+    assert job is not None and (job.status, job.label) == ("completed", "renamed")
+    assert not await job_store.update("missing", {"label": "x"})
+    with pytest.raises(ValueError, match="not job fields"):
+        await job_store.update("u1", {"status; DROP TABLE jobs": "x"})
+
+
+async def test_listing_is_newest_first_paged_and_filtered(job_store: JobStore) -> None:
+    for n, status in enumerate(["completed", "pending", "running", "pending"]):
+        await job_store.create(make_job(f"j{n}", total=1, status=status), [n])
+    page = await job_store.list_jobs(status=None, limit=3, before=None)
+    assert [j.job_id for j in page] == ["j3", "j2", "j1"]
+    more = await job_store.list_jobs(status=None, limit=3, before=page[-1].job_id)
+    assert [j.job_id for j in more] == ["j0"]
+    pending = await job_store.list_jobs(status="pending", limit=10, before=None)
+    assert [j.job_id for j in pending] == ["j3", "j1"]
+    assert sorted(j.job_id for j in await job_store.active()) == ["j1", "j2", "j3"]
+    assert await job_store.count_by_status() == {"completed": 1, "pending": 2, "running": 1}
+
+
+async def test_retry_failed_puts_failed_ids_back_and_reopens_the_job(
+    job_store: JobStore,
+) -> None:
+    await job_store.create(make_job("f1", total=3), [1, 2, 3])
+    items = [Item(0, 1, FOUND), Item(1, 2, FAILED, "timeout"), Item(2, 3, FAILED, "auth")]
+    await job_store.record("f1", items, upstream_calls=1, now=NOW)
+    await job_store.update("f1", {"status": "completed", "finished_at": NOW, "webhook": "failed"})
+    assert await job_store.retry_failed("f1", NOW + 1) == 2
+    job = await job_store.get("f1")
+    assert job is not None
+    assert (job.status, job.done, job.failed, job.found) == ("pending", 1, 0, 1)
+    assert (job.finished_at, job.webhook) == (None, None)
+    assert [i.user_id for i in await job_store.pending_items("f1", after=-1, limit=9)] == [2, 3]
+
+
+async def test_delete_removes_the_job_and_its_ids(job_store: JobStore) -> None:
+    await job_store.create(make_job("d1", total=2), [1, 2])
+    await job_store.create(make_job("d2", total=1), [1])
+    assert await job_store.delete("d1")
+    assert not await job_store.delete("d1")
+    assert await job_store.get("d1") is None
+    assert await job_store.items("d1", after=-1, limit=9, states=(PENDING,)) == []
+    assert len(await job_store.pending_items("d2", after=-1, limit=9)) == 1
+
+
+async def test_due_webhooks_are_found_by_time(job_store: JobStore) -> None:
+    for n, due in enumerate([NOW - 1, NOW + 60]):
+        job = make_job(f"w{n}", total=1, status="completed", callback_url="http://x/")
+        job.webhook, job.webhook_next_at = "pending", due
+        await job_store.create(job, [n])
+    await job_store.create(make_job("w9", total=1, status="completed"), [9])
+    assert [j.job_id for j in await job_store.webhooks_due(NOW, 10)] == ["w0"]
+    assert len(await job_store.webhooks_due(NOW + 61, 10)) == 2
