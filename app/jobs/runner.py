@@ -86,6 +86,10 @@ class JobRunner:
         self._tasks: set[asyncio.Task[None]] = set()
         self._chunks: set[asyncio.Task[None]] = set()
         self._share: deque[tuple[float, int, int]] = deque()
+        self._committed = 0
+        self._started = 0
+        """Chunks that passed `_pace` (each spends about one call): counted at once, so
+        `_owed` never mistakes a job's call in flight for a client's."""
         self._status_at = 0.0
 
     async def start(self) -> None:
@@ -275,11 +279,16 @@ class JobRunner:
         if not need:
             return done, 0, None
         await self._pace(len(need))
-        fetches = gateway.enlist(list(need), stored)
-        futures = {f.future for f in fetches.values() if f is not None}
-        if futures:
-            bound = self.settings.upstream_timeout_s * self.settings.upstream_max_attempts + 60
-            await asyncio.wait(futures, timeout=bound)
+        self._committed += 1
+        self._started += 1
+        try:
+            fetches = gateway.enlist(list(need), stored)
+            futures = {f.future for f in fetches.values() if f is not None}
+            if futures:
+                bound = self.settings.upstream_timeout_s * self.settings.upstream_max_attempts
+                await asyncio.wait(futures, timeout=bound + 60)
+        finally:
+            self._committed -= 1
         calls = len({f.taken for f in fetches.values() if f is not None and f.taken})
         records = []
         error = None
@@ -309,24 +318,28 @@ class JobRunner:
         return done, calls, error
 
     async def _pace(self, count: int) -> None:
-        """Wait until a job call may go out: the budget allows it with a reserve left for
-        interactive misses (or jobs are owed their share), and the queue has room."""
+        """Wait until a job call may go out: the budget allows it now with a reserve left
+        for interactive misses, or jobs are owed their share; and the queue has room."""
         gateway = self.gateway
         room = count + self.settings.max_users_per_request
         while True:
             await gateway.budget.refresh()
             wait = gateway.budget.wait_s()
             left = min((w.remaining for w in gateway.budget.windows()), default=self.reserve + 1)
-            if wait <= 0 and (left > self.reserve or self._owed()) and gateway.queue.room >= room:
+            left -= self._committed  # chunks on their way to spend a call
+            # Owed its share, a job takes its turn in the budget's line like any caller.
+            free = (wait <= 0 and left > self.reserve) or self._owed()
+            if free and gateway.queue.room >= room:
                 return
             await asyncio.sleep(min(max(wait, 0.05), POLL_S))
 
     def _owed(self) -> bool:
-        """True while jobs made fewer than JOB_SHARE of the calls of the last minute."""
+        """True while clients' calls crowd jobs below JOB_SHARE of the last minute's calls."""
         now = time.monotonic()
-        self._share.append((now, self.gateway.stats.upstream_calls, self.upstream_calls))
+        self._share.append((now, self.gateway.stats.upstream_calls, self._started))
         while len(self._share) > 1 and now - self._share[0][0] > SHARE_WINDOW_S:
             self._share.popleft()
         _, total0, jobs0 = self._share[0]
         total = self.gateway.stats.upstream_calls - total0
-        return self.upstream_calls - jobs0 < self.settings.job_share * max(total, 1)
+        jobs = self._started - jobs0
+        return total > jobs and jobs < self.settings.job_share * total
