@@ -18,7 +18,9 @@ from asgi_lifespan import LifespanManager
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message
 
-from app.gateway.rates import POINT_FIELDS, CallWindow, percentile
+from app.errors import StoreUnavailable
+from app.gateway.rates import POINT_FIELDS, CallWindow, JobsNow, RateSampler, percentile
+from app.jobs import runner as job_runner
 from app.main import create_app
 from app.routers import dashboard
 from tests.conftest import FakeFreelancer, Running, StartApp, make_settings, until
@@ -57,6 +59,7 @@ SAMPLE_FIELDS = {
     "store_size",
     "memory_size",
     "keys",
+    "jobs",
 }
 FRAME_LINE = re.compile(r"(event|data|id|retry): ?(.*)|:.*")
 
@@ -433,3 +436,68 @@ def test_percentiles_and_call_windows() -> None:
     assert (window.calls, window.covered_s) == (6, 2.0)
     window.add(61.5, 2, 1.0)  # the span ending at 1.0 is older than the minute
     assert (window.calls, window.covered_s) == (3, 2.0)
+
+
+async def test_samples_carry_active_jobs_and_their_counts(
+    start_app: StartApp,
+    freelancer: FakeFreelancer,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setattr(job_runner, "STATUS_EVERY_S", 0.0)  # counts each runner round
+    running = await start_app()
+    stream = await Stream(running.app).open()
+    assert (await stream.sample())["jobs"]["active"] == []
+    freelancer.gate = asyncio.Event()  # fetches block: the job stays active
+    submitted = await running.client.post("/api/jobs", json={"user_ids": [1, 2, 3], "label": "x"})
+    assert submitted.status_code == 202
+    job_id = submitted.json()["job_id"]
+
+    def active(s: dict[str, Any]) -> bool:
+        by_status = s["jobs"]["by_status"]
+        return (
+            bool(s["jobs"]["active"])
+            and by_status.get("pending", 0) + by_status.get("running", 0) == 1
+        )
+
+    busy = (await stream.sample_where(active, within_s=10))["jobs"]
+    [job] = busy["active"]
+    assert (
+        job["job_id"] == job_id and job["label"] == "x" and job["status"] in ("pending", "running")
+    )
+    assert (job["done"], job["total"]) == (0, 3) and "eta_s" in job
+    freelancer.gate.set()
+    done = await stream.sample_where(
+        lambda s: s["jobs"]["by_status"] == {"completed": 1} and s["jobs"]["active"] == [],
+        within_s=10,
+    )
+    assert done["jobs"]["ids_done_per_s"] is not None
+    assert running.app.state.jobs.ids_done == 3
+
+    async def down() -> list[Any]:
+        raise StoreUnavailable("the job store is down")
+
+    monkeypatch.setattr(running.app.state.jobs.store, "active", down)
+    freelancer.gate = asyncio.Event()
+    assert (await running.client.post("/api/jobs", json={"user_ids": [4]})).status_code == 202
+    later = await stream.sample_where(lambda s: s["seq"] > done["seq"] + 5)
+    assert later["jobs"]["active"] == []  # the store is down: no list, the stream goes on
+    freelancer.gate.set()
+    runner, running.app.state.jobs = running.app.state.jobs, None
+    await stream.sample_where(lambda s: s["jobs"] is None)  # no runner: null
+    running.app.state.jobs = runner
+    await stream.disconnect()
+    assert_no_errors_logged(caplog)
+
+
+async def test_job_ids_done_per_second_over_the_sample_interval(
+    start_app: StartApp, freelancer: FakeFreelancer
+) -> None:
+    running = await start_app()
+    sampler = RateSampler(clock=iter([10.0, 12.0, 13.0]).__next__)
+    first = sampler.sample(running.gateway, store_size=None, jobs=JobsNow({"running": 1}, 100))
+    assert first["jobs"] == {"by_status": {"running": 1}, "ids_done_per_s": None, "active": []}
+    active = [{"job_id": "j", "done": 30, "total": 40}]
+    second = sampler.sample(running.gateway, store_size=None, jobs=JobsNow({}, 130, active))
+    assert second["jobs"] == {"by_status": {}, "ids_done_per_s": 15.0, "active": active}
+    assert sampler.sample(running.gateway, store_size=None)["jobs"] is None

@@ -167,6 +167,7 @@
     setText("memory-size", fmtInt(s.memory_size));
     renderBudget(s);
     renderKeys(s.keys);
+    renderJobs(s.jobs);
   }
 
   function renderBudget(s) {
@@ -249,6 +250,58 @@
           cell(fmtInt(k.ids), "num"),
           cell(fmtInt(k.misses), "num"),
         );
+        return tr;
+      }),
+    );
+  }
+
+  const STATUS_ORDER = ["running", "pending", "completed", "failed", "cancelled"];
+  const fmtEta = (s) => (s == null ? "–" : s >= 3600 ? `${(s / 3600).toFixed(1)} h` : fmtSpan(s));
+
+  function emptyRow(body, text, columns) {
+    if (body.querySelector(".empty")?.textContent === text) return;
+    const td = cell(text, "empty");
+    td.colSpan = columns;
+    const tr = document.createElement("tr");
+    tr.append(td);
+    body.replaceChildren(tr);
+  }
+
+  // Crawl jobs: counts by status, ids/s, and the first few active jobs (null: no runner).
+  function renderJobs(jobs) {
+    const body = $("jobs-active");
+    if (jobs == null) {
+      setText("jobs-status", "no job runner");
+      setText("jobs-ids-per-s", "–");
+      emptyRow(body, "No active jobs", 5);
+      return;
+    }
+    const names = Object.keys(jobs.by_status).sort((a, b) => STATUS_ORDER.indexOf(a) - STATUS_ORDER.indexOf(b));
+    setText("jobs-status", names.length ? names.map((n) => `${fmtInt(jobs.by_status[n])} ${n}`).join(", ") : "no jobs");
+    setText("jobs-ids-per-s", fmtRate(jobs.ids_done_per_s));
+    if (!jobs.active.length) {
+      emptyRow(body, "No active jobs", 5);
+      return;
+    }
+    body.replaceChildren(
+      ...jobs.active.map((job) => {
+        const name = cell(job.label ?? "(no label)");
+        const id = document.createElement("span");
+        id.className = "job-id";
+        id.textContent = job.job_id.slice(0, 12);
+        id.title = job.job_id;
+        name.append(id);
+        const meter = document.createElement("div");
+        meter.className = "meter";
+        const fill = document.createElement("div");
+        fill.className = "meter-fill";
+        fill.style.width = `${(job.total ? (100 * job.done) / job.total : 0).toFixed(1)}%`;
+        meter.append(fill);
+        const bar = document.createElement("td");
+        bar.append(meter);
+        const tr = document.createElement("tr");
+        tr.dataset.jobId = job.job_id;
+        tr.append(name, cell(job.status), bar, cell(`${fmtInt(job.done)} / ${fmtInt(job.total)}`, "num"), cell(fmtEta(job.eta_s), "num"));
         return tr;
       }),
     );

@@ -8,6 +8,9 @@ and keeps the last HISTORY_S chart points. Nothing here awaits or starts a task.
 Upstream calls per window are counted from `stats.upstream_calls` deltas seen by this
 sampler: while no dashboard was open nothing was seen, so each window says how many of
 its seconds it covers (`covered_s`).
+
+Crawl jobs come in as `JobsNow` (gathered by the caller, which reads the job store): the
+sample's `jobs` object adds the rate of job ids done; it is null when no runner exists.
 """
 
 from __future__ import annotations
@@ -47,6 +50,17 @@ POINT_FIELDS = (
 """The fields of a sample that the charts plot; a history point has exactly these."""
 
 
+@dataclass(frozen=True, slots=True)
+class JobsNow:
+    """The job runner's numbers at one instant, as the caller gathered them."""
+
+    by_status: Mapping[str, int]
+    ids_done: int
+    """Job ids done since the runner started (cumulative)."""
+    active: Sequence[Mapping[str, Any]] = ()
+    """Up to a few active jobs, each ready for JSON."""
+
+
 @dataclass(slots=True)
 class _Totals:
     """Cumulative counters at one instant."""
@@ -58,6 +72,7 @@ class _Totals:
     misses: int
     coalesced: int
     upstream_calls: int
+    jobs_done: int
 
 
 class CallWindow:
@@ -125,6 +140,7 @@ class RateSampler:
         *,
         store_size: int | None,
         key_usage: Iterable[Mapping[str, Any]] = (),
+        jobs: JobsNow | None = None,
     ) -> dict[str, Any]:
         """One sample (JSON-ready); its chart point is appended to `points`."""
         stats = gateway.stats
@@ -137,6 +153,7 @@ class RateSampler:
             misses=stats.cache_misses,
             coalesced=stats.coalesced,
             upstream_calls=stats.upstream_calls,
+            jobs_done=jobs.ids_done if jobs is not None else 0,
         )
         last = self._last
         if last is None or totals.at - last.at > GAP_S:
@@ -201,7 +218,16 @@ class RateSampler:
             "store_size": store_size,
             "memory_size": len(gateway.memory),
             "keys": self._keys(key_usage, seconds),
+            "jobs": None,
         }
+        if jobs is not None:
+            # A new runner (the app restarted) counts from 0 again: no negative rate.
+            done = max(0, totals.jobs_done - last.jobs_done)
+            sample["jobs"] = {
+                "by_status": dict(jobs.by_status),
+                "ids_done_per_s": _per_s(done, seconds),
+                "active": [dict(job) for job in jobs.active],
+            }
         self.points.append({name: sample[name] for name in POINT_FIELDS})
         return sample
 

@@ -12,9 +12,11 @@ sends one `history` event, then one `sample` event a second:
 
 `points` are the last ten minutes of samples, each cut to `rates.POINT_FIELDS`; a sample's
 fields are those `RateSampler.sample` builds (rates are null on the first sample after a
-pause; ratios null when nothing was looked up). The page reads the stream with `fetch()`
-so that it can send `X-API-Key` (EventSource cannot send headers, and a key never goes in
-a URL).
+pause; ratios null when nothing was looked up). Its `jobs` object (null without a job
+runner) has `by_status`, `ids_done_per_s` and up to five `active` jobs, read from the job
+store by the hub (at most one read a tick; a store that is down gives an empty list).
+The page reads the stream with `fetch()` so that it can send `X-API-Key` (EventSource
+cannot send headers, and a key never goes in a URL).
 
 One `DashboardHub` per app computes one sample a second, serialized once, for every open
 stream; it runs only while a stream is open, so no lifespan hook is needed. A stream ends
@@ -43,7 +45,9 @@ from starlette.background import BackgroundTask
 from app.dependencies import GatewayDep
 from app.errors import StoreUnavailable
 from app.gateway import Gateway
-from app.gateway.rates import RateSampler
+from app.gateway.rates import JobsNow, RateSampler
+from app.jobs.model import Job
+from app.jobs.runner import JobRunner
 
 log = logging.getLogger("app.dashboard")
 
@@ -51,6 +55,8 @@ TICK_S = 1.0
 """Seconds between samples (tests shorten it)."""
 STORE_COUNT_S = 5.0
 """Seconds between two counts of the store's users (a count may scan a large table)."""
+ACTIVE_JOBS_SHOWN = 5
+"""Active jobs a sample lists (running first, then by priority and age)."""
 
 ASSETS = {
     "dashboard.js": "text/javascript; charset=utf-8",
@@ -99,6 +105,8 @@ class DashboardHub:
         self._count_task: asyncio.Task[None] | None = None
         self._store_size: int | None = None
         self._store_counted_at = float("-inf")
+        self._jobs_task: asyncio.Task[None] | None = None
+        self._jobs_read: tuple[JobRunner, list[Job]] | None = None
         self._server = _uvicorn_server()
 
     @property
@@ -178,7 +186,10 @@ class DashboardHub:
         """Take one sample and hand it to every stream."""
         self._count_store(gateway)
         sample = self.sampler.sample(
-            gateway, store_size=self._store_size, key_usage=self._key_usage()
+            gateway,
+            store_size=self._store_size,
+            key_usage=self._key_usage(),
+            jobs=self._jobs_now(),
         )
         self.samples_taken += 1
         seq = sample["seq"]
@@ -204,6 +215,41 @@ class DashboardHub:
         except Exception:  # a store closing under us at shutdown: no number, no noise
             log.debug("counting the store's users failed", exc_info=True)
             self._store_size = None
+
+    def _jobs_now(self) -> JobsNow | None:
+        """The runner's counters, and the active jobs of the latest store read (one read
+        is started per tick at most, never two at once, so a slow store never holds the
+        stream up); None when no runner exists."""
+        runner: JobRunner | None = getattr(self.app.state, "jobs", None)
+        if runner is None:
+            return None
+        if self._jobs_task is None or self._jobs_task.done():
+            self._jobs_task = asyncio.create_task(self._read_jobs(runner), name="dashboard-jobs")
+        read = self._jobs_read
+        jobs = read[1] if read is not None and read[0] is runner else []
+        jobs = sorted(jobs, key=lambda job: (job.status != "running", job.rank, job.job_id))
+        active = [
+            {
+                "job_id": job.job_id,
+                "label": job.label,
+                "status": job.status,
+                "done": job.done,
+                "total": job.total,
+                "eta_s": runner.eta_s(job),
+            }
+            for job in jobs[:ACTIVE_JOBS_SHOWN]
+        ]
+        return JobsNow(by_status=runner.by_status, ids_done=runner.ids_done, active=active)
+
+    async def _read_jobs(self, runner: JobRunner) -> None:
+        try:
+            jobs = await runner.store.active()
+        except StoreUnavailable:
+            jobs = []
+        except Exception:  # a store closing under us at shutdown: no jobs, no noise
+            log.debug("reading the active jobs failed", exc_info=True)
+            jobs = []
+        self._jobs_read = (runner, jobs)
 
     def _key_usage(self) -> list[Mapping[str, Any]]:
         usage = getattr(self.app.state, "key_usage", None)

@@ -207,6 +207,41 @@ def test_dashboard_shows_live_numbers_and_looks_users_up(
     assert_clean_exit(gateway_process)
 
 
+def test_the_jobs_panel_shows_active_jobs_and_their_counts(
+    browser: Browser, budgeted_gateway: Process
+) -> None:
+    """A range job the budget keeps running for minutes: its row, then cancelled, none."""
+    gateway_process = budgeted_gateway
+    page = browser.new_page(viewport={"width": 1440, "height": 1000})
+    watch = Watch(page)
+    page.goto(f"{gateway_process.url}/dashboard")
+    expect(page.locator("#status")).to_have_text("live", timeout=10_000)
+    rows = page.locator("#jobs-active tr")
+    expect(rows).to_have_text(["No active jobs"], timeout=10_000)
+    label = "<b>nightly</b>"  # shown as text, never parsed as markup
+    with httpx.Client(base_url=gateway_process.url, timeout=10) as client:
+        submitted = client.post("/api/jobs", json={"id_range": [1, 50_000], "label": label})
+        assert submitted.status_code == 202, submitted.text
+        job_id = submitted.json()["job_id"]
+        row = page.locator(f'#jobs-active tr[data-job-id="{job_id}"]')
+        expect(row).to_be_visible(timeout=10_000)
+        expect(row.locator("td").first).to_contain_text(label)
+        assert row.locator("b").count() == 0
+        expect(row.locator("td").nth(3)).to_contain_text("/ 50,000")
+        expect(row.locator(".meter-fill")).to_have_count(1)
+        # The runner counts statuses every 5 s.
+        expect(page.locator("#jobs-status")).to_contain_text(
+            re.compile(r"1 (running|pending)"), timeout=15_000
+        )
+        cancelled = client.post(f"/api/jobs/{job_id}/cancel")
+        assert cancelled.status_code == 200, cancelled.text
+    expect(rows).to_have_text(["No active jobs"], timeout=10_000)
+    expect(page.locator("#jobs-status")).to_contain_text("1 cancelled", timeout=15_000)
+    assert_clean(watch)
+    page.close()
+    assert_clean_exit(gateway_process)
+
+
 def test_the_key_is_sent_as_a_header_and_kept_out_of_urls_and_storage(
     browser: Browser, tmp_path: Path, simulator: Process
 ) -> None:
