@@ -225,3 +225,27 @@ def test_requests_are_answered_while_redis_is_gone_and_coordination_comes_back(
     assert answered and all(status == 200 for status, _ in answered), answered[:5]
     assert max(elapsed for _, elapsed in answered) < 10, "every request in time"
     assert health(b)["coordination"] == "redis"
+
+
+def test_jobs_run_once_for_the_deployment_and_any_process_answers_about_them(
+    simulator: Process, start_gateways: StartGateways
+) -> None:
+    sim_configure(simulator, latency_ms=20)
+    a, b = start_gateways(2)
+    wait_for(lambda: health(a)["processes"] == 2)
+    before = sim_stats(simulator)
+    submitted = httpx.post(f"{a.url}/api/jobs", json={"id_range": [8_000_001, 8_001_000]})
+    assert submitted.status_code == 202, submitted.text
+    job_id = submitted.json()["job_id"]
+    seen: dict[str, Any] = {}
+
+    def finished() -> bool:
+        seen.update(httpx.get(f"{b.url}/api/jobs/{job_id}", timeout=5).json())
+        return seen["status"] == "completed"
+
+    wait_for(finished, within_s=30)
+    after = sim_stats(simulator)
+    assert after["ids_requested"] - before["ids_requested"] == 1000, "one runner, once per id"
+    assert (seen["found"], seen["upstream_calls"]) == (1000 - 10, 10)  # 97 divides 10 ids
+    runners = [httpx.get(f"{p.url}/api/stats", timeout=5).json()["jobs"] for p in (a, b)]
+    assert sorted(r["running_here"] for r in runners) == [False, True]

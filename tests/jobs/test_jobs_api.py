@@ -317,3 +317,20 @@ async def test_job_store_failures_are_503_json(
     # The store comes back: the runner's reopen is not needed for the API to answer again.
     await running.app.state.jobs.store.open()
     assert (await running.client.get("/api/jobs")).status_code == 200
+
+
+async def test_refused_credentials_fail_the_job_and_it_can_be_taken_up_again(
+    start_app: StartApp, freelancer: FakeFreelancer
+) -> None:
+    running = await start_app(error_ttl_s=0, breaker_failures=100)
+    freelancer.always = error_response(401)
+    job = await submit(running, {"user_ids": list(range(1, 21))})
+    failed = await wait_for(running, job["job_id"])
+    assert failed["status"] == "failed"
+    assert "Freelancer refused the credentials" in failed["error"]
+    assert (failed["done"], failed["failed"]) == (0, 0), "its ids stay pending"
+    freelancer.always = None
+    retried = await running.client.post(f"/api/jobs/{job['job_id']}/retry-failed")
+    assert retried.status_code == 202
+    done = await wait_for(running, job["job_id"])
+    assert (done["status"], done["found"], done["error"]) == ("completed", 20, None)
