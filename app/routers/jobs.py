@@ -55,6 +55,20 @@ JobId = Annotated[str, Path(max_length=64, description="The id POST /api/jobs an
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (404, 409, 413, 415, 422, 503)
 }
+JOB_LINKS = {
+    name: {
+        "operationId": operation,
+        "parameters": {"job_id": "$response.body#/job_id"},
+        "description": description,
+    }
+    for name, operation, description in (
+        ("GetJob", "get_job", "The job's status and progress."),
+        ("GetResults", "job_results", "The users it found."),
+        ("CancelJob", "cancel_job", "Stop it."),
+        ("RetryFailed", "retry_failed", "Fetch its failed ids again once it ended."),
+        ("DeleteJob", "delete_job", "Remove it."),
+    )
+}
 SUBMIT_BODY = {
     "requestBody": {
         "required": True,
@@ -99,7 +113,7 @@ def view(runner: JobRunner, job: Job) -> dict[str, Any]:
     "",
     status_code=202,
     response_model=JobView,
-    responses=ERRORS,
+    responses={**ERRORS, 202: {"links": JOB_LINKS}},
     summary="Submit a crawl job",
     operation_id="submit_job",
     openapi_extra=SUBMIT_BODY,
@@ -168,7 +182,13 @@ async def submit(
     )
 
 
-@router.get("", response_model=JobList, responses=ERRORS, summary="List jobs")
+@router.get(
+    "",
+    response_model=JobList,
+    responses=ERRORS,
+    summary="List jobs",
+    operation_id="list_jobs",
+)
 async def list_jobs(
     runner: RunnerDep,
     client: ReadClient,
@@ -184,13 +204,25 @@ async def list_jobs(
     }
 
 
-@router.get("/{job_id}", response_model=JobView, responses=ERRORS, summary="A job's status")
+@router.get(
+    "/{job_id}",
+    response_model=JobView,
+    responses=ERRORS,
+    summary="A job's status",
+    operation_id="get_job",
+)
 async def get_job(job_id: JobId, runner: RunnerDep, client: ReadClient) -> dict[str, Any]:
     """Status, counts, progress and ETA (`read`)."""
     return view(runner, await load(runner, job_id))
 
 
-@router.post("/{job_id}/cancel", response_model=JobView, responses=ERRORS, summary="Cancel a job")
+@router.post(
+    "/{job_id}/cancel",
+    response_model=JobView,
+    responses=ERRORS,
+    summary="Cancel a job",
+    operation_id="cancel_job",
+)
 async def cancel_job(job_id: JobId, runner: RunnerDep, client: ReadClient) -> dict[str, Any]:
     """Stop a pending or running job (its own key, or `admin`); what is done stays."""
     job = own(await load(runner, job_id), client)
@@ -211,6 +243,7 @@ async def cancel_job(job_id: JobId, runner: RunnerDep, client: ReadClient) -> di
     response_model=JobView,
     responses=ERRORS,
     summary="Retry a job's failed ids",
+    operation_id="retry_failed",
 )
 async def retry_failed(job_id: JobId, runner: RunnerDep, client: ReadClient) -> dict[str, Any]:
     """Put a finished job's failed ids back to be fetched (its own key, or `admin`)."""
@@ -225,7 +258,13 @@ async def retry_failed(job_id: JobId, runner: RunnerDep, client: ReadClient) -> 
     return view(runner, await load(runner, job_id))
 
 
-@router.delete("/{job_id}", response_model=Deleted, responses=ERRORS, summary="Delete a job")
+@router.delete(
+    "/{job_id}",
+    response_model=Deleted,
+    responses=ERRORS,
+    summary="Delete a job",
+    operation_id="delete_job",
+)
 async def delete_job(job_id: JobId, runner: RunnerDep, client: AdminClient) -> Deleted:
     """Remove a job and its per-id results (`admin`); a running job stops first. The users
     it fetched stay cached."""
@@ -244,6 +283,7 @@ async def delete_job(job_id: JobId, runner: RunnerDep, client: AdminClient) -> D
         200: {"content": {"application/x-ndjson": {}, "text/csv": {}}},
     },
     summary="A job's results",
+    operation_id="job_results",
 )
 async def results(
     request: Request,

@@ -241,7 +241,7 @@ def test_jobs_run_once_for_the_deployment_and_any_process_answers_about_them(
 
     def finished() -> bool:
         seen.update(httpx.get(f"{b.url}/api/jobs/{job_id}", timeout=5).json())
-        return seen["status"] == "completed"
+        return bool(seen["status"] == "completed")
 
     wait_for(finished, within_s=30)
     after = sim_stats(simulator)
