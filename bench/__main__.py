@@ -2,7 +2,8 @@
 
 Workloads, in order: cold overlap, one miss, warm-up to 100 000 users and memory, hot
 cached batches under wrk, and the same wrk load against a trivial FastAPI handler for
-scale. Prints one table, writes bench/results.json, exits 1 when a target is missed.
+scale; then the crawl jobs (bench/jobs.py), each on its own gateway. Prints one table,
+writes bench/results.json, exits 1 when a target is missed.
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ HOT_TARGET_RATIO = 0.70
 BENCH_KEY = "bench-key-0123456789abcdef"
 DASHBOARDS = 10
 MEMORY_USERS = 100_000
+JOB_SOAK_S = 300.0
+"""How long the range job's memory is watched (`--job-seconds`)."""
 
 
 def rss_mb(pid: int) -> float:
@@ -463,6 +466,12 @@ def table(results: dict[str, Any]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--users", type=int, default=MEMORY_USERS)
+    parser.add_argument(
+        "--job-seconds",
+        type=float,
+        default=JOB_SOAK_S,
+        help="how long the 10 000 000-id range job runs while its RSS is sampled",
+    )
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         print("wrk is needed: apt-get install wrk (the Makefile's bench target does this)")
@@ -489,6 +498,10 @@ def main() -> int:
     hot_result = workloads["hot (50-id batches)"]
     workloads["hot, with key + request ids + JSON logs"] = hot_result.pop("secured")
     workloads["fixed-body FastAPI"] = hot_result.pop("fixed_body")
+    # Imported here: bench.jobs imports this module's helpers.
+    from bench import jobs
+
+    workloads.update(jobs.run(args.job_seconds))
     results = {
         "machine": machine(),
         "date": time.strftime("%Y-%m-%d"),
@@ -516,6 +529,7 @@ def main() -> int:
         f"middleware, added per request (in-process, bare endpoint {costs['bare_us']:.2f} us): "
         + ", ".join(f"{name} {us:.2f} us" for name, us in costs["added_us"].items())
     )
+    print("\n".join(jobs.summary(workloads)))
     missed = [
         f"{name}: {check}"
         for name, r in workloads.items()

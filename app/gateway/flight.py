@@ -1,10 +1,12 @@
-"""The records of work in flight: one id's fetch, and one lookup waiting on fetches."""
+"""The records of work in flight (one id's fetch, one lookup waiting on fetches), and waiting
+for that work to end."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from app.domain import UserRecord
 from app.gateway.memory import Answers
@@ -24,6 +26,8 @@ class Fetch:
     taken: int = 0
     """The number of the batch that took the id off the queue (0: not taken yet): an id is
     never put in two batches, and a job counts the upstream calls its ids went out in."""
+    background: bool = False
+    """Started by a crawl job: unless a client joined it, its user is not added to memory."""
 
 
 @dataclass(slots=True)
@@ -45,3 +49,18 @@ async def cancel_all(tasks: set[asyncio.Task[None]]) -> None:
         task.cancel()
     if tasks:
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def wait_idle(
+    inflight: Mapping[int, Fetch], batches: set[asyncio.Task[None]], within_s: float
+) -> bool:
+    """Wait until no fetch is in flight and no batch task runs; False after `within_s`."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within_s
+    while inflight or batches:
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            return False
+        futures: list[asyncio.Future[Any]] = [f.future for f in inflight.values()]
+        await asyncio.wait([*futures, *batches], timeout=remaining)
+    return True

@@ -26,7 +26,7 @@ from app.gateway.batching import PRIORITY_JOB, PRIORITY_MISS, PRIORITY_REFRESH, 
 from app.gateway.breaker import CircuitBreaker
 from app.gateway.budget import Budget, LocalBudget, budget_windows
 from app.gateway.cache import cache_entry
-from app.gateway.flight import Fetch, PendingLookup, cancel_all
+from app.gateway.flight import Fetch, PendingLookup, cancel_all, wait_idle
 from app.gateway.memory import Memory
 from app.gateway.resilient import ResilientUpstream
 from app.gateway.results import (
@@ -113,15 +113,7 @@ class Gateway:
 
     async def wait_idle(self, within_s: float) -> bool:
         """Wait until no fetch is queued or running (saves included); False on timeout."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + within_s
-        while self._inflight or self._batches:
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                return False
-            futures: list[asyncio.Future[Any]] = [f.future for f in self._inflight.values()]
-            await asyncio.wait([*futures, *self._batches], timeout=remaining)
-        return True
+        return await wait_idle(self._inflight, self._batches, within_s)
 
     def _spawn(self, coro: Any, name: str) -> asyncio.Task[None]:
         self._tasks.add(task := asyncio.create_task(coro, name=name))
@@ -258,12 +250,14 @@ class Gateway:
     def enlist(
         self, user_ids: Iterable[int], previous: Mapping[int, UserRecord]
     ) -> dict[int, Fetch | None]:
-        """A job's ids: each joins a fetch in flight or starts one in the job lane; None
-        where none can start now (known failing, breaker open, no room). No await."""
+        """A job's ids join fetches in flight or start ones in the job lane (their users
+        are not added to memory); None where none can start now. No await."""
         now = self.clock()
         for uid in user_ids:
-            if uid not in self._inflight:
-                self.schedule_refresh(uid, previous.get(uid), PRIORITY_JOB, now)
+            if uid not in self._inflight and self.schedule_refresh(
+                uid, previous.get(uid), PRIORITY_JOB, now
+            ):
+                self._inflight[uid].background = True
         return {uid: self._inflight.get(uid) for uid in user_ids}
 
     def forget(self, user_id: int) -> bool:
@@ -361,8 +355,9 @@ class Gateway:
         synchronous on purpose (a lookup sees either the in-flight entry or the result)."""
         now = self.clock()
         for uid in ids:
-            outcome = self.memory.learn(uid, outcomes.get(uid, default), now)
             fetch = self._inflight.pop(uid, None)
+            hold = fetch is None or not fetch.background or fetch.waiters > 0
+            outcome = self.memory.learn(uid, outcomes.get(uid, default), now, hold=hold)
             if fetch is not None and not fetch.future.done():
                 fetch.future.set_result(outcome)
 

@@ -109,13 +109,18 @@ class Memory:
         if held is None or fetched_at(held) < record.fetched_at:
             self.users.put(record.user_id, cache_entry(record))
 
-    def learn(self, user_id: int, outcome: Outcome, now: float) -> Outcome:
-        """Record a fetch's outcome; returns what to answer (a newer held copy wins)."""
+    def learn(self, user_id: int, outcome: Outcome, now: float, *, hold: bool = True) -> Outcome:
+        """Record a fetch's outcome; returns what to answer (a newer held copy wins).
+
+        `hold=False` (a crawl job's fetch no client waits for) updates a user held already
+        but adds none: a crawl of millions must not push the clients' users out of the LRU.
+        """
         if not isinstance(outcome, Failure):
             held = self.users.get(user_id)
             if held is not None and fetched_at(held) > fetched_at(outcome):
                 outcome = held
-            self.users.put(user_id, outcome)
+            if hold or held is not None:
+                self.users.put(user_id, outcome)
             self.failing.pop(user_id)
             self.not_found.pop(user_id)
         elif outcome.reason == NOT_FOUND.reason:

@@ -6,7 +6,8 @@ import asyncio
 import random
 import time
 import uuid
-from collections import Counter
+from collections import Counter, deque
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
@@ -19,6 +20,8 @@ Fault = Literal[
     "error", "hang", "rate_limit", "malformed", "wrong_shape", "unauthorized", "forbidden"
 ]
 FAULTS = ("error", "hang", "rate_limit", "malformed", "wrong_shape", "unauthorized", "forbidden")
+CALL_TIMES = 10_000
+"""Call times kept for `max_calls_in_*` (the budget checks of the benchmark)."""
 
 
 @dataclass
@@ -38,7 +41,8 @@ class SimulatorConfig:
 
 @dataclass
 class SimulatorStats:
-    """What the simulator was asked. `per_id` grows with distinct ids (test and bench scale)."""
+    """What the simulator was asked. `per_id` grows with distinct ids (test and bench scale);
+    `call_times` keeps the monotonic times of the last CALL_TIMES calls."""
 
     calls: int = 0
     batch_calls: int = 0
@@ -47,6 +51,7 @@ class SimulatorStats:
     max_ids_per_call: int = 0
     faults_served: int = 0
     per_id: Counter[int] = field(default_factory=Counter)
+    call_times: deque[float] = field(default_factory=lambda: deque(maxlen=CALL_TIMES))
 
     def public(self) -> dict[str, int]:
         """The counters `GET /_sim/stats` answers with."""
@@ -60,7 +65,20 @@ class SimulatorStats:
             "duplicate_lookups": self.ids_requested - unique,
             "max_ids_per_call": self.max_ids_per_call,
             "faults_served": self.faults_served,
+            "max_calls_in_60s": most_calls_within(self.call_times, 60.0),
+            "max_calls_in_3600s": most_calls_within(self.call_times, 3600.0),
         }
+
+
+def most_calls_within(times: Iterable[float], period_s: float) -> int:
+    """The most of `times` (ascending) in any window [t, t + period_s)."""
+    ordered = list(times)
+    best = start = 0
+    for end, at in enumerate(ordered):
+        while at - ordered[start] >= period_s:
+            start += 1
+        best = max(best, end - start + 1)
+    return best
 
 
 class SimulatorState:
@@ -139,6 +157,7 @@ def create_simulator_app(config: SimulatorConfig | None = None) -> FastAPI:
     async def answer(request: Request, ids: list[int], single: bool) -> Response:
         config, stats = sim.config, sim.stats
         stats.calls += 1
+        stats.call_times.append(time.monotonic())
         if single:
             stats.single_calls += 1
         else:

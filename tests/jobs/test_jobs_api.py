@@ -334,3 +334,18 @@ async def test_refused_credentials_fail_the_job_and_it_can_be_taken_up_again(
     assert retried.status_code == 202
     done = await wait_for(running, job["job_id"])
     assert (done["status"], done["found"], done["error"]) == ("completed", 20, None)
+
+
+async def test_a_crawl_does_not_push_clients_users_out_of_memory(
+    start_app: StartApp, freelancer: FakeFreelancer
+) -> None:
+    running = await start_app(memory_cache_size=1000)
+    await running.lookup(*range(1, 11))  # a client's users, held in memory
+    job = await submit(running, {"id_range": [100_000, 104_999]})
+    await wait_for(running, job["job_id"])
+    memory = running.gateway.memory
+    assert len(memory) == 10 and all(uid in memory.users for uid in range(1, 11))
+    calls = len(freelancer.calls)
+    answer = await running.lookup(100_000, 104_999)
+    assert [u["source"] for u in answer["users"]] == ["cache", "cache"], "from the store"
+    assert len(freelancer.calls) == calls

@@ -134,3 +134,18 @@ async def test_latency_delays_every_answer(sim: httpx.AsyncClient) -> None:
     started = time.monotonic()
     await sim.get(USERS, params={"users[]": 1})
     assert time.monotonic() - started >= 0.05  # a lower bound, not a speed target
+
+
+async def test_stats_count_the_most_calls_in_any_minute_and_hour() -> None:
+    app = create_simulator_app(SimulatorConfig())
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://sim") as sim:
+        for _ in range(3):
+            await sim.get(USERS, params={"users[]": 1})
+        stats = (await sim.get("/_sim/stats")).json()
+        assert (stats["max_calls_in_60s"], stats["max_calls_in_3600s"]) == (3, 3)
+        times = app.state.sim.stats.call_times
+        times.clear()
+        times.extend([0.0, 10.0, 20.0, 65.0, 70.0, 75.0, 80.0, 3620.0])
+        stats = (await sim.get("/_sim/stats")).json()
+        assert (stats["max_calls_in_60s"], stats["max_calls_in_3600s"]) == (4, 7)
