@@ -255,6 +255,7 @@ class Stats(BaseModel):
     upstream_ids_requested: int
     upstream_errors: int
     upstream_retries: int
+    job_batches: int
     refreshes_queued: int
     shed: int
     store_errors: int

@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import shutil
+import sqlite3
 import tempfile
 from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -16,6 +18,8 @@ from schemathesis.checks import CHECKS, load_all_checks
 from schemathesis.openapi.checks import RejectedPositiveData, UseAfterFree
 
 from app.config import Settings
+from app.jobs.runner import JobRunner
+from app.jobs.webhook import Webhooks
 from app.main import create_app
 from tests.conftest import scrub_settings_environment
 
@@ -85,13 +89,38 @@ def before_call(context: HookContext, case: OpenApiCase, **kwargs: Any) -> None:
             where["callback_url"] = "http://127.0.0.1:9/fuzz"
 
 
-StateMachine = schema.as_state_machine()
+class StateMachine(schema.as_state_machine()):  # type: ignore[misc]
+    def setup(self) -> None:
+        """Each scenario starts with no jobs. A job's answers depend on what happened to it
+        (a second cancel is 409), and Hypothesis replays a scenario's start expecting the
+        same answers; jobs left by an earlier scenario would change them."""
+        with closing(sqlite3.connect(ROOT / "users.db", timeout=10)) as db, db:
+            db.execute("DELETE FROM job_items")
+            db.execute("DELETE FROM jobs")
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _remove_store() -> Iterator[None]:
     yield
     shutil.rmtree(ROOT, ignore_errors=True)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _jobs_stand_still() -> Iterator[None]:
+    """Submitted jobs stay pending and call nobody back: a job that ran would answer a
+    later cancel 200 or 409 by timing, and Hypothesis replays a stateful run expecting the
+    same answers (callbacks are tested against a real receiver in tests/jobs)."""
+
+    async def no_round(self: JobRunner) -> bool:
+        return False
+
+    async def no_callbacks(self: Webhooks) -> None:
+        return None
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(JobRunner, "_round", no_round)
+        patch.setattr(Webhooks, "run", no_callbacks)
+        yield
 
 
 def test_every_check_is_enabled() -> None:

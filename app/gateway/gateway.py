@@ -324,6 +324,8 @@ class Gateway:
         try:
             try:
                 claimed = await self.coordinator.claim(ids)
+                fetches = [f for u in claimed if (f := self._inflight.get(u))]
+                self.stats.job_batches += bool(fetches) and all(f.background for f in fetches)
                 batch = await self.upstream.fetch_users(claimed) if claimed else None
             finally:
                 self._slots.release()

@@ -87,9 +87,7 @@ class JobRunner:
         self._chunks: set[asyncio.Task[None]] = set()
         self._share: deque[tuple[float, int, int]] = deque()
         self._committed = 0
-        self._started = 0
-        """Chunks that passed `_pace` (each spends about one call): counted at once, so
-        `_owed` never mistakes a job's call in flight for a client's."""
+        """Chunks that passed `_pace` and have not spent their call yet."""
         self._status_at = 0.0
 
     async def start(self) -> None:
@@ -280,7 +278,6 @@ class JobRunner:
             return done, 0, None
         await self._pace(len(need))
         self._committed += 1
-        self._started += 1
         try:
             fetches = gateway.enlist(list(need), stored)
             futures = {f.future for f in fetches.values() if f is not None}
@@ -336,10 +333,11 @@ class JobRunner:
     def _owed(self) -> bool:
         """True while clients' calls crowd jobs below JOB_SHARE of the last minute's calls."""
         now = time.monotonic()
-        self._share.append((now, self.gateway.stats.upstream_calls, self._started))
+        stats = self.gateway.stats
+        self._share.append((now, stats.upstream_calls, stats.job_batches))
         while len(self._share) > 1 and now - self._share[0][0] > SHARE_WINDOW_S:
             self._share.popleft()
-        _, total0, jobs0 = self._share[0]
-        total = self.gateway.stats.upstream_calls - total0
-        jobs = self._started - jobs0
-        return total > jobs and jobs < self.settings.job_share * total
+        _, calls0, jobs0 = self._share[0]
+        jobs = stats.job_batches - jobs0
+        clients = stats.upstream_calls - calls0 - jobs
+        return clients > 0 and jobs < self.settings.job_share * (jobs + clients)

@@ -30,7 +30,7 @@ async def health(request: Request, gateway: GatewayDep) -> Health:
         auth="open" if request.app.state.keys.open else "keys",
         coordination=gateway.coordinator.kind,
         processes=gateway.coordinator.live_processes,
-        budget=await budget_windows(gateway),
+        budget=await budget_windows(gateway, ask=False),
     )
 
 
@@ -89,9 +89,11 @@ async def stats(request: Request, gateway: GatewayDep) -> Stats:
     )
 
 
-async def budget_windows(gateway: Gateway) -> list[BudgetWindow]:
-    """Each budget window as it stands now (a shared budget is asked first)."""
-    await gateway.budget.refresh()
+async def budget_windows(gateway: Gateway, *, ask: bool = True) -> list[BudgetWindow]:
+    """Each budget window: as it stands now (a shared budget is asked first), or, for the
+    health check, as last seen (no round trip to Redis)."""
+    if ask:
+        await gateway.budget.refresh()
     return [BudgetWindow.model_validate(w, from_attributes=True) for w in gateway.budget.windows()]
 
 
