@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 
-from bench.__main__ import machine, post_users, rss_mb, table
+from bench.__main__ import machine, post_users, rss_mb, table, verdict
 from bench.procs import Process, gateway_process, sim_configure, sim_stats, simulator_process
 
 JOB_IDS = 10_000
@@ -239,14 +239,7 @@ def main() -> int:
     print(f"machine: {machine()}")
     print(table({"workloads": workloads}))
     print("\n".join(summary(workloads)))
-    missed = [
-        f"{n}: {c}" for n, r in workloads.items() for c, ok in r.get("checks", {}).items() if not ok
-    ]
-    if missed:
-        print("targets missed:\n  " + "\n  ".join(missed))
-        return 1
-    print("all targets met")
-    return 0
+    return verdict(workloads)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ from typing import Any, Literal, get_args
 
 JobStatus = Literal["pending", "running", "completed", "failed", "cancelled"]
 Priority = Literal["high", "normal", "low"]
-WebhookState = Literal["pending", "delivered", "failed"]
 STATUSES: tuple[JobStatus, ...] = get_args(JobStatus)
 ACTIVE: tuple[JobStatus, ...] = ("pending", "running")
 FINISHED: tuple[JobStatus, ...] = ("completed", "failed", "cancelled")

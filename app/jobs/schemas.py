@@ -24,20 +24,8 @@ from app.errors import InvalidRequest
 from app.jobs.model import Item, Job, Priority
 from app.models import UserId, one_of
 
-RESULT_COLUMNS = (
-    "user_id",
-    "status",
-    "reason",
-    "username",
-    "display_name",
-    "country",
-    "city",
-    "role",
-    "registration_date",
-    "avatar_url",
-    "created_at",
-    "fetched_at",
-)
+RESULT_COLUMNS = ("user_id", "status", "reason", *UserRecord._fields[1:])
+"""The CSV header: the item, then the user as the store keeps it."""
 
 
 # The text bodies, as the schema states them and the parser reads them: one id a line,
@@ -247,10 +235,9 @@ def parse_text(body: bytes, settings: Settings, *, csv: bool) -> list[int]:
         raise InvalidRequest("the body is not UTF-8 text") from None
     row = CSV_ROW if csv else TEXT_ROW
     lines = text.split("\n")
-    if csv and lines and re.match("[A-Za-z_]", lines[0]):
-        lines = lines[1:]  # a header row
+    header = csv and re.match("[A-Za-z_]", lines[0]) is not None
     ids: list[int] = []
-    for number, raw in enumerate(lines, 2 if len(lines) < len(text.split("\n")) else 1):
+    for number, raw in enumerate(lines[header:], 1 + header):
         line = raw.removesuffix("\r")
         if row.fullmatch(line):
             ids.append(int(line.split(",", 1)[0].strip(' \t"')))
