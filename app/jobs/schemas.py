@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-import orjson
 from fastapi.exceptions import RequestValidationError
 from pydantic import (
     BaseModel,
@@ -22,7 +20,7 @@ from app.config import Settings
 from app.domain import UserRecord, iso
 from app.errors import InvalidRequest
 from app.jobs.model import Item, Job, Priority
-from app.models import UserId, one_of
+from app.models import UserId, load_json, one_of
 
 RESULT_COLUMNS = ("user_id", "status", "reason", *UserRecord._fields[1:])
 """The CSV header: the item, then the user as the store keeps it."""
@@ -202,13 +200,7 @@ class Deleted(BaseModel):
 
 def parse_json(body: bytes, settings: Settings) -> tuple[JobRequest, list[int] | range]:
     """A JSON submission and its ids (a list, or the range); InvalidRequest saying why."""
-    try:
-        data = orjson.loads(body) if body else None
-    except orjson.JSONDecodeError:
-        try:  # integers beyond 64 bits: parsed, so the answer can say "too large"
-            data = json.loads(body)
-        except (ValueError, RecursionError):
-            raise InvalidRequest("the body is not valid JSON") from None
+    data = load_json(body, status_code=422) if body else None
     if not isinstance(data, dict):
         raise InvalidRequest('the body must be a JSON object like {"user_ids": [1, 2, 3]}')
     try:
