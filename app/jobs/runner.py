@@ -56,8 +56,10 @@ class Progress:
     chunks: int = 0
     not_before: float = 0.0
     attempts: dict[int, int] = field(default_factory=dict)
+    done: int = 0
+    """Ids this process recorded done for the job (speed needs differences only)."""
     rate: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=30))
-    """(monotonic time, ids done) samples: the job's recent speed."""
+    """(monotonic time, `done`) samples: the job's recent speed."""
 
     def ids_per_s(self) -> float | None:
         if len(self.rate) < 2 or self.rate[-1][0] <= self.rate[0][0]:
@@ -76,6 +78,7 @@ class JobRunner:
         settings = gateway.settings
         self.settings = settings
         self.reserve = max(1, settings.upstream_burst // 2)
+        self._rates = {w.name: w.rate_per_s for w in budget_windows(settings)}
         self.webhooks = Webhooks(store, settings, clock=clock)
         self.progress: dict[str, Progress] = {}
         self.by_status: dict[str, int] = {}
@@ -117,12 +120,11 @@ class JobRunner:
             return None
         left = job.total - job.done
         calls = math.ceil(left / self.settings.batch_size)
-        rates = {w.name: w for w in budget_windows(self.settings)}
         budget_s = 0.0
         for state in self.gateway.budget.windows():
-            window = rates.get(state.name)
-            if window is not None and calls > state.remaining:
-                budget_s = max(budget_s, (calls - state.remaining) / window.rate_per_s)
+            rate = self._rates.get(state.name)
+            if rate is not None and calls > state.remaining:
+                budget_s = max(budget_s, (calls - state.remaining) / rate)
         progress = self.progress.get(job.job_id)
         speed = progress.ids_per_s() if progress else None
         return round(max(budget_s, left / speed if speed else 0.0), 1)
@@ -238,9 +240,8 @@ class JobRunner:
                 await self._finish(job, "failed", error)
             elif len(done) < len(items) and not calls:
                 progress.not_before = time.monotonic() + PAUSE_S
-            stored = await self.store.get(job.job_id)
-            if stored is not None:
-                progress.rate.append((time.monotonic(), stored.done))
+            progress.done += len(done)
+            progress.rate.append((time.monotonic(), progress.done))
         except StoreUnavailable as exc:
             log.warning("job %s: chunk not recorded, it will be redone: %s", job.job_id, exc)
             progress.cursor = min(progress.cursor, items[0].seq - 1)
