@@ -29,6 +29,7 @@ COUNTERS = {
     "upstream_ids_requested": "Ids sent to Freelancer.",
     "upstream_errors": "Failed calls to Freelancer.",
     "upstream_retries": "Retried calls to Freelancer.",
+    "batches": "Batches sent to Freelancer (each retried call counts once).",
     "job_batches": "Batches that held only crawl jobs' ids.",
     "refreshes_queued": "Background refreshes queued.",
     "shed": "Requests refused with 503 because a bound was hit.",

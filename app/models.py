@@ -255,6 +255,7 @@ class Stats(BaseModel):
     upstream_ids_requested: int
     upstream_errors: int
     upstream_retries: int
+    batches: int
     job_batches: int
     refreshes_queued: int
     shed: int

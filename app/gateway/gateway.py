@@ -325,6 +325,7 @@ class Gateway:
             try:
                 claimed = await self.coordinator.claim(ids)
                 fetches = [f for u in claimed if (f := self._inflight.get(u))]
+                self.stats.batches += bool(fetches)
                 self.stats.job_batches += bool(fetches) and all(f.background for f in fetches)
                 batch = await self.upstream.fetch_users(claimed) if claimed else None
             finally:

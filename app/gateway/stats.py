@@ -29,6 +29,8 @@ class GatewayStats:
     upstream_ids_requested: int = 0
     upstream_errors: int = 0
     upstream_retries: int = 0
+    batches: int = 0
+    """Batches sent upstream (counted as they go, beside `job_batches`; retries not)."""
     job_batches: int = 0
     """Batches that held only crawl jobs' ids (every other call served a client too)."""
     refreshes_queued: int = 0

@@ -335,10 +335,12 @@ class JobRunner:
         """True while clients' calls crowd jobs below JOB_SHARE of the last minute's calls."""
         now = time.monotonic()
         stats = self.gateway.stats
-        self._share.append((now, stats.upstream_calls, stats.job_batches))
+        # Both counters move together, as a batch goes out: no call is ever counted in one
+        # and not yet in the other.
+        self._share.append((now, stats.batches, stats.job_batches))
         while len(self._share) > 1 and now - self._share[0][0] > SHARE_WINDOW_S:
             self._share.popleft()
-        _, calls0, jobs0 = self._share[0]
+        _, batches0, jobs0 = self._share[0]
         jobs = stats.job_batches - jobs0
-        clients = stats.upstream_calls - calls0 - jobs
+        clients = stats.batches - batches0 - jobs
         return clients > 0 and jobs < self.settings.job_share * (jobs + clients)
