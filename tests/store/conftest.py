@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -43,48 +44,52 @@ def mongomock_store() -> MongoUserStore:
     return MongoUserStore(client, database=f"test_{uuid.uuid4().hex[:8]}", owns_client=False)
 
 
-@pytest.fixture(params=["sqlite", "mongomock", "mongodb"])
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[UserStore]:
-    """Each store, opened, closed after the test."""
+@asynccontextmanager
+async def mongo_database(kind: str) -> AsyncIterator[tuple[Any, str] | None]:
+    """None for `sqlite`; else a client and a fresh database name: mongomock, or the server
+    at TEST_MONGODB_URL (skipped without it), whose database is dropped after."""
     database = f"gateway_test_{uuid.uuid4().hex[:8]}"
-    client: AsyncMongoClient[dict[str, Any]] | None = None
-    if request.param == "sqlite":
-        opened: UserStore = SqliteUserStore(tmp_path / "users.db")
-    elif request.param == "mongomock":
-        opened = mongomock_store()
+    if kind == "sqlite":
+        yield None
+    elif kind == "mongomock":
+        yield AsyncMongoMockClient(tz_aware=True), database
     else:
         url = os.environ.get("TEST_MONGODB_URL")
         if not url:
             pytest.skip("TEST_MONGODB_URL not set: no MongoDB server on this machine")
-        client = AsyncMongoClient(url, tz_aware=True, serverSelectionTimeoutMS=3000)
-        opened = MongoUserStore(client, database=database, owns_client=False)
-    await opened.open()
-    yield opened
-    await opened.close()
-    if client is not None:
-        await client.drop_database(database)
-        await client.close()
+        client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
+            url, tz_aware=True, serverSelectionTimeoutMS=3000
+        )
+        try:
+            yield client, database
+        finally:
+            await client.drop_database(database)
+            await client.close()
+
+
+@pytest.fixture(params=["sqlite", "mongomock", "mongodb"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[UserStore]:
+    """Each store, opened, closed after the test."""
+    async with mongo_database(request.param) as mongo:
+        opened: UserStore = (
+            SqliteUserStore(tmp_path / "users.db")
+            if mongo is None
+            else MongoUserStore(mongo[0], database=mongo[1], owns_client=False)
+        )
+        await opened.open()
+        yield opened
+        await opened.close()
 
 
 @pytest.fixture(params=["sqlite", "mongomock", "mongodb"])
 async def job_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[JobStore]:
     """Each job store, opened, closed after the test."""
-    database = f"gateway_test_{uuid.uuid4().hex[:8]}"
-    client: AsyncMongoClient[dict[str, Any]] | None = None
-    if request.param == "sqlite":
-        opened: JobStore = SqliteJobStore(tmp_path / "users.db")
-    elif request.param == "mongomock":
-        mock: Any = AsyncMongoMockClient(tz_aware=True)
-        opened = MongoJobStore(mock, database=f"test_{uuid.uuid4().hex[:8]}")
-    else:
-        url = os.environ.get("TEST_MONGODB_URL")
-        if not url:
-            pytest.skip("TEST_MONGODB_URL not set: no MongoDB server on this machine")
-        client = AsyncMongoClient(url, tz_aware=True, serverSelectionTimeoutMS=3000)
-        opened = MongoJobStore(client, database=database)
-    await opened.open()
-    yield opened
-    await opened.close()
-    if client is not None:
-        await client.drop_database(database)
-        await client.close()
+    async with mongo_database(request.param) as mongo:
+        opened: JobStore = (
+            SqliteJobStore(tmp_path / "users.db")
+            if mongo is None
+            else MongoJobStore(mongo[0], database=mongo[1])
+        )
+        await opened.open()
+        yield opened
+        await opened.close()
