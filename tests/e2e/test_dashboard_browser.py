@@ -160,15 +160,21 @@ def budgeted_gateway(tmp_path: Path, simulator: Process) -> Iterator[Process]:
         process.stop()
 
 
+def open_dashboard(browser: Browser, process: Process) -> tuple[Page, Watch]:
+    """The dashboard in a new page, once its stream is live, and a watch on the page."""
+    page = browser.new_page(viewport={"width": 1440, "height": 1000})
+    watch = Watch(page)
+    page.goto(f"{process.url}/dashboard")
+    expect(page.locator("#status")).to_have_text("live", timeout=10_000)
+    return page, watch
+
+
 @pytest.mark.timeout(150)  # UPDATE_SCREENSHOT=1 drives traffic for a minute first
 def test_dashboard_shows_live_numbers_and_looks_users_up(
     browser: Browser, budgeted_gateway: Process
 ) -> None:
     gateway_process = budgeted_gateway
-    page = browser.new_page(viewport={"width": 1440, "height": 1000})
-    watch = Watch(page)
-    page.goto(f"{gateway_process.url}/dashboard")
-    expect(page.locator("#status")).to_have_text("live", timeout=10_000)
+    page, watch = open_dashboard(browser, gateway_process)
     watch.wait_number("#requests-total", 0)
     before = watch.number("#requests-total")
     assert page.locator("#upstream-state").inner_text() == "ok"
@@ -212,10 +218,7 @@ def test_the_jobs_panel_shows_active_jobs_and_their_counts(
 ) -> None:
     """A range job the budget keeps running for minutes: its row, then cancelled, none."""
     gateway_process = budgeted_gateway
-    page = browser.new_page(viewport={"width": 1440, "height": 1000})
-    watch = Watch(page)
-    page.goto(f"{gateway_process.url}/dashboard")
-    expect(page.locator("#status")).to_have_text("live", timeout=10_000)
+    page, watch = open_dashboard(browser, gateway_process)
     rows = page.locator("#jobs-active tr")
     expect(rows).to_have_text(["No active jobs"], timeout=10_000)
     label = "<b>nightly</b>"  # shown as text, never parsed as markup
