@@ -26,13 +26,18 @@ async def submit(running: Running, body: Any = None, **kwargs: Any) -> dict[str,
 
 
 async def wait_for(
-    running: Running, job_id: str, statuses: tuple[str, ...] = FINISHED, within_s: float = 20
+    running: Running,
+    job_id: str,
+    statuses: tuple[str, ...] = FINISHED,
+    within_s: float = 20,
+    done: int = 0,
 ) -> dict[str, Any]:
-    """Poll the job until its status is one of `statuses` (bounded in time)."""
+    """Poll the job until its status is one of `statuses` with at least `done` ids done
+    (bounded in time)."""
     deadline = time.monotonic() + within_s
     while True:
         job: dict[str, Any] = (await running.client.get(f"/api/jobs/{job_id}")).json()
-        if job["status"] in statuses:
+        if job["status"] in statuses and job["done"] >= done:
             return job
         assert time.monotonic() < deadline, f"job still {job['status']}: {job}"
         await asyncio.sleep(0.02)
