@@ -13,7 +13,7 @@ PIP_TOOLS_VERSION := 7.6.2
 PIP_COMPILE := $(BIN)/pip-compile --quiet --generate-hashes --allow-unsafe --all-build-deps \
 	--strip-extras --no-emit-index-url --no-emit-find-links
 
-.PHONY: run test lint typecheck check bench soak wrk simulator clean lock system-packages
+.PHONY: run test test-fast lint typecheck check bench soak wrk simulator clean lock system-packages
 
 # Reinstalls only when the dev lock or pyproject.toml changed since the last install.
 $(STAMP): $(DEV_LOCK) pyproject.toml
@@ -46,6 +46,13 @@ run: $(STAMP)
 test: $(STAMP) lint typecheck system-packages
 	$(BIN)/python -m pytest
 
+## test-fast: the unit and in-process layer only (no subprocesses, Redis, browser or
+##            fuzzing), and the import contracts: under a minute, for the edit-test loop
+FAST := not (e2e or redis or browser or fuzz)
+test-fast: $(STAMP)
+	$(BIN)/lint-imports --no-cache
+	$(BIN)/python -m pytest -m "$(FAST)" -q
+
 # chromium: the dashboard's browser test; redis-server: the multi-process tests;
 # docker-compose: checks docker-compose.yml (it needs no engine for that).
 SYSTEM_PACKAGES := chromium redis-server docker-compose
@@ -55,6 +62,7 @@ system-packages:
 lint: $(STAMP)
 	$(BIN)/ruff check app tests bench
 	$(BIN)/ruff format --check app tests bench
+	$(BIN)/lint-imports --no-cache
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

@@ -3,7 +3,9 @@
 `request_id` is a context variable the middleware sets per request; the worker sets it
 to the ids of the requests a batch serves. Nothing logs headers or bodies, and every
 line passes `redact`, which masks credentials in URLs (a MongoDB password in an error
-message, say) and the values of the known secret settings.
+message, say). The values of the secret settings are masked by a `SecretMask` the
+lifespan puts on the root logger's handlers while the app runs (`masking`), and takes
+off when it stops: no list of secrets outlives the app that knew them.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any, Literal
 
@@ -19,23 +23,58 @@ import orjson
 request_id: ContextVar[str | None] = ContextVar("request_id", default=None)
 
 _URL_CREDENTIALS = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s:@]+(:[^/\s@]*)?@")
-_SECRETS: list[str] = []
 
 # Fields a record may carry through `extra=` that the JSON line shows by name.
 _EXTRA = ("method", "route", "status", "duration_ms", "key", "action", "size", "batch")
 
 
 def redact(text: str) -> str:
-    """The text with URL credentials and known secret values masked."""
-    text = _URL_CREDENTIALS.sub(r"\1***@", text)
-    for secret in _SECRETS:
-        text = text.replace(secret, "***")
-    return text
+    """The text with URL credentials masked."""
+    return _URL_CREDENTIALS.sub(r"\1***@", text)
 
 
-def add_secrets(*values: str | None) -> None:
-    """Values that must never appear in a log line (tokens, keys, passwords)."""
-    _SECRETS.extend(v for v in values if v and len(v) >= 6 and v not in _SECRETS)
+class SecretMask(logging.Filter):
+    """Masks secret values (tokens, passwords) in a record: its message and its traceback.
+
+    A handler's filter sees every record the handler writes, whichever logger made it
+    (a driver's error message quoting a URL, say), before any formatter renders it.
+    """
+
+    def __init__(self, values: Iterable[str | None]) -> None:
+        super().__init__()
+        # Short values would mask ordinary words; settings this short are not secrets.
+        self.values = sorted({v for v in values if v and len(v) >= 6}, key=len, reverse=True)
+
+    def mask(self, text: str) -> str:
+        for value in self.values:
+            text = text.replace(value, "***")
+        return text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.values:
+            message = record.getMessage()
+            masked = self.mask(message)
+            if masked != message:
+                record.msg, record.args = masked, None
+            if record.exc_info and not record.exc_text:
+                record.exc_text = logging.Formatter().formatException(record.exc_info)
+            if record.exc_text:
+                record.exc_text = self.mask(record.exc_text)
+        return True
+
+
+@contextmanager
+def masking(values: Iterable[str | None]) -> Iterator[None]:
+    """While the context lasts, mask `values` in every line the root logger's handlers write."""
+    mask = SecretMask(values)
+    handlers = list(logging.getLogger().handlers)
+    for handler in handlers:
+        handler.addFilter(mask)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(mask)
 
 
 class _RequestIdFilter(logging.Filter):
@@ -73,7 +112,8 @@ class JsonFormatter(logging.Formatter):
             if value is not None:
                 line[name] = value
         if record.exc_info:
-            line["exc"] = redact(self.formatException(record.exc_info))
+            text = record.exc_text or self.formatException(record.exc_info)
+            line["exc"] = redact(text)
         return orjson.dumps(line).decode()
 
 

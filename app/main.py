@@ -2,47 +2,46 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
-from contextlib import asynccontextmanager
+import os
+import signal
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
+from types import FrameType
 from typing import Any
 
 import httpx
-import orjson
-from fastapi import FastAPI, Request, Response
-from fastapi.exceptions import RequestValidationError
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import BaseRoute, Match
+from fastapi import FastAPI
 
 from app import __version__
-from app.access import KeyRing, check_protected_mode, load_keys
 from app.clock import Clock, wall_clock
 from app.config import Settings
-from app.docs import install_docs
-from app.errors import ConfigError, GatewayError
+from app.dashboard.hub import DashboardHub
+from app.errors import ConfigError
 from app.gateway import Gateway
 from app.gateway.budget import Budget, budget_windows
 from app.gateway.coordinator import Coordinator
+from app.http.auth import KeyRing, check_protected_mode, load_keys
+from app.http.client_limits import ClientLimits
+from app.http.docs import install_docs
+from app.http.errors import install_error_handlers
+from app.http.metrics import JobCollector, KeyUsageCollector, RequestMetrics, create_registry
+from app.http.middleware import GatewayMiddleware
+from app.http.openapi import customize_openapi
+from app.http.routers import cache, dashboard, jobs, monitoring, users
+from app.http.routers.dashboard import encode_event
+from app.http.state import Services
 from app.jobs.runner import JobRunner
 from app.jobs.store import create_job_store
-from app.logs import add_secrets, configure_logging
-from app.metrics import JobCollector, KeyUsageCollector, create_registry
-from app.middleware import GatewayMiddleware, RequestMetrics, error_response
-from app.openapi import customize_openapi
-from app.quotas import ClientLimits
-from app.routers import cache, dashboard, jobs, monitoring, users
+from app.logs import configure_logging, masking
 from app.store import UserStore, create_store
 from app.upstream import FreelancerClient, create_http_client
 
 log = logging.getLogger("app")
 
 SIMULATOR_BASE = "http://simulator.invalid/api/users/0.1/users"
-HTTP_ERROR_CODES = {
-    404: "not_found",
-    405: "method_not_allowed",
-    413: "payload_too_large",
-    415: "unsupported_media_type",
-}
 
 DESCRIPTION = """
 Answers "who are these Freelancer users?" for batches of ids from its own cache, and
@@ -65,39 +64,44 @@ def create_app(
     fake the boundary and to step time).
     """
     settings = settings or Settings()
+    keys = KeyRing(load_keys(settings))
+    check_protected_mode(settings, keys)
+
+    def processes() -> int:
+        gateway = services.gateway
+        return gateway.coordinator.live_processes if gateway is not None else 1
+
+    limits = ClientLimits(settings, processes)
+    request_metrics = RequestMetrics()
+    services = Services(
+        settings=settings,
+        keys=keys,
+        limits=limits,
+        registry=create_registry(
+            lambda: services.gateway,
+            request_metrics,
+            KeyUsageCollector(limits),
+            JobCollector(lambda: services.runner),
+        ),
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with _running(services, store=store, transport=upstream_transport, clock=clock):
+            yield
+
     app = FastAPI(
         title="Freelancer user-info gateway",
         version=__version__,
         description=DESCRIPTION,
-        lifespan=_lifespan,
-        docs_url=None,  # app.docs serves /docs and /redoc with local assets
+        lifespan=lifespan,
+        docs_url=None,  # app.http.docs serves /docs and /redoc with local assets
         redoc_url=None,
         # The gateway exports Prometheus metrics; FastAPI's OpenTelemetry instrumentation
         # would only ask, on every request, whether a provider is configured.
         telemetry={"tracing": False, "metrics": False, "logs": False, "operation_spans": False},
     )
-    app.state.settings = settings
-    app.state.store = store
-    app.state.upstream_transport = upstream_transport
-    app.state.clock = clock
-    app.state.gateway = app.state.jobs = None
-    keys = KeyRing(load_keys(settings))
-    check_protected_mode(settings, keys)
-    app.state.keys = keys
-
-    def processes() -> int:
-        gateway: Gateway | None = app.state.gateway
-        return gateway.coordinator.live_processes if gateway is not None else 1
-
-    app.state.limits = limits = ClientLimits(settings, processes)
-    app.state.key_usage = limits.snapshot
-    request_metrics = RequestMetrics()
-    app.state.registry = create_registry(
-        lambda: app.state.gateway,
-        request_metrics,
-        KeyUsageCollector(limits),
-        JobCollector(lambda: app.state.jobs),
-    )
+    app.state.services = services
     app.router.routes.insert(0, users.hot_route)
     app.include_router(users.router)
     app.include_router(cache.router)
@@ -105,7 +109,7 @@ def create_app(
     app.include_router(monitoring.router)
     app.include_router(dashboard.router)
     install_docs(app)
-    _install_error_handlers(app)
+    install_error_handlers(app)
     # Our own body limit, not FastAPI's `max_body_size`: that one answers a declared
     # oversized Content-Length with a plain-text 413, and every error here is JSON.
     app.add_middleware(
@@ -123,9 +127,19 @@ def create_app(
 
 
 @asynccontextmanager
-async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
-    settings: Settings = app.state.settings
-    transport = app.state.upstream_transport
+async def _running(
+    services: Services,
+    *,
+    store: UserStore | None,
+    transport: httpx.AsyncBaseTransport | None,
+    clock: Clock,
+) -> AsyncIterator[None]:
+    """Start the gateway, the job runner and the dashboard hub; stop them in reverse order.
+
+    Each part is registered on the exit stack as it starts, so a part that fails to start
+    unwinds every part started before it, and nothing keeps running behind a failed start.
+    """
+    settings = services.settings
     base = settings.upstream_base
     if settings.upstream_kind == "simulator" and transport is None:
         from app.simulator import SimulatorConfig, create_simulator_app
@@ -137,16 +151,16 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
             "demo mode: no FREELANCER_OAUTH_TOKEN, FREELANCER_CLIENT_ID or FREELANCER_API_BASE "
             "is set, so users come from the built-in Freelancer simulator, not Freelancer"
         )
-    if app.state.keys.open:
+    if services.keys.open:
         log.warning(
             "no API_KEYS: the service is open to anyone who can reach %s (every caller "
             "may evict users and spend the Freelancer budget)",
             settings.host,
         )
-    add_secrets(*_secret_values(settings))
-    store: UserStore = app.state.store or create_store(settings)
-    async with create_http_client(settings, transport) as http:
-        clock: Clock = app.state.clock
+    async with AsyncExitStack() as stack:
+        stack.enter_context(masking(_secret_values(settings)))
+        store = store or create_store(settings)
+        http = await stack.enter_async_context(create_http_client(settings, transport))
         coordinator, budget = _coordination(settings)
         gateway = Gateway(
             settings=settings,
@@ -156,11 +170,16 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
             budget=budget,
             clock=clock,
         )
+        stack.push_async_callback(gateway.stop)
         await gateway.start()
-        app.state.gateway = gateway
         runner = JobRunner(gateway, create_job_store(settings, store), clock=clock)
+        stack.push_async_callback(runner.stop)
         await runner.start()
-        app.state.jobs = runner
+        hub = DashboardHub(gateway, runner, key_usage=services.limits.snapshot, encode=encode_event)
+        stack.push_async_callback(hub.aclose)
+        stack.enter_context(_on_exit_signal(hub.close))
+        services.gateway, services.runner, services.dashboard = gateway, runner, hub
+        stack.callback(services.detach)
         log.info(
             "gateway started: store=%s upstream=%s batch_size=%d concurrency=%d",
             store.kind,
@@ -168,22 +187,51 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
             settings.batch_size,
             settings.upstream_concurrency,
         )
-        try:
-            yield
-        finally:
-            app.state.gateway = app.state.jobs = None
-            await runner.stop()
-            await gateway.stop()
-            log.info("gateway stopped")
+        yield
+    log.info("gateway stopped")
+
+
+@contextmanager
+def _on_exit_signal(callback: Callable[[], None]) -> Iterator[None]:
+    """Run `callback` on the loop as soon as the process is asked to exit (SIGTERM, SIGINT),
+    then whatever handled the signal before (the server's own shutdown).
+
+    A server waits for open responses to finish before it runs the lifespan's shutdown, so
+    long-lived streams must end on the signal itself. The handler wraps whatever was
+    installed; it reads nothing of the server's. Only the main thread may set handlers.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    loop = asyncio.get_running_loop()
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def handler(sig: int, frame: FrameType | None) -> None:
+        loop.call_soon_threadsafe(callback)
+        before = previous[signal.Signals(sig)]
+        if callable(before):
+            before(sig, frame)
+        elif before == signal.SIG_DFL:  # what would have happened without us
+            signal.signal(sig, signal.SIG_DFL)
+            os.kill(os.getpid(), sig)
+
+    for sig in previous:
+        signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, before in previous.items():
+            if signal.getsignal(sig) is handler:
+                signal.signal(sig, before)
 
 
 def _coordination(settings: Settings) -> tuple[Coordinator | None, Budget | None]:
     """Redis' coordinator and shared budget when REDIS_URL is set; else the in-process ones."""
     if settings.redis_url is None:
         return None, None
-    from app.coordination.budget import RedisBudget
     from app.coordination.client import connect
-    from app.coordination.coordinator import RedisCoordinator
+    from app.coordination.redis_budget import RedisBudget
+    from app.coordination.redis_coordinator import RedisCoordinator
 
     redis = connect(settings.redis_url.get_secret_value(), settings.redis_timeout_s)
     coordinator = RedisCoordinator(
@@ -211,87 +259,6 @@ def _secret_values(settings: Settings) -> list[str | None]:
         if url is not None:
             values.append(httpx.URL(url.get_secret_value()).password)
     return values
-
-
-def _json_error(
-    status: int, body: dict[str, Any], headers: Mapping[str, str] | None = None
-) -> Response:
-    return Response(
-        orjson.dumps(body), status_code=status, media_type="application/json", headers=headers
-    )
-
-
-def _install_error_handlers(app: FastAPI) -> None:
-    """The one place errors become HTTP responses: JSON bodies, never a traceback."""
-
-    async def gateway_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, GatewayError)
-        return error_response(exc)
-
-    async def validation_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, RequestValidationError)
-        problems = []
-        for error in exc.errors()[:5]:
-            loc = list(error.get("loc", ()))
-            if loc and loc[0] in ("body", "path", "query", "header", "cookie"):
-                loc = loc[1:]
-            where = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc)
-            where = where.removeprefix(".")
-            kind, msg = error.get("type"), str(error.get("msg", "invalid"))
-            # Our validators' messages in our words: not pydantic's "Value error, ...".
-            for prefix in ("Value error, ", "Assertion failed, "):
-                msg = msg.removeprefix(prefix)
-            if kind == "extra_forbidden":
-                problems.append(f"unknown field {orjson.dumps(where).decode()}")
-            elif kind == "json_invalid":
-                problems.append("the body is not valid JSON")
-            elif kind in ("model_attributes_type", "dict_type", "model_type") and not where:
-                problems.append("the body must be a JSON object")
-            elif kind == "missing" and not where:
-                problems.append("a JSON body is required")
-            else:
-                problems.append(f"{where}: {msg}" if where else msg)
-        return _json_error(422, {"error": "invalid_request", "detail": "; ".join(problems)})
-
-    async def http_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, StarletteHTTPException)
-        code = HTTP_ERROR_CODES.get(exc.status_code, "http_error")
-        body = {"error": code, "detail": str(exc.detail)}
-        headers = dict(exc.headers or {})
-        if exc.status_code == 405:
-            headers["Allow"] = ", ".join(_allowed_methods(request))
-        return _json_error(exc.status_code, body, headers=headers)
-
-    async def unexpected_error(request: Request, exc: Exception) -> Response:
-        log.exception("unexpected error serving %s %s", request.method, request.url.path)
-        return _json_error(
-            500, {"error": "internal_error", "detail": "internal error; see the log"}
-        )
-
-    app.add_exception_handler(GatewayError, gateway_error)
-    app.add_exception_handler(RequestValidationError, validation_error)
-    app.add_exception_handler(StarletteHTTPException, http_error)
-    app.add_exception_handler(Exception, unexpected_error)
-
-
-def _allowed_methods(request: Request) -> list[str]:
-    """Every method some route serves at this path (Starlette names only the first route's)."""
-    methods: set[str] = set()
-    for route in _leaf_routes(request.app.routes):
-        match, _ = route.matches(request.scope)
-        if match is not Match.NONE:
-            methods |= getattr(route, "methods", None) or set()
-    return sorted(methods)
-
-
-def _leaf_routes(routes: Iterable[BaseRoute]) -> Iterator[BaseRoute]:
-    # FastAPI 0.160+ keeps an included router as one route wrapping the router's own.
-    for route in routes:
-        inner = getattr(route, "original_router", None)
-        if inner is not None:
-            yield from _leaf_routes(inner.routes)
-        else:
-            yield route
 
 
 def __getattr__(name: str) -> Any:

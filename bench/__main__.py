@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import platform
 import random
 import re
 import shutil
@@ -29,8 +28,9 @@ from typing import Any
 
 import httpx
 
-from bench import middleware
-from bench.procs import (
+from bench import jobs, middleware
+from bench.measure import HERE, machine, percentile, post_users, rss_mb, table, verdict
+from tests.support.procs import (
     Process,
     RedisServer,
     free_port,
@@ -40,7 +40,6 @@ from bench.procs import (
     simulator_process,
 )
 
-HERE = Path(__file__).resolve().parent
 SIM_LATENCY_MS = 100.0
 HOT_BATCH = 50
 HOT_CONNECTIONS = 16
@@ -52,28 +51,6 @@ DASHBOARDS = 10
 MEMORY_USERS = 100_000
 JOB_SOAK_S = 300.0
 """How long the range job's memory is watched (`--job-seconds`)."""
-
-
-def rss_mb(pid: int) -> float:
-    """Resident memory of a process, from /proc."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS")
-
-
-def post_users(client: httpx.Client, url: str, ids: list[int]) -> tuple[float, dict[str, Any]]:
-    started = time.perf_counter()
-    response = client.post(f"{url}/api/users", json={"user_ids": ids}, timeout=30)
-    elapsed = time.perf_counter() - started
-    response.raise_for_status()
-    body: dict[str, Any] = response.json()
-    return elapsed, body
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def cold_overlap(gateway: Process, sim: Process, first_id: int = 10_000_001) -> dict[str, Any]:
@@ -411,58 +388,6 @@ def metric(process: Process, name: str) -> float:
     return float(match.group(1))
 
 
-def machine() -> str:
-    cpu = "unknown cpu"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    import os
-
-    mem = int(Path("/proc/meminfo").read_text().split()[1]) // (1024 * 1024)
-    return f"{cpu}, {os.cpu_count()} cores, {mem} GiB, Python {platform.python_version()}"
-
-
-def table(results: dict[str, Any]) -> str:
-    rows = [
-        (
-            "workload",
-            "upstream calls",
-            "lookups/unique",
-            "wall s",
-            "req/s",
-            "p50 ms",
-            "p99 ms",
-            "RSS MB",
-            "targets",
-        )
-    ]
-    for name, r in results["workloads"].items():
-        lookups = f"{r['upstream_lookups']}/{r['unique_ids']}" if "upstream_lookups" in r else "-"
-
-        def num(key: str, fmt: str, r: dict[str, Any] = r) -> str:
-            return format(r[key], fmt) if key in r else "-"
-
-        failed = [k for k, ok in r.get("checks", {}).items() if not ok]
-        rows.append(
-            (
-                name,
-                str(r.get("upstream_calls", "-")),
-                lookups,
-                num("wall_s", ".2f"),
-                num("rps", ".0f"),
-                num("p50_ms", ".1f"),
-                num("p99_ms", ".1f"),
-                num("rss_mb", ".0f"),
-                "ok" if not failed else "MISSED: " + "; ".join(failed),
-            )
-        )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join(
-        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows
-    )
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--users", type=int, default=MEMORY_USERS)
@@ -498,9 +423,6 @@ def main() -> int:
     hot_result = workloads["hot (50-id batches)"]
     workloads["hot, with key + request ids + JSON logs"] = hot_result.pop("secured")
     workloads["fixed-body FastAPI"] = hot_result.pop("fixed_body")
-    # Imported here: bench.jobs imports this module's helpers.
-    from bench import jobs
-
     workloads.update(jobs.run(args.job_seconds))
     results = {
         "machine": machine(),
@@ -531,21 +453,6 @@ def main() -> int:
     )
     print("\n".join(jobs.summary(workloads)))
     return verdict(workloads)
-
-
-def verdict(workloads: dict[str, Any]) -> int:
-    """Print the targets missed (or that all were met); the exit status, 1 when any was."""
-    missed = [
-        f"{name}: {check}"
-        for name, r in workloads.items()
-        for check, ok in r.get("checks", {}).items()
-        if not ok
-    ]
-    if missed:
-        print("targets missed:\n  " + "\n  ".join(missed))
-        return 1
-    print("all targets met")
-    return 0
 
 
 if __name__ == "__main__":

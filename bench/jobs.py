@@ -16,8 +16,14 @@ from typing import Any
 
 import httpx
 
-from bench.__main__ import machine, post_users, rss_mb, table, verdict
-from bench.procs import Process, gateway_process, sim_configure, sim_stats, simulator_process
+from bench.measure import machine, post_users, rss_mb, table, verdict
+from tests.support.procs import (
+    Process,
+    gateway_process,
+    sim_configure,
+    sim_stats,
+    simulator_process,
+)
 
 JOB_IDS = 10_000
 JOB_FIRST_ID = 20_000_001

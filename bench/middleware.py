@@ -15,10 +15,11 @@ from typing import Any
 from pydantic import SecretStr
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.access import KeyRing, load_keys
 from app.config import Settings
-from app.middleware import GatewayMiddleware, RequestMetrics
-from app.quotas import ClientLimits
+from app.http.auth import KeyRing, load_keys
+from app.http.client_limits import ClientLimits
+from app.http.metrics import RequestMetrics
+from app.http.middleware import GatewayMiddleware
 
 CALLS = 20_000
 ROUNDS = 5

@@ -22,8 +22,8 @@ from typing import Any
 
 import httpx
 
-from bench.__main__ import HERE, machine, rss_mb
-from bench.procs import gateway_process, sim_configure, simulator_process
+from bench.measure import HERE, machine, rss_mb
+from tests.support.procs import gateway_process, sim_configure, simulator_process
 
 CLIENTS = 8
 HOT = range(1, 5001)

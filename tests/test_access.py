@@ -10,10 +10,11 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from app.access import KeyRing, check_protected_mode, load_keys, parse_keys
 from app.errors import ConfigError
-from tests.clock import FakeClock
-from tests.conftest import FakeFreelancer, Running, StartApp, make_settings
+from app.http.auth import KeyRing, check_protected_mode, load_keys, parse_keys
+from tests.support.apps import Running, StartApp, make_settings
+from tests.support.clock import FakeClock
+from tests.support.freelancer import FakeFreelancer
 
 READ = "read-key-0123456789abcdef"
 CRAWL = "crawl-key-0123456789abcdef"
@@ -35,11 +36,11 @@ def limits_clock(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeClock]:
     import limits.aio.storage.memory
     import limits.aio.strategies
 
-    import app.quotas
+    import app.http.client_limits
 
     clock = FakeClock()
     fake_time = types.SimpleNamespace(time=clock, monotonic=clock)
-    for module in (limits.aio.storage.memory, limits.aio.strategies, app.quotas):
+    for module in (limits.aio.storage.memory, limits.aio.strategies, app.http.client_limits):
         monkeypatch.setattr(module, "time", fake_time)
     yield clock
 

@@ -6,7 +6,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from tests.conftest import FakeFreelancer, StartApp
+from tests.support.apps import StartApp
+from tests.support.freelancer import FakeFreelancer
 
 
 @pytest.mark.parametrize(

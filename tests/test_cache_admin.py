@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import FakeFreelancer, StartApp
+from tests.support.apps import StartApp
+from tests.support.freelancer import FakeFreelancer
 
 OLD_TO_NEW = {
     ("delete", "/api/users/{user_id}"): "/api/cache/users/{user_id}",

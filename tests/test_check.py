@@ -9,7 +9,8 @@ import pytest
 import respx
 
 from app.__main__ import check
-from tests.conftest import API, error_response, freelancer_user, make_settings
+from tests.support.apps import make_settings
+from tests.support.freelancer import API, error_response, freelancer_user
 
 
 @pytest.mark.parametrize(

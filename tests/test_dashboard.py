@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
+import signal
 from collections.abc import Callable
 from html.parser import HTMLParser
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import orjson
@@ -18,12 +19,15 @@ from asgi_lifespan import LifespanManager
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message
 
+from app.dashboard import hub as dashboard
+from app.dashboard.hub import DashboardHub
+from app.dashboard.sampler import POINT_FIELDS, CallWindow, JobsNow, RateSampler, percentile
 from app.errors import StoreUnavailable
-from app.gateway.rates import POINT_FIELDS, CallWindow, JobsNow, RateSampler, percentile
+from app.http.state import services_of
 from app.jobs import runner as job_runner
 from app.main import create_app
-from app.routers import dashboard
-from tests.conftest import FakeFreelancer, Running, StartApp, make_settings, until
+from tests.support.apps import Running, StartApp, make_settings, until
+from tests.support.freelancer import FakeFreelancer
 
 SAMPLE_FIELDS = {
     "seq",
@@ -187,6 +191,13 @@ class Stream:
         await asyncio.wait_for(self.task, 5)
 
 
+def hub_of(running: Running) -> DashboardHub:
+    """The running app's dashboard hub."""
+    hub = services_of(running.app).dashboard
+    assert hub is not None
+    return hub
+
+
 def dashboard_tasks() -> list[asyncio.Task[Any]]:
     """Tasks the dashboard or a test stream started that have not finished."""
     names = ("dashboard-", "test-stream")
@@ -298,7 +309,7 @@ async def test_per_key_usage_comes_from_the_apps_key_usage(
 ) -> None:
     running = await start_app()
     usage = [{"name": "ops", "requests": 3, "ids": 30, "misses": 2}]
-    running.app.state.key_usage = lambda: usage
+    hub_of(running).key_usage = lambda: usage
     stream = await Stream(running.app).open()
     first = await stream.sample()
     assert first["keys"] == [
@@ -307,7 +318,7 @@ async def test_per_key_usage_comes_from_the_apps_key_usage(
     usage = [{"name": "ops", "requests": 13, "ids": 30, "misses": 2}]
     moved = await stream.sample_where(lambda s: s["keys"][0]["requests"] == 13)
     assert moved["keys"][0]["requests_per_s"] > 0
-    running.app.state.key_usage = None  # no provider: an empty list
+    hub_of(running).key_usage = None  # no provider: an empty list
     assert (await stream.sample_where(lambda s: s["keys"] == []))["keys"] == []
     await stream.disconnect()
 
@@ -326,7 +337,7 @@ async def test_one_sample_a_tick_is_shared_by_every_stream(
             sample = await stream.sample()
             frames[sample["seq"]] = orjson.dumps(sample).decode()
         seen.append(frames)
-    hub = dashboard.hub_for(running.app)
+    hub = hub_of(running)
     assert hub.streams == 10
     # One computation per tick for all ten: the sample count is the sequence number,
     # and streams that saw the same tick saw the same sample.
@@ -344,7 +355,7 @@ async def test_a_client_that_disconnects_leaves_no_task(
     start_app: StartApp, freelancer: FakeFreelancer, caplog: pytest.LogCaptureFixture
 ) -> None:
     running = await start_app()
-    hub = dashboard.hub_for(running.app)
+    hub = hub_of(running)
     first = await Stream(running.app).open()
     second = await Stream(running.app).open()
     await first.sample()
@@ -369,9 +380,9 @@ async def test_a_client_gone_while_its_sample_is_unread_leaves_no_task(
     """The stream is parked at a `yield` (its reader never read) when the client goes."""
     running = await start_app()
     stream = await Stream(running.app, stalled=True).open()
-    await until(lambda: dashboard.hub_for(running.app).samples_taken >= 5)
+    await until(lambda: hub_of(running).samples_taken >= 5)
     await stream.disconnect()
-    assert dashboard.hub_for(running.app).streams == 0  # closed as the response ended
+    assert hub_of(running).streams == 0  # closed as the response ended
     await until(lambda: not dashboard_tasks(), within_s=2)
 
 
@@ -389,19 +400,23 @@ async def test_streams_end_when_the_app_shuts_down(
     assert_no_errors_logged(caplog)
 
 
-async def test_streams_end_when_uvicorn_is_exiting(
-    start_app: StartApp, freelancer: FakeFreelancer, monkeypatch: pytest.MonkeyPatch
+async def test_streams_end_as_soon_as_the_process_is_asked_to_exit(
+    start_app: StartApp, freelancer: FakeFreelancer
 ) -> None:
-    # uvicorn waits for open responses before it runs the lifespan's shutdown: the hub
-    # watches the exit flag of the server whose SIGTERM handler is installed.
-    server = SimpleNamespace(should_exit=False)
-    monkeypatch.setattr(dashboard, "_uvicorn_server", lambda: server)
-    running = await start_app()
-    stream = await Stream(running.app).open()
-    await stream.sample()
-    server.should_exit = True
-    await stream.until_ended()
-    await until(lambda: not dashboard_tasks(), within_s=2)
+    # A server waits for open responses before it runs the lifespan's shutdown: the
+    # streams must end on SIGTERM itself, and the server's own handler must still run.
+    received: list[int] = []
+    before = signal.signal(signal.SIGTERM, lambda sig, frame: received.append(sig))
+    try:
+        running = await start_app()
+        stream = await Stream(running.app).open()
+        await stream.sample()
+        os.kill(os.getpid(), signal.SIGTERM)
+        await stream.until_ended()
+        assert received == [signal.SIGTERM]  # the handler that was there ran too
+        await until(lambda: not dashboard_tasks(), within_s=2)
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 async def test_events_answer_503_outside_the_lifespan(tmp_path: Path) -> None:
@@ -472,20 +487,21 @@ async def test_samples_carry_active_jobs_and_their_counts(
         within_s=10,
     )
     assert done["jobs"]["ids_done_per_s"] is not None
-    assert running.app.state.jobs.ids_done == 3
+    runner = services_of(running.app).runner
+    assert runner is not None and runner.ids_done == 3
 
     async def down() -> list[Any]:
         raise StoreUnavailable("the job store is down")
 
-    monkeypatch.setattr(running.app.state.jobs.store, "active", down)
+    monkeypatch.setattr(runner.store, "active", down)
     freelancer.gate = asyncio.Event()
     assert (await running.client.post("/api/jobs", json={"user_ids": [4]})).status_code == 202
     later = await stream.sample_where(lambda s: s["seq"] > done["seq"] + 5)
     assert later["jobs"]["active"] == []  # the store is down: no list, the stream goes on
     freelancer.gate.set()
-    runner, running.app.state.jobs = running.app.state.jobs, None
+    hub_of(running).runner = None
     await stream.sample_where(lambda s: s["jobs"] is None)  # no runner: null
-    running.app.state.jobs = runner
+    hub_of(running).runner = runner
     await stream.disconnect()
     assert_no_errors_logged(caplog)
 

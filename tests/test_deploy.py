@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+pytestmark = pytest.mark.e2e  # runs docker-compose
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

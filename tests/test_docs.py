@@ -16,9 +16,9 @@ from packaging.utils import canonicalize_name
 from pydantic import SecretStr
 
 from app.config import Settings
-from app.docs import STATIC_URL
+from app.http.docs import STATIC_URL
 from app.main import create_app
-from tests.conftest import StartApp
+from tests.support.apps import StartApp
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = "http://gateway.test"

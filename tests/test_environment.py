@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from app.config import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,6 +41,7 @@ def test_settings_built_in_a_test_are_the_defaults() -> None:
     assert Settings().batch_size == 100
 
 
+@pytest.mark.e2e  # a subprocess
 def test_exported_settings_and_a_dot_env_do_not_change_test_results(tmp_path: Path) -> None:
     cwd = tmp_path / "shell"
     cwd.mkdir()

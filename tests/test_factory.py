@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import shutil
 import subprocess
@@ -9,11 +10,16 @@ import sys
 from pathlib import Path
 
 import httpx
+import pytest
 from asgi_lifespan import LifespanManager
 
 from app.config import Settings
+from app.gateway import Gateway
+from app.http.state import services_of
+from app.jobs.runner import JobRunner
 from app.main import create_app
-from tests.conftest import FakeFreelancer, StartApp
+from tests.support.apps import StartApp, make_settings
+from tests.support.freelancer import FakeFreelancer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,8 +31,39 @@ def test_importing_the_app_module_builds_nothing() -> None:
 
 def test_create_app_opens_nothing_until_the_lifespan_runs(tmp_path: Path) -> None:
     app = create_app(Settings(_env_file=None, sqlite_path=tmp_path / "x" / "users.db"))
-    assert app.state.gateway is None
+    assert services_of(app).gateway is None
     assert not (tmp_path / "x").exists()
+
+
+async def test_a_part_that_fails_to_start_stops_every_part_started_before_it(
+    tmp_path: Path, freelancer: FakeFreelancer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    started: list[Gateway] = []
+    gateway_start = Gateway.start
+
+    async def recorded_start(self: Gateway) -> None:
+        started.append(self)
+        await gateway_start(self)
+
+    async def broken_start(self: JobRunner) -> None:
+        raise RuntimeError("the job runner could not start")
+
+    monkeypatch.setattr(Gateway, "start", recorded_start)
+    monkeypatch.setattr(JobRunner, "start", broken_start)
+    app = create_app(make_settings(tmp_path), upstream_transport=freelancer.transport)
+    try:
+        with pytest.raises(RuntimeError, match="could not start"):
+            async with LifespanManager(app):
+                pass
+        # The gateway had started (store open, worker running) before the runner failed.
+        assert len(started) == 1
+        running = [t.get_name() for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        assert "worker-supervisor" not in running, "the gateway was left running"
+        assert services_of(app).gateway is None
+    except AssertionError:
+        for gateway in started:  # end the test cleanly: a leftover worker would hang it
+            await gateway.stop()
+        raise
 
 
 def test_env_template_documents_every_setting_with_its_default(tmp_path: Path) -> None:
@@ -116,6 +153,7 @@ async def test_docs_describe_every_endpoint(
     assert (await running.client.get("/redoc")).status_code == 200
 
 
+@pytest.mark.e2e  # a subprocess
 def test_check_says_when_credentials_are_not_configured(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "app", "check"],
@@ -130,6 +168,7 @@ def test_check_says_when_credentials_are_not_configured(tmp_path: Path) -> None:
     assert "FREELANCER_OAUTH_TOKEN" in result.stdout
 
 
+@pytest.mark.e2e  # a subprocess
 def test_check_reports_a_network_failure(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "app", "check"],

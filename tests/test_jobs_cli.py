@@ -15,7 +15,7 @@ import pytest
 
 from app.__main__ import main
 from app.jobs import cli
-from tests.conftest import make_settings
+from tests.support.apps import make_settings
 
 GATEWAY = "http://gateway.test"
 Handler = Callable[[httpx.Request], httpx.Response]

@@ -11,9 +11,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from asgi_lifespan import LifespanManager
 
-from app.logs import JsonFormatter, TextFormatter, _RequestIdFilter, redact
-from tests.conftest import FakeFreelancer, StartApp
+from app.logs import JsonFormatter, SecretMask, TextFormatter, _RequestIdFilter, redact
+from app.main import create_app
+from tests.support.apps import StartApp, make_settings
+from tests.support.freelancer import FakeFreelancer
 
 ADMIN = "admin-key-0123456789abcdef"
 TOKEN = "freelancer-token-0123456789"
@@ -100,7 +103,7 @@ async def test_admin_calls_leave_an_audit_line_naming_the_key(
 async def test_no_key_token_or_password_reaches_a_log_line_or_a_metric(
     start_app: StartApp, freelancer: FakeFreelancer, json_log: io.StringIO, tmp_path: Path
 ) -> None:
-    from tests.conftest import FlakyStore
+    from tests.support.apps import FlakyStore
 
     running = await start_app(
         store=FlakyStore(tmp_path / "users.db"),
@@ -125,6 +128,22 @@ async def test_no_key_token_or_password_reaches_a_log_line_or_a_metric(
         assert secret not in stats
 
 
+async def test_secrets_are_masked_while_their_app_runs_and_forgotten_when_it_stops(
+    tmp_path: Path, freelancer: FakeFreelancer, json_log: io.StringIO
+) -> None:
+    for token in ("first-token-0123456789", "second-token-0123456789"):
+        settings = make_settings(tmp_path, freelancer_oauth_token=token)
+        async with LifespanManager(create_app(settings, upstream_transport=freelancer.transport)):
+            logging.getLogger("app").warning("a driver said: bad token %s", token)
+        # No list of secrets outlives its app: the handlers carry no mask any more.
+        assert not [
+            f for f in logging.getLogger().handlers[-1].filters if isinstance(f, SecretMask)
+        ]
+    text = json_log.getvalue()
+    assert text.count("a driver said: bad token ***") == 2
+    assert "first-token" not in text and "second-token" not in text
+
+
 def test_redact_masks_url_credentials() -> None:
     assert redact("mongodb://u:pw@h:1/db and http://a@b") == "mongodb://***@h:1/db and http://***@b"
 
@@ -135,6 +154,7 @@ def test_text_lines_carry_the_request_id() -> None:
     assert TextFormatter().format(record).endswith("app [abc]: hello")
 
 
+@pytest.mark.e2e  # a subprocess
 def test_the_server_logs_json_when_asked(tmp_path: Path) -> None:
     """`LOG_FORMAT=json python -m app check`: every line the process writes is JSON."""
     result = subprocess.run(

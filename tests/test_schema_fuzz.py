@@ -21,7 +21,9 @@ from app.config import Settings
 from app.jobs.runner import JobRunner
 from app.jobs.webhook import Webhooks
 from app.main import create_app
-from tests.conftest import scrub_settings_environment
+from tests.support.apps import scrub_settings_environment
+
+pytestmark = pytest.mark.fuzz
 
 if TYPE_CHECKING:
     from schemathesis import HookContext, Response

@@ -1,1 +1,1 @@
-"""The live dashboard's page, script and stylesheet, served by `app.routers.dashboard`."""
+"""The live dashboard's page, script and stylesheet, served by `app.http.routers.dashboard`."""

@@ -6,6 +6,8 @@ import secrets
 from dataclasses import dataclass, fields
 from typing import Any, Literal, get_args
 
+from app.domain import iso
+
 JobStatus = Literal["pending", "running", "completed", "failed", "cancelled"]
 Priority = Literal["high", "normal", "low"]
 STATUSES: tuple[JobStatus, ...] = get_args(JobStatus)
@@ -60,6 +62,42 @@ class Job:
 
 
 JOB_FIELDS = tuple(f.name for f in fields(Job))
+
+
+def job_view(job: Job, eta_s: float | None = None) -> dict[str, Any]:
+    """The job as the API and its callback show it (`app.http.schemas.jobs.JobView`)."""
+    first = job.range_first
+    webhook = None
+    if job.webhook is not None:
+        webhook = {
+            "state": job.webhook,
+            "attempts": job.webhook_attempts,
+            "last_error": job.webhook_error,
+        }
+    return {
+        "job_id": job.job_id,
+        "status": job.status,
+        "label": job.label,
+        "priority": job.priority,
+        "owner": job.owner,
+        "total": job.total,
+        "done": job.done,
+        "found": job.found,
+        "not_found": job.not_found,
+        "failed": job.failed,
+        "progress": round(job.done / job.total, 4) if job.total else 1.0,
+        "upstream_calls": job.upstream_calls,
+        "eta_s": None if eta_s is None else float(eta_s),
+        "max_age_s": float(job.max_age_s),
+        "id_range": None if first is None else [first, first + job.total - 1],
+        "callback_url": job.callback_url,
+        "created_at": iso(job.created_at) or "",
+        "started_at": iso(job.started_at),
+        "updated_at": iso(job.updated_at) or "",
+        "finished_at": iso(job.finished_at),
+        "error": job.error,
+        "webhook": webhook,
+    }
 
 
 def new_job_id(now: float) -> str:

@@ -16,13 +16,13 @@ import hmac
 import logging
 
 import httpx
+import orjson
 
 from app import __version__
 from app.clock import Clock
 from app.config import Settings
 from app.errors import StoreUnavailable
-from app.jobs.model import Job
-from app.jobs.schemas import JobView
+from app.jobs.model import Job, job_view
 from app.jobs.store import JobStore
 
 log = logging.getLogger("app.jobs")
@@ -85,7 +85,7 @@ class Webhooks:
         if secret is None:
             error = "WEBHOOK_SECRET is not set: the callback cannot be signed"
         else:
-            body = JobView.of(job).model_dump_json().encode()
+            body = orjson.dumps(job_view(job))
             headers = {
                 "Content-Type": "application/json",
                 "X-Signature": sign(secret.get_secret_value(), body, int(self.clock())),

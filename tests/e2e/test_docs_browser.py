@@ -10,12 +10,11 @@ from urllib.parse import urlsplit
 import pytest
 from playwright.sync_api import Browser, expect
 
-from bench.procs import Process
-from bench.procs import gateway_process as start_gateway
-from tests.e2e.test_dashboard_browser import Watch, browser
+from tests.support.browser import Watch
+from tests.support.procs import Process
+from tests.support.procs import gateway_process as start_gateway
 
 pytestmark = pytest.mark.e2e
-__all__ = ["browser"]  # the fixture, shared with the dashboard's browser test
 
 KEY = "docs-e2e-secret-key-0123"
 

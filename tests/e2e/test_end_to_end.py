@@ -9,8 +9,7 @@ from typing import Any
 import httpx
 import pytest
 
-from bench.procs import Process, free_port, sim_stats
-from tests.e2e.conftest import assert_clean_exit
+from tests.support.procs import Process, assert_clean_exit, free_port, sim_stats
 
 pytestmark = pytest.mark.e2e
 

@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from bench.procs import Process, sim_configure, sim_stats
+from tests.support.procs import Process, sim_configure, sim_stats
 
 pytestmark = pytest.mark.e2e
 

@@ -17,8 +17,14 @@ from typing import Any
 import httpx
 import pytest
 
-from bench.procs import Process, RedisServer, gateway_process, sim_configure, sim_stats
-from tests.e2e.conftest import assert_clean_exit
+from tests.support.procs import (
+    Process,
+    RedisServer,
+    assert_clean_exit,
+    gateway_process,
+    sim_configure,
+    sim_stats,
+)
 
 pytestmark = pytest.mark.e2e
 

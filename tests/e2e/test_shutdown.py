@@ -8,8 +8,7 @@ from typing import Any
 import httpx
 import pytest
 
-from bench.procs import Process
-from tests.e2e.conftest import assert_clean_exit
+from tests.support.procs import Process, assert_clean_exit
 
 pytestmark = pytest.mark.e2e
 

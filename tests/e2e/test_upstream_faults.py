@@ -14,8 +14,8 @@ import httpx
 import pytest
 
 from app.domain import UserRecord
-from bench.procs import Process, free_port
-from tests.conftest import Running, StartApp
+from tests.support.apps import Running, StartApp
+from tests.support.procs import Process, free_port
 
 pytestmark = pytest.mark.e2e
 

@@ -12,9 +12,9 @@ import pytest
 from redis.asyncio import Redis
 
 from app.gateway.budget import Budget, LocalBudget, Window, budget_windows
-from bench.procs import RedisServer
-from tests.clock import FakeClock
-from tests.conftest import make_settings
+from tests.support.apps import make_settings
+from tests.support.clock import FakeClock
+from tests.support.procs import RedisServer
 
 MINUTE = Window("minute", limit=63, period_s=60, burst=3)  # a burst of 3, then one a second
 HOUR = Window("hour", limit=100, period_s=3600, burst=50)
@@ -22,14 +22,14 @@ HOUR = Window("hour", limit=100, period_s=3600, burst=50)
 MakeBudget = Callable[[Sequence[Window], FakeClock], Budget]
 
 
-@pytest.fixture(params=["local", "redis"])
+@pytest.fixture(params=["local", pytest.param("redis", marks=pytest.mark.redis)])
 async def make_budget(request: pytest.FixtureRequest) -> AsyncIterator[MakeBudget]:
     """A budget on the test's clock: in-process, or shared through a real redis-server."""
     if request.param == "local":
         yield lambda windows, clock: LocalBudget(windows, clock=clock)
         return
-    from app.coordination.budget import RedisBudget
     from app.coordination.client import connect
+    from app.coordination.redis_budget import RedisBudget
 
     server: RedisServer = request.getfixturevalue("redis_server")
     clients: list[Redis] = []

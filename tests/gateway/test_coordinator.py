@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,9 +30,9 @@ from app.gateway.coordinator import (
 )
 from app.gateway.results import NOT_FOUND, Failure, Outcome
 from app.store import SqliteUserStore
-from app.upstream import UpstreamBatch
-from bench.procs import RedisServer
-from tests.conftest import make_settings, until
+from tests.support.apps import make_settings, until
+from tests.support.freelancer import SlowUpstream, stub_user
+from tests.support.procs import RedisServer
 
 
 @dataclass
@@ -45,12 +45,12 @@ class Member:
 
 def redis_coordinator(url: str, *, lease_s: float = 5.0) -> Coordinator:
     from app.coordination.client import connect
-    from app.coordination.coordinator import RedisCoordinator
+    from app.coordination.redis_coordinator import RedisCoordinator
 
     return RedisCoordinator(connect(url, 1.0), prefix="test", lease_s=lease_s, timeout_s=1.0)
 
 
-@pytest.fixture(params=["local", "redis"])
+@pytest.fixture(params=["local", pytest.param("redis", marks=pytest.mark.redis)])
 async def pair(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Member, Member]]:
     """Two coordinators of one deployment: a shared LocalHub, or one real redis-server."""
     if request.param == "local":
@@ -71,10 +71,6 @@ async def delivered(member: Member, count: int) -> None:
     await until(lambda: len(member.events) >= count, within_s=5)
 
 
-def user(uid: int) -> UserRecord:
-    return UserRecord(uid, f"user{uid}", created_at=1.0, fetched_at=2.0)
-
-
 async def test_each_id_is_claimed_by_one_member_only(pair: tuple[Member, Member]) -> None:
     a, b = pair
     assert await a.coordinator.claim([1, 2, 3]) == [1, 2, 3]
@@ -88,7 +84,7 @@ async def test_an_announcement_reaches_the_others_and_releases_the_claims(
     a, b = pair
     await a.coordinator.claim([1, 2, 3])
     failure = Failure("upstream_error", "500")
-    outcomes: dict[int, Outcome] = {1: cache_entry(user(1)), 2: NOT_FOUND, 3: failure}
+    outcomes: dict[int, Outcome] = {1: cache_entry(stub_user(1)), 2: NOT_FOUND, 3: failure}
     await a.coordinator.announce(outcomes)
     await delivered(b, 1)
     assert b.events == [Fetched(outcomes)]
@@ -128,35 +124,20 @@ async def test_a_claim_just_after_an_announcement_gets_the_outcome_not_the_id(
     """No lost wake-up: a member that missed the announcement learns it from its claim."""
     a, b = pair
     await a.coordinator.claim([8])
-    await a.coordinator.announce({8: cache_entry(user(8))})
+    await a.coordinator.announce({8: cache_entry(stub_user(8))})
     b.events.clear()
     mine = await b.coordinator.claim([8])
     if mine == [8]:  # in-process: the hub already told b; nothing is kept after release
         assert isinstance(a.coordinator, LocalCoordinator)
     else:
         assert mine == []
-        assert b.events == [Fetched({8: cache_entry(user(8))})]
-
-
-@dataclass
-class SlowUpstream:
-    """Answers every id after `delay_s`, recording the ids of each call."""
-
-    delay_s: float = 0.05
-    calls: list[list[int]] = field(default_factory=list)
-
-    async def fetch_users(self, user_ids: Sequence[int]) -> UpstreamBatch:
-        self.calls.append(list(user_ids))
-        await asyncio.sleep(self.delay_s)
-        now = time.time()
-        found = [uid for uid in user_ids if uid % 97]
-        return UpstreamBatch({u: user(u)._replace(created_at=now, fetched_at=now) for u in found})
+        assert b.events == [Fetched({8: cache_entry(stub_user(8))})]
 
 
 MakeCoordinator = Callable[[], Coordinator]
 
 
-@pytest.fixture(params=["local", "redis"])
+@pytest.fixture(params=["local", pytest.param("redis", marks=pytest.mark.redis)])
 def deployment(request: pytest.FixtureRequest) -> MakeCoordinator:
     """Coordinators of one deployment: on one LocalHub, or on one real redis-server."""
     if request.param == "local":

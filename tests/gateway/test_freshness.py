@@ -6,8 +6,9 @@ Time is a `FakeClock` the tests step, passed to the app as its wall clock.
 from __future__ import annotations
 
 from app.domain import UserRecord
-from tests.clock import FakeClock
-from tests.conftest import FakeFreelancer, Running, StartApp, error_response
+from tests.support.apps import Running, StartApp
+from tests.support.clock import FakeClock
+from tests.support.freelancer import FakeFreelancer, error_response
 
 TTL = 1000.0
 

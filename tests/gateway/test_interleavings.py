@@ -25,7 +25,7 @@ from app.gateway import Gateway, LookupResult
 from app.gateway.coordinator import LocalCoordinator, LocalHub
 from app.store import SqliteUserStore
 from app.upstream import UpstreamBatch
-from tests.conftest import make_settings
+from tests.support.apps import make_settings
 
 IDS = st.integers(min_value=1, max_value=6)
 ANSWERS = st.sampled_from(["ok", "missing", "error", "timeout"])

@@ -14,15 +14,15 @@ import pytest
 from redis.asyncio import Redis
 
 from app.coordination.client import connect
-from app.coordination.coordinator import RedisCoordinator
+from app.coordination.redis_coordinator import RedisCoordinator
 from app.domain import UserRecord
 from app.gateway import Gateway
 from app.gateway.cache import cache_entry
 from app.gateway.coordinator import Event, Fetched
 from app.store import SqliteUserStore
-from bench.procs import RedisServer
-from tests.conftest import make_settings, until
-from tests.gateway.test_coordinator import SlowUpstream
+from tests.support.apps import make_settings, until
+from tests.support.freelancer import SlowUpstream
+from tests.support.procs import RedisServer
 
 StartGateway = Callable[..., Awaitable[Gateway]]
 

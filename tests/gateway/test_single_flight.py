@@ -15,7 +15,8 @@ import httpx
 import orjson
 import pytest
 
-from tests.conftest import FakeFreelancer, FlakyStore, StartApp, error_response, until
+from tests.support.apps import FlakyStore, StartApp, until
+from tests.support.freelancer import FakeFreelancer, error_response
 
 
 async def test_concurrent_requests_fetch_each_id_once(

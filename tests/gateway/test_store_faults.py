@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.conftest import FakeFreelancer, FlakyStore, StartApp, until
+from tests.support.apps import FlakyStore, StartApp, until
+from tests.support.freelancer import FakeFreelancer
 
 
 async def test_an_unreachable_store_at_start_is_reported_and_recovers_without_restart(

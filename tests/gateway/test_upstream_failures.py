@@ -6,7 +6,8 @@ import asyncio
 
 import httpx
 
-from tests.conftest import FakeFreelancer, StartApp, error_response
+from tests.support.apps import StartApp
+from tests.support.freelancer import FakeFreelancer, error_response
 
 
 async def test_5xx_is_retried_and_then_succeeds(

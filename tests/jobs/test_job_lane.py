@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import asyncio
 
-from tests.conftest import FakeFreelancer, StartApp
-from tests.jobs.test_jobs_api import submit, wait_for
+from tests.support.apps import StartApp
+from tests.support.freelancer import FakeFreelancer
+from tests.support.jobs import submit, wait_for
 
 
 async def test_a_job_keeps_a_reserve_for_clients_and_plans_against_the_hour(

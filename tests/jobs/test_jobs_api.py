@@ -12,35 +12,11 @@ import orjson
 import pytest
 
 from app.domain import UserRecord
-from tests.conftest import FakeFreelancer, Running, StartApp, error_response
+from tests.support.apps import StartApp
+from tests.support.freelancer import FakeFreelancer, error_response
+from tests.support.jobs import submit, wait_for
 
 FINISHED = ("completed", "failed", "cancelled")
-
-
-async def submit(running: Running, body: Any = None, **kwargs: Any) -> dict[str, Any]:
-    response = await running.client.post("/api/jobs", json=body, **kwargs)
-    assert response.status_code == 202, response.text
-    job: dict[str, Any] = response.json()
-    assert response.headers["location"] == f"/api/jobs/{job['job_id']}"
-    return job
-
-
-async def wait_for(
-    running: Running,
-    job_id: str,
-    statuses: tuple[str, ...] = FINISHED,
-    within_s: float = 20,
-    done: int = 0,
-) -> dict[str, Any]:
-    """Poll the job until its status is one of `statuses` with at least `done` ids done
-    (bounded in time)."""
-    deadline = time.monotonic() + within_s
-    while True:
-        job: dict[str, Any] = (await running.client.get(f"/api/jobs/{job_id}")).json()
-        if job["status"] in statuses and job["done"] >= done:
-            return job
-        assert time.monotonic() < deadline, f"job still {job['status']}: {job}"
-        await asyncio.sleep(0.02)
 
 
 async def test_a_2000_id_job_completes_with_the_right_counts_and_the_fewest_calls(
@@ -313,14 +289,14 @@ async def test_job_store_failures_are_503_json(
     start_app: StartApp, freelancer: FakeFreelancer
 ) -> None:
     running = await start_app()
-    await running.app.state.jobs.store.close()
+    await running.runner.store.close()
     response = await running.client.post("/api/jobs", json={"user_ids": [1]})
     assert response.status_code == 503
     assert "SQLITE_PATH" in response.json()["detail"]
     listed = await running.client.get("/api/jobs")
     assert listed.status_code == 503
     # The store comes back: the runner's reopen is not needed for the API to answer again.
-    await running.app.state.jobs.store.open()
+    await running.runner.store.open()
     assert (await running.client.get("/api/jobs")).status_code == 200
 
 

@@ -16,8 +16,9 @@ import orjson
 import pytest
 
 from app.jobs.webhook import sign
-from tests.conftest import FakeFreelancer, StartApp
-from tests.jobs.test_jobs_api import submit, wait_for
+from tests.support.apps import StartApp
+from tests.support.freelancer import FakeFreelancer
+from tests.support.jobs import submit, wait_for
 
 SECRET = "whsec-test-0123456789"
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.conftest import FakeFreelancer, StartApp
 from tests.store.conftest import mongomock_store
+from tests.support.apps import StartApp
+from tests.support.freelancer import FakeFreelancer
 
 
 async def test_the_gateway_caches_users_in_mongodb(

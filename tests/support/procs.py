@@ -197,3 +197,13 @@ class RedisServer:
     def thaw(self) -> None:
         assert self.process is not None
         self.process.send_signal(signal.SIGCONT)
+
+
+def assert_clean_exit(process: Process) -> None:
+    """SIGTERM, then: lifespan shut down, the signal re-raised by uvicorn (or 0), no noise."""
+    code = process.stop(signal.SIGTERM)
+    log = process.output()
+    assert code in (0, -signal.SIGTERM), log
+    assert "gateway stopped" in log and "Application shutdown complete" in log, log
+    for bad in ("Task was destroyed", "Unclosed", "Traceback", "never retrieved"):
+        assert bad not in log, log

@@ -8,20 +8,34 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from app.access import Client, Role
 from app.errors import ShuttingDown
 from app.gateway import Gateway, LookupResult
-from app.quotas import ClientLimits
+from app.http.auth import Client, Role
+from app.http.state import Services, services_of
+from app.jobs.runner import JobRunner
 
 audit = logging.getLogger("app.audit")
 
 
+def get_services(request: Request) -> Services:
+    """The app's parts (`app.http.state`)."""
+    return services_of(request.app)
+
+
 def get_gateway(request: Request) -> Gateway:
     """The running gateway; 503 outside the lifespan."""
-    gateway: Gateway | None = getattr(request.app.state, "gateway", None)
+    gateway = services_of(request.app).gateway
     if gateway is None:
         raise ShuttingDown("the gateway is not running")
     return gateway
+
+
+def get_runner(request: Request) -> JobRunner:
+    """The running job runner; 503 outside the lifespan."""
+    runner = services_of(request.app).runner
+    if runner is None:
+        raise ShuttingDown("the gateway is not running")
+    return runner
 
 
 def get_client(request: Request) -> Client:
@@ -44,7 +58,7 @@ async def lookup_for_client(
 ) -> LookupResult:
     """A lookup counted against the caller's ids a minute and new ids a minute."""
     client = get_client(request)
-    limits: ClientLimits = request.app.state.limits
+    limits = services_of(request.app).limits
     await limits.admit_ids(client, len(user_ids))
     # A batch memory holds whole is answered without awaiting the gateway at all.
     result = gateway.lookup_now(user_ids)
@@ -79,7 +93,9 @@ def log_audit(client: Client, action: str, size: int) -> None:
     )
 
 
+ServicesDep = Annotated[Services, Depends(get_services)]
 GatewayDep = Annotated[Gateway, Depends(get_gateway)]
+RunnerDep = Annotated[JobRunner, Depends(get_runner)]
 ReadClient = Annotated[Client, Depends(require("read"))]
 CrawlClient = Annotated[Client, Depends(require("crawl"))]
 AdminClient = Annotated[Client, Depends(require("admin"))]

@@ -1,6 +1,6 @@
 """Cache administration: evict one user, queue background refreshes, drop expired users.
 
-Roles (app.access): revalidation needs `crawl`, eviction and clearing need `admin`; each
+Roles (app.http.auth): revalidation needs `crawl`, eviction and clearing need `admin`; each
 call leaves an audit line naming the key.
 """
 
@@ -11,12 +11,12 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Path
 from pydantic import BeforeValidator
 
-from app.access import Client
-from app.dependencies import AdminClient, CrawlClient, GatewayDep, log_audit
-from app.models import (
+from app.http.auth import Client
+from app.http.dependencies import AdminClient, CrawlClient, GatewayDep, log_audit
+from app.http.schemas.common import ErrorResponse
+from app.http.schemas.users import (
     MAX_USER_ID,
     ClearExpiredResponse,
-    ErrorResponse,
     EvictResponse,
     RevalidateRequest,
     RevalidateResponse,

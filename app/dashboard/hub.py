@@ -1,28 +1,10 @@
-"""The operators' live dashboard: `GET /dashboard`, its assets, and `GET /api/events`.
+"""One sample of the gateway a second, computed once and handed to every open dashboard stream.
 
-`/api/events` is a Server-Sent Events stream (`fastapi.sse`). On connect it
-sends one `history` event, then one `sample` event a second:
-
-    event: history
-    data: {"interval_s": 1.0, "points": [{"t": ..., "requests_per_s": ..., ...}, ...]}
-
-    event: sample
-    id: 42
-    data: {"seq": 42, "t": 1718000000.123, "requests_per_s": 12.0, "ids_per_s": 480.0, ...}
-
-`points` are the last ten minutes of samples, each cut to `rates.POINT_FIELDS`; a sample's
-fields are those `RateSampler.sample` builds (rates are null on the first sample after a
-pause; ratios null when nothing was looked up). Its `jobs` object (null without a job
-runner) has `by_status`, `ids_done_per_s` and up to five `active` jobs, read from the job
-store by the hub (at most one read a tick; a store that is down gives an empty list).
-The page reads the stream with `fetch()` so that it can send `X-API-Key` (EventSource
-cannot send headers, and a key never goes in a URL).
-
-One `DashboardHub` per app computes one sample a second, serialized once, for every open
-stream; it runs only while a stream is open, so no lifespan hook is needed. A stream ends
-when its client disconnects, when the gateway stops, or when uvicorn is shutting down
-(uvicorn waits for open responses to finish before it runs the lifespan's shutdown, so
-the hub watches uvicorn's exit flag rather than waiting for the gateway to stop).
+The hub belongs to the lifespan (made when the gateway starts, closed when it stops or the
+process is asked to exit); its sampler task runs only while at least one stream is open.
+Streams wait on `next_frame`. A sample is encoded once, by the `encode` the HTTP edge
+gives (Server-Sent Events), for every stream. Crawl jobs are read from the job store at
+most once a tick, never two reads at once, so a slow store never holds a stream up.
 """
 
 from __future__ import annotations
@@ -30,22 +12,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from functools import cache
-from importlib import resources
 from typing import Any
 
 import orjson
-from fastapi import APIRouter, FastAPI, HTTPException, Request, Response
-from fastapi.sse import EventSourceResponse, format_sse_event
-from starlette.background import BackgroundTask
 
-from app.dependencies import GatewayDep
+from app.dashboard.sampler import JobsNow, RateSampler
 from app.errors import StoreUnavailable
 from app.gateway import Gateway
-from app.gateway.rates import JobsNow, RateSampler
 from app.jobs.model import Job
 from app.jobs.runner import JobRunner
 
@@ -58,22 +33,8 @@ STORE_COUNT_S = 5.0
 ACTIVE_JOBS_SHOWN = 5
 """Active jobs a sample lists (running first, then by priority and age)."""
 
-ASSETS = {
-    "dashboard.js": "text/javascript; charset=utf-8",
-    "dashboard.css": "text/css; charset=utf-8",
-}
-PAGE_HEADERS = {
-    # Everything the page uses is served from here: no CDN, no inline script or style.
-    "Content-Security-Policy": (
-        "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
-        "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
-    ),
-    "Cache-Control": "no-cache",
-    "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
-}
-
-router = APIRouter(tags=["dashboard"])
+EncodeEvent = Callable[[str, str | None, str], bytes]
+"""(event name, event id, data) -> the bytes of one event on the wire."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,8 +52,18 @@ class DashboardHub:
     returns once the last `detach` wakes it, so nothing runs while no dashboard is open.
     """
 
-    def __init__(self, app: FastAPI) -> None:
-        self.app = app
+    def __init__(
+        self,
+        gateway: Gateway,
+        runner: JobRunner | None,
+        *,
+        key_usage: Callable[[], Iterable[Mapping[str, Any]]] | None,
+        encode: EncodeEvent,
+    ) -> None:
+        self.gateway = gateway
+        self.runner = runner
+        self.key_usage = key_usage
+        self.encode = encode
         self.loop = asyncio.get_running_loop()
         self.sampler = RateSampler()
         self.samples_taken = 0
@@ -107,7 +78,7 @@ class DashboardHub:
         self._store_counted_at = float("-inf")
         self._jobs_task: asyncio.Task[None] | None = None
         self._jobs_read: tuple[JobRunner, list[Job]] | None = None
-        self._server = _uvicorn_server()
+        self._closed = False
 
     @property
     def streams(self) -> int:
@@ -122,8 +93,8 @@ class DashboardHub:
     def attach(self) -> None:
         """A stream opened: start sampling if it is the first."""
         self._streams += 1
-        self.closing = self._stopping()
-        if not self.running:
+        self.closing = self._closed
+        if not self.running and not self._closed:
             self._task = asyncio.create_task(self._run(), name="dashboard-sampler")
 
     def detach(self) -> None:
@@ -136,6 +107,12 @@ class DashboardHub:
         self._streams -= 1
         if self._streams <= 0:
             self._wake.set()
+
+    async def aclose(self) -> None:
+        """Close, and wait for the hub's own tasks to end (the lifespan's last word to it)."""
+        self.close()
+        tasks = [t for t in (self._task, self._count_task, self._jobs_task) if t is not None]
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     def history(self) -> str:
         """The `history` event's data: the chart points kept."""
@@ -151,8 +128,16 @@ class DashboardHub:
             await self._changed.wait()
         return None
 
-    def _stopping(self) -> bool:
-        return self.app.state.gateway is None or bool(getattr(self._server, "should_exit", False))
+    def close(self) -> None:
+        """End every stream: the gateway stops, or the process was asked to exit.
+
+        Synchronous, so a signal handler can call it (through the loop): a server waits
+        for open responses before it runs the lifespan's shutdown, so the streams must
+        end on the signal itself, not when the gateway stops.
+        """
+        self._closed = self.closing = True
+        self._publish()
+        self._wake.set()
 
     def _publish(self) -> None:
         changed, self._changed = self._changed, asyncio.Event()
@@ -161,7 +146,7 @@ class DashboardHub:
     async def _run(self) -> None:
         next_at = self.loop.time()
         failing = False
-        while self._streams > 0:
+        while self._streams > 0 and not self._closed:
             delay = next_at - self.loop.time()
             if delay > 0:
                 self._wake.clear()
@@ -169,12 +154,8 @@ class DashboardHub:
                     async with asyncio.timeout(delay):
                         await self._wake.wait()
                 continue
-            if self._stopping():
-                self.closing = True
-                self._publish()
-                return
             try:
-                self._tick(self.app.state.gateway)
+                self._tick(self.gateway)
                 failing = False
             except Exception:  # a bug here must not stop every open dashboard
                 if not failing:  # once, not once a second
@@ -194,7 +175,7 @@ class DashboardHub:
         self.samples_taken += 1
         seq = sample["seq"]
         data = orjson.dumps(sample).decode()
-        self._latest = Frame(seq, format_sse_event(event="sample", id=str(seq), data_str=data))
+        self._latest = Frame(seq, self.encode("sample", str(seq), data))
         self._publish()
 
     def _count_store(self, gateway: Gateway) -> None:
@@ -220,7 +201,7 @@ class DashboardHub:
         """The runner's counters, and the active jobs of the latest store read (one read
         is started per tick at most, never two at once, so a slow store never holds the
         stream up); None when no runner exists."""
-        runner: JobRunner | None = getattr(self.app.state, "jobs", None)
+        runner = self.runner
         if runner is None:
             return None
         if self._jobs_task is None or self._jobs_task.done():
@@ -252,7 +233,7 @@ class DashboardHub:
         self._jobs_read = (runner, jobs)
 
     def _key_usage(self) -> list[Mapping[str, Any]]:
-        usage = getattr(self.app.state, "key_usage", None)
+        usage = self.key_usage
         if usage is None:
             return []
         try:
@@ -260,75 +241,3 @@ class DashboardHub:
         except Exception:
             log.warning("key usage could not be read for the dashboard", exc_info=True)
             return []
-
-
-def _uvicorn_server() -> object | None:
-    """The uvicorn `Server` running this app, if any: its SIGTERM handler is its method."""
-    handler = signal.getsignal(signal.SIGTERM)
-    server = getattr(handler, "__self__", None)
-    return server if hasattr(server, "should_exit") else None
-
-
-def hub_for(app: FastAPI) -> DashboardHub:
-    """The app's hub, made on first use (one per app and event loop)."""
-    hub: DashboardHub | None = getattr(app.state, "dashboard_hub", None)
-    if hub is None or hub.loop is not asyncio.get_running_loop():
-        hub = DashboardHub(app)
-        app.state.dashboard_hub = hub
-    return hub
-
-
-@router.get("/api/events", include_in_schema=False)
-async def events(request: Request, gateway: GatewayDep) -> EventSourceResponse:
-    """The dashboard's stream: `history` once, then a `sample` every second.
-
-    Returned as an `EventSourceResponse` of pre-encoded events rather than through
-    `response_class=EventSourceResponse` and a generator endpoint: FastAPI's keep-alive
-    task then raises BrokenResourceError (logged as an unexpected error) when a client
-    that stopped reading disconnects. Events come every second, so no keep-alive is needed.
-    """
-    frames = _frames(hub_for(request.app))
-    # aclose: the generator's `finally` runs even when the client left while it was
-    # parked at a `yield` (its send blocked), not whenever it is garbage-collected.
-    return EventSourceResponse(
-        frames,
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        background=BackgroundTask(_close, frames),
-    )
-
-
-async def _close(frames: AsyncGenerator[bytes, None]) -> None:
-    # An async function: Starlette runs any other callable (a bound `aclose`) in a thread.
-    await frames.aclose()
-
-
-async def _frames(hub: DashboardHub) -> AsyncGenerator[bytes, None]:
-    hub.attach()
-    try:
-        yield format_sse_event(event="history", data_str=hub.history())
-        seq = 0
-        while (frame := await hub.next_frame(seq)) is not None:
-            seq = frame.seq
-            yield frame.event
-    finally:
-        hub.detach()
-
-
-@cache
-def _asset(name: str) -> bytes:
-    return resources.files("app.dashboard").joinpath(name).read_bytes()
-
-
-@router.get("/dashboard", include_in_schema=False)
-async def dashboard() -> Response:
-    """The live dashboard page."""
-    return Response(_asset("index.html"), media_type="text/html", headers=PAGE_HEADERS)
-
-
-@router.get("/dashboard/{name}", include_in_schema=False)
-async def dashboard_asset(name: str) -> Response:
-    """The page's script and stylesheet."""
-    media_type = ASSETS.get(name)
-    if media_type is None:
-        raise HTTPException(404, detail=f"no dashboard asset {name!r}")
-    return Response(_asset(name), media_type=media_type, headers=PAGE_HEADERS)

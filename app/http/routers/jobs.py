@@ -1,6 +1,6 @@
 """Crawl jobs: submit many ids or a range, follow progress, download results, cancel, retry.
 
-Roles (app.access): submitting needs `crawl`; reading jobs and results needs `read`;
+Roles (app.http.auth): submitting needs `crawl`; reading jobs and results needs `read`;
 cancel and retry-failed need the job's own key or `admin`; delete needs `admin`.
 """
 
@@ -12,24 +12,26 @@ from collections.abc import AsyncIterator, Callable, Collection
 from typing import Annotated, Any, Literal
 
 import orjson
-from fastapi import APIRouter, Depends, Path, Query, Request, Response
+from fastapi import APIRouter, Path, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 
-from app.access import Client
-from app.config import Settings
-from app.dependencies import AdminClient, CrawlClient, GatewayDep, ReadClient, log_audit
 from app.domain import UserRecord
 from app.errors import (
     InvalidRequest,
-    JobConflict,
-    JobNotFound,
-    ShuttingDown,
     UnsupportedMediaType,
 )
-from app.jobs.model import ACTIVE, FAILED, FINISHED, FOUND, NOT_FOUND, Item, Job, new_job_id
-from app.jobs.runner import JobRunner
-from app.jobs.schemas import (
+from app.http.auth import Client
+from app.http.dependencies import (
+    AdminClient,
+    CrawlClient,
+    GatewayDep,
+    ReadClient,
+    RunnerDep,
+    log_audit,
+)
+from app.http.schemas.common import ErrorResponse
+from app.http.schemas.jobs import (
     CALLBACK_PATTERN,
     CSV_PATTERN,
     RESULT_COLUMNS,
@@ -45,7 +47,9 @@ from app.jobs.schemas import (
     result_item,
     result_row,
 )
-from app.models import ErrorResponse
+from app.jobs import service
+from app.jobs.model import FAILED, FOUND, NOT_FOUND, Item, Job, job_view
+from app.jobs.runner import JobRunner
 
 router = APIRouter(prefix="/api/jobs", tags=["jobs"])
 
@@ -87,26 +91,8 @@ SUBMIT_BODY = {
 }
 
 
-def get_runner(request: Request) -> JobRunner:
-    """The running job runner; 503 outside the lifespan."""
-    runner: JobRunner | None = getattr(request.app.state, "jobs", None)
-    if runner is None:
-        raise ShuttingDown("the gateway is not running")
-    return runner
-
-
-RunnerDep = Annotated[JobRunner, Depends(get_runner)]
-
-
-async def load(runner: JobRunner, job_id: str) -> Job:
-    job = await runner.store.get(job_id)
-    if job is None:
-        raise JobNotFound(f"no job {job_id!r}: it never existed or was deleted")
-    return job
-
-
 def view(runner: JobRunner, job: Job) -> dict[str, Any]:
-    return JobView.of(job, runner.eta_s(job)).model_dump(mode="json")
+    return job_view(job, runner.eta_s(job))
 
 
 @router.post(
@@ -132,7 +118,7 @@ async def submit(
     rules the schema cannot state, answered 422), or a text/plain or
     text/csv body with one id per line (its options as query parameters). Answers 202 with
     the job and its `Location`; the job runs within Freelancer's minute and hour budget."""
-    settings: Settings = request.app.state.settings
+    settings = runner.settings
     body = await request.body()
     kind = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
     ids: list[int] | range
@@ -151,28 +137,15 @@ async def submit(
         raise UnsupportedMediaType(
             f"send the ids as application/json, text/plain or text/csv, not {kind!r}"
         )
-    if options.callback_url and settings.webhook_secret is None:
-        raise InvalidRequest(
-            "callback_url needs WEBHOOK_SECRET set on the gateway: callbacks are signed with it"
-        )
-    now = runner.clock()
-    is_range = isinstance(ids, range)
-    job = Job(
-        job_id=new_job_id(now),
-        status="pending",
-        priority=options.priority,
-        total=len(ids),
-        materialised=0 if is_range else len(ids),
-        range_first=ids.start if isinstance(ids, range) else None,
-        label=options.label,
+    job = await service.create(
+        runner,
+        user_ids=ids,
         owner=client.name,
-        max_age_s=settings.cache_ttl_s if options.max_age_s is None else options.max_age_s,
+        priority=options.priority,
+        label=options.label,
+        max_age_s=options.max_age_s,
         callback_url=options.callback_url,
-        created_at=now,
-        updated_at=now,
     )
-    await runner.store.create(job, [] if isinstance(ids, range) else ids)
-    runner.wake()
     log_audit(client, "job_submit", job.total)
     return Response(
         orjson.dumps(view(runner, job)),
@@ -213,7 +186,7 @@ async def list_jobs(
 )
 async def get_job(job_id: JobId, runner: RunnerDep, client: ReadClient) -> dict[str, Any]:
     """Status, counts, progress and ETA (`read`)."""
-    return view(runner, await load(runner, job_id))
+    return view(runner, await service.get(runner, job_id=job_id))
 
 
 @router.post(
@@ -225,16 +198,10 @@ async def get_job(job_id: JobId, runner: RunnerDep, client: ReadClient) -> dict[
 )
 async def cancel_job(job_id: JobId, runner: RunnerDep, client: ReadClient) -> dict[str, Any]:
     """Stop a pending or running job (its own key, or `admin`); what is done stays."""
-    job = own(await load(runner, job_id), client)
-    now = runner.clock()
-    changes: dict[str, Any] = {"status": "cancelled", "finished_at": now, "updated_at": now}
-    if job.callback_url:
-        changes |= {"webhook": "pending", "webhook_next_at": now, "webhook_attempts": 0}
-    if not await runner.store.update(job_id, changes, only_if=ACTIVE):
-        raise JobConflict(f"job {job_id} is {job.status}: only a pending or running job stops")
+    job = own(await service.get(runner, job_id=job_id), client)
+    job = await service.cancel(runner, job=job)
     log_audit(client, "job_cancel", job.total)
-    runner.webhooks.wake()
-    return view(runner, await load(runner, job_id))
+    return view(runner, job)
 
 
 @router.post(
@@ -247,15 +214,10 @@ async def cancel_job(job_id: JobId, runner: RunnerDep, client: ReadClient) -> di
 )
 async def retry_failed(job_id: JobId, runner: RunnerDep, client: ReadClient) -> dict[str, Any]:
     """Put a finished job's failed ids back to be fetched (its own key, or `admin`)."""
-    job = own(await load(runner, job_id), client)
-    if job.status not in FINISHED:
-        raise JobConflict(f"job {job_id} is {job.status}: retry-failed applies once it ended")
-    if job.failed == 0 and job.status != "failed":
-        raise JobConflict(f"job {job_id} has no failed ids to retry")
-    retried = await runner.store.retry_failed(job_id, runner.clock())
+    job = own(await service.get(runner, job_id=job_id), client)
+    job, retried = await service.retry_failed(runner, job=job)
     log_audit(client, "job_retry_failed", retried)
-    runner.wake()
-    return view(runner, await load(runner, job_id))
+    return view(runner, job)
 
 
 @router.delete(
@@ -268,9 +230,7 @@ async def retry_failed(job_id: JobId, runner: RunnerDep, client: ReadClient) -> 
 async def delete_job(job_id: JobId, runner: RunnerDep, client: AdminClient) -> Deleted:
     """Remove a job and its per-id results (`admin`); a running job stops first. The users
     it fetched stay cached."""
-    await load(runner, job_id)
-    await runner.store.update(job_id, {"status": "cancelled"}, only_if=ACTIVE)
-    deleted = await runner.store.delete(job_id)
+    deleted = await service.delete(runner, job_id=job_id)
     log_audit(client, "job_delete", 1)
     return Deleted(job_id=job_id, deleted=deleted)
 
@@ -299,7 +259,7 @@ async def results(
     """The users a job found (`read`), with `include=missing` its `not_found` and `failed`
     ids too: JSON pages by cursor, or the whole job streamed as NDJSON
     (`Accept: application/x-ndjson`) or CSV (`Accept: text/csv` or `format=csv`)."""
-    await load(runner, job_id)
+    await service.get(runner, job_id=job_id)
     states = (FOUND, NOT_FOUND, FAILED) if include == "missing" else (FOUND,)
     accept = request.headers.get("accept", "")
     chosen = format or (

@@ -2,21 +2,22 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from app.dependencies import GatewayDep
 from app.errors import StoreUnavailable
 from app.gateway import Gateway
 from app.gateway import health as gateway_health
+from app.http.dependencies import GatewayDep, ServicesDep
+from app.http.schemas.common import ErrorResponse
+from app.http.schemas.monitoring import BudgetWindow, Health, JobStats, QueueInfo, Stats
 from app.jobs.runner import JobRunner
-from app.models import BudgetWindow, ErrorResponse, Health, JobStats, QueueInfo, Stats
 
 router = APIRouter(tags=["monitoring"])
 
 
 @router.get("/", response_model=Health, summary="Health")
-async def health(request: Request, gateway: GatewayDep) -> Health:
+async def health(services: ServicesDep, gateway: GatewayDep) -> Health:
     """Whether the service is healthy, which store and upstream it uses, and its queue."""
     problems = gateway_health.problems(gateway)
     return Health(
@@ -27,7 +28,7 @@ async def health(request: Request, gateway: GatewayDep) -> Health:
         store=gateway.store.kind,
         upstream=gateway.settings.upstream_kind,
         upstream_state=gateway_health.upstream_state(gateway),
-        auth="open" if request.app.state.keys.open else "keys",
+        auth="open" if services.keys.open else "keys",
         coordination=gateway.coordinator.kind,
         processes=gateway.coordinator.live_processes,
         budget=await budget_windows(gateway, ask=False),
@@ -69,7 +70,7 @@ async def queue(gateway: GatewayDep) -> QueueInfo:
 
 
 @router.get("/api/stats", response_model=Stats, summary="Statistics")
-async def stats(request: Request, gateway: GatewayDep) -> Stats:
+async def stats(services: ServicesDep, gateway: GatewayDep) -> Stats:
     """Counters since start and the size of the cache."""
     try:
         total: int | None = await gateway.store.count()
@@ -82,9 +83,9 @@ async def stats(request: Request, gateway: GatewayDep) -> Stats:
         queue_size=gateway.queue.qsize(),
         processing_count=gateway.processing_count,
         upstream_state=gateway_health.upstream_state(gateway),
-        keys=request.app.state.limits.snapshot(),
+        keys=services.limits.snapshot(),
         budget=await budget_windows(gateway),
-        jobs=job_stats(request.app.state.jobs),
+        jobs=job_stats(services.runner),
         **gateway.stats.snapshot(),
     )
 
@@ -114,6 +115,6 @@ def job_stats(runner: JobRunner | None) -> JobStats | None:
     response_class=Response,
     responses={200: {"content": {"text/plain": {}}}},
 )
-async def metrics(request: Request) -> Response:
+async def metrics(services: ServicesDep) -> Response:
     """The gateway's counters and request latencies in Prometheus' text format."""
-    return Response(generate_latest(request.app.state.registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(generate_latest(services.registry), media_type=CONTENT_TYPE_LATEST)

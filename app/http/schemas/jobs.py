@@ -17,10 +17,11 @@ from pydantic import (
 )
 
 from app.config import Settings
-from app.domain import UserRecord, iso
+from app.domain import UserRecord
 from app.errors import InvalidRequest
-from app.jobs.model import Item, Job, Priority
-from app.models import UserId, load_json, one_of
+from app.http.schemas.common import load_json, one_of
+from app.http.schemas.users import UserId
+from app.jobs.model import Item, Priority
 
 RESULT_COLUMNS = ("user_id", "status", "reason", *UserRecord._fields[1:])
 """The CSV header: the item, then the user as the store keeps it."""
@@ -135,40 +136,6 @@ class JobView(BaseModel):
     finished_at: str | None
     error: str | None
     webhook: WebhookView | None
-
-    @classmethod
-    def of(cls, job: Job, eta_s: float | None = None) -> JobView:
-        first = job.range_first
-        return cls(
-            job_id=job.job_id,
-            status=job.status,
-            label=job.label,
-            priority=job.priority,
-            owner=job.owner,
-            total=job.total,
-            done=job.done,
-            found=job.found,
-            not_found=job.not_found,
-            failed=job.failed,
-            progress=round(job.done / job.total, 4) if job.total else 1.0,
-            upstream_calls=job.upstream_calls,
-            eta_s=eta_s,
-            max_age_s=job.max_age_s,
-            id_range=None if first is None else [first, first + job.total - 1],
-            callback_url=job.callback_url,
-            created_at=iso(job.created_at) or "",
-            started_at=iso(job.started_at),
-            updated_at=iso(job.updated_at) or "",
-            finished_at=iso(job.finished_at),
-            error=job.error,
-            webhook=None
-            if job.webhook is None
-            else WebhookView(
-                state=job.webhook,
-                attempts=job.webhook_attempts,
-                last_error=job.webhook_error,
-            ),
-        )
 
 
 class JobList(BaseModel):

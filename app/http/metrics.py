@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from app.gateway import Gateway, health
+from app.http.client_limits import ClientLimits
 from app.jobs.model import STATUSES
 from app.jobs.runner import JobRunner
-from app.quotas import ClientLimits
 
 COUNTERS = {
     "requests": "User lookup requests served.",
@@ -149,3 +155,45 @@ class KeyUsageCollector(Collector):
             for row in usage:
                 family.add_metric([row["name"]], row[field])
             yield family
+
+
+BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class RequestMetrics(Collector):
+    """Request latencies by method, route template and status, as a Prometheus histogram.
+
+    Each label set holds a list of bucket counts and a sum, updated in place; the event
+    loop is the only writer, so no lock is needed.
+    """
+
+    def __init__(self) -> None:
+        self._series: dict[tuple[str, str, int], list[float]] = {}
+
+    def observe(self, method: str, route: str, status: int, seconds: float) -> None:
+        """Count one request."""
+        key = (method, route, status)
+        series = self._series.get(key)
+        if series is None:
+            # Bucket counts (one more for +Inf), then the sum of the observed seconds.
+            series = self._series[key] = [0.0] * (len(BUCKETS) + 2)
+        series[bisect_left(BUCKETS, seconds)] += 1
+        series[-1] += seconds
+
+    def collect(self) -> Iterator[Metric]:
+        family = HistogramMetricFamily(
+            "gateway_http_request_duration_seconds",
+            "HTTP request latency by method, route and status.",
+            labels=["method", "route", "status"],
+        )
+        for (method, route, status), series in self._series.items():
+            cumulative, buckets = 0.0, []
+            for bound, count in zip((*BUCKETS, float("inf")), series, strict=False):
+                cumulative += count
+                buckets.append((_bound(bound), cumulative))
+            family.add_metric([method, route, str(status)], buckets, sum_value=series[-1])
+        yield family
+
+
+def _bound(value: float) -> str:
+    return "+Inf" if value == float("inf") else repr(value)

@@ -1,6 +1,6 @@
 """Per-second samples of the gateway's counters, for the live dashboard (`/api/events`).
 
-`RateSampler.sample` is called once a second (by `app.routers.dashboard`, only while a
+`RateSampler.sample` is called once a second (by `app.http.routers.dashboard`, only while a
 dashboard is open). It turns the cumulative counters of `GatewayStats` into rates over the
 interval since the previous sample, reads the gauges (queue, in flight, breaker, budget),
 and keeps the last HISTORY_S chart points. Nothing here awaits or starts a task.

@@ -6,7 +6,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from app.models import users_request_schema
+from app.http.schemas.users import users_request_schema
 
 ERROR_SCHEMA = {"$ref": "#/components/schemas/ErrorResponse"}
 SECURITY_SCHEMES = {

@@ -1,16 +1,14 @@
-"""Request and response schemas (what `/docs` shows), and the fast parser for user-id lists."""
+"""What the lookup and cache routes take and answer, and the fast parser for user-id lists."""
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
-import orjson
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from app.errors import InvalidRequest
 from app.gateway.results import Reason, Source
+from app.http.schemas.common import kind_of, load_json, one_of, shown
 
 # The largest id accepted: 2^53 - 1. It fits the int64 MongoDB stores, and every JSON client
 # (JavaScript's numbers included) holds it exactly, so a schema with this bound cannot be
@@ -28,7 +26,7 @@ def as_user_id(value: Any) -> int:
     """
     number = int(value) if type(value) is float and value.is_integer() else value
     if type(number) is not int or not 0 < number <= MAX_USER_ID:
-        raise ValueError(f"must be {ID_RULE}, not {_show(value)}")
+        raise ValueError(f"must be {ID_RULE}, not {shown(value)}")
     return number
 
 
@@ -93,42 +91,7 @@ class UsersResponse(BaseModel):
     errors: dict[str, Reason] = Field(description="Why each unavailable id is unavailable")
 
 
-class ErrorResponse(BaseModel):
-    """Every error the API returns."""
-
-    error: str = Field(examples=["invalid_request"])
-    detail: str = Field(examples=["user_ids must hold at most 100 ids (got 250)"])
-    reason: Reason | None = None
-
-
 REVALIDATE_ONE_OF = "give exactly one of user_ids or older_than_s"
-
-
-def one_of(*names: str) -> Callable[[dict[str, Any]], None]:
-    """A schema hook saying "exactly one of `names`": `oneOf`, each alternative closed and
-    holding the other fields too. The alternatives' fields are optional only in that one of
-    them is given; none takes null."""
-
-    def hook(schema: dict[str, Any]) -> None:
-        properties = schema["properties"]
-        for name in names:
-            prop = properties[name]
-            branches = [b for b in prop.pop("anyOf", []) if b.get("type") != "null"]
-            prop.pop("default", None)
-            if branches:
-                prop.update(branches[0])
-        shared = {k: v for k, v in properties.items() if k not in names}
-        schema["oneOf"] = [
-            {
-                "type": "object",
-                "properties": {name: properties[name], **shared},
-                "required": [name],
-                "additionalProperties": False,
-            }
-            for name in names
-        ]
-
-    return hook
 
 
 class RevalidateRequest(BaseModel):
@@ -175,98 +138,6 @@ class ClearExpiredResponse(BaseModel):
     removed: int = Field(description="Users removed from the store")
 
 
-class BudgetWindow(BaseModel):
-    """One of Freelancer's limits: calls allowed per period, and what is left of it now."""
-
-    name: str = Field(examples=["minute"])
-    limit: float
-    period_s: float
-    remaining: int
-
-
-class JobStats(BaseModel):
-    """Crawl jobs: how many in each status, and what the runner did since start."""
-
-    by_status: dict[str, int]
-    ids_done: int = Field(description="Job ids this process recorded as done since start")
-    upstream_calls: int = Field(description="Upstream calls job ids went out in")
-    running_here: bool = Field(description="This process runs the deployment's jobs")
-
-
-class Health(BaseModel):
-    message: str = "Freelancer user-info gateway is running"
-    status: Literal["healthy", "degraded"]
-    problems: list[str]
-    queue_size: int
-    processing_count: int
-    store: Literal["sqlite", "mongodb"]
-    upstream: Literal["freelancer", "simulator"]
-    upstream_state: Literal["ok", "throttled", "open"]
-    auth: Literal["open", "keys"] = Field(
-        description="open: no API_KEYS, anyone who can reach the service may call it"
-    )
-    coordination: Literal["local", "redis"] = Field(
-        description="redis: the processes of the deployment share fetches, budget and cache"
-    )
-    processes: int = Field(description="Processes of the deployment seen alive lately")
-    budget: list[BudgetWindow] = Field(description="Freelancer's minute and hour windows")
-
-
-class QueueInfo(BaseModel):
-    queue_size: int
-    processing_count: int
-    currently_processing: list[int] = Field(description="Ids in flight (at most 1000 listed)")
-    queue_limit: int
-
-
-class KeyUsage(BaseModel):
-    """What one client did since start, by its key's name (the IP address when open)."""
-
-    name: str
-    requests: int
-    ids: int
-    misses: int = Field(description="New ids it sent to Freelancer")
-    refused: int = Field(description="Requests answered 429")
-    over_quota: int = Field(description="New ids answered unavailable, reason quota")
-
-
-class Stats(BaseModel):
-    """Counters since start, and the cache's size."""
-
-    store: Literal["sqlite", "mongodb"]
-    total_users_cached: int | None = Field(description="Users in the store; null if unreachable")
-    memory_cache_size: int
-    queue_size: int
-    processing_count: int
-    upstream_state: Literal["ok", "throttled", "open"]
-    requests: int
-    ids_requested: int
-    cache_hits: int
-    stale_hits: int
-    cache_misses: int
-    fetched: int
-    coalesced: int
-    not_found: int
-    negative_hits: int
-    unavailable: int
-    unavailable_reasons: dict[str, int]
-    upstream_calls: int
-    upstream_users_fetched: int
-    upstream_ids_requested: int
-    upstream_errors: int
-    upstream_retries: int
-    batches: int
-    job_batches: int
-    refreshes_queued: int
-    shed: int
-    store_errors: int
-    store_save_failures: int
-    worker_restarts: int
-    keys: list[KeyUsage] = Field(description="Usage per client")
-    budget: list[BudgetWindow] = Field(description="Freelancer's minute and hour windows")
-    jobs: JobStats | None = Field(description="Crawl jobs; null while the runner is down")
-
-
 def users_request_schema(max_ids: int) -> dict[str, Any]:
     """The OpenAPI request body of `POST /api/users`, with the configured maximum."""
     schema = UsersRequest.model_json_schema()
@@ -287,12 +158,12 @@ def parse_user_ids(body: bytes, *, max_ids: int) -> list[int]:
     if not isinstance(data, dict) or "user_ids" not in data:
         raise InvalidRequest('the body must be a JSON object like {"user_ids": [1, 2, 3]}')
     if len(data) != 1:
-        unknown = ", ".join(_show(name) for name in data if name != "user_ids")
+        unknown = ", ".join(shown(name) for name in data if name != "user_ids")
         plural = "s" if len(data) > 2 else ""
         raise InvalidRequest(f"unknown field{plural} {unknown}: the body takes only user_ids")
     ids = data["user_ids"]
     if not isinstance(ids, list):
-        raise InvalidRequest(f"user_ids must be a list of ids, not {_kind(ids)}")
+        raise InvalidRequest(f"user_ids must be a list of ids, not {kind_of(ids)}")
     if not ids:
         raise InvalidRequest("user_ids must hold at least 1 id", status_code=400)
     if len(ids) > max_ids:
@@ -312,28 +183,3 @@ def parse_user_ids(body: bytes, *, max_ids: int) -> list[int]:
         except ValueError as exc:
             raise InvalidRequest(f"user_ids[{index}] {exc}") from None
     return list(dict.fromkeys(checked))
-
-
-def load_json(body: bytes, *, status_code: int) -> Any:
-    """The parsed body; InvalidRequest with `status_code` when it is not JSON."""
-    try:
-        return orjson.loads(body)
-    except orjson.JSONDecodeError:
-        pass
-    # orjson refuses integers beyond 64 bits; the stdlib parses them so we can say
-    # "too large" instead of "not JSON".
-    try:
-        return json.loads(body)
-    except (ValueError, RecursionError) as exc:
-        raise InvalidRequest("the body is not valid JSON", status_code=status_code) from exc
-
-
-def _kind(value: Any) -> str:
-    return {dict: "an object", str: "a string", bool: "a boolean", type(None): "null"}.get(
-        type(value), type(value).__name__
-    )
-
-
-def _show(value: Any) -> str:
-    text = json.dumps(value)
-    return text if len(text) <= 40 else text[:37] + "..."

@@ -12,23 +12,16 @@ import itertools
 import logging
 import re
 import time
-from bisect import bisect_left
-from collections.abc import Iterator
 from secrets import token_hex
 
-import orjson
-from prometheus_client.core import HistogramMetricFamily, Metric
-from prometheus_client.registry import Collector
-from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.access import Client, KeyRing
 from app.errors import GatewayError, PayloadTooLarge
+from app.http.auth import Client, KeyRing
+from app.http.client_limits import ClientLimits
+from app.http.errors import error_response
+from app.http.metrics import RequestMetrics
 from app.logs import request_id
-from app.quotas import ClientLimits
-
-BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-
 
 access = logging.getLogger("app.access")
 
@@ -38,45 +31,6 @@ _SANE_ID = re.compile(rb"[A-Za-z0-9._:@/+=-]{1,128}")
 # system call, 9 us in `bench/middleware.py` on this machine).
 _ID_PREFIX = token_hex(6).encode() + b"-"
 _ids = itertools.count(1)
-
-
-class RequestMetrics(Collector):
-    """Request latencies by method, route template and status, as a Prometheus histogram.
-
-    Each label set holds a list of bucket counts and a sum, updated in place; the event
-    loop is the only writer, so no lock is needed.
-    """
-
-    def __init__(self) -> None:
-        self._series: dict[tuple[str, str, int], list[float]] = {}
-
-    def observe(self, method: str, route: str, status: int, seconds: float) -> None:
-        """Count one request."""
-        key = (method, route, status)
-        series = self._series.get(key)
-        if series is None:
-            # Bucket counts (one more for +Inf), then the sum of the observed seconds.
-            series = self._series[key] = [0.0] * (len(BUCKETS) + 2)
-        series[bisect_left(BUCKETS, seconds)] += 1
-        series[-1] += seconds
-
-    def collect(self) -> Iterator[Metric]:
-        family = HistogramMetricFamily(
-            "gateway_http_request_duration_seconds",
-            "HTTP request latency by method, route and status.",
-            labels=["method", "route", "status"],
-        )
-        for (method, route, status), series in self._series.items():
-            cumulative, buckets = 0.0, []
-            for bound, count in zip((*BUCKETS, float("inf")), series, strict=False):
-                cumulative += count
-                buckets.append((_bound(bound), cumulative))
-            family.add_metric([method, route, str(status)], buckets, sum_value=series[-1])
-        yield family
-
-
-def _bound(value: float) -> str:
-    return "+Inf" if value == float("inf") else repr(value)
 
 
 class GatewayMiddleware:
@@ -191,16 +145,3 @@ def _limited(receive: Receive, limit: int) -> Receive:
         return message
 
     return limited_receive
-
-
-def error_response(exc: GatewayError) -> Response:
-    """The JSON response of a GatewayError: the app's handler and this middleware use it."""
-    headers = exc.headers()
-    if exc.retry_after:
-        headers["Retry-After"] = str(max(1, round(exc.retry_after)))
-    return Response(
-        orjson.dumps(exc.body()),
-        status_code=exc.status_code,
-        media_type="application/json",
-        headers=headers,
-    )

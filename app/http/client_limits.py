@@ -21,9 +21,9 @@ from limits import RateLimitItem, RateLimitItemPerMinute
 from limits.aio.storage import MemoryStorage
 from limits.aio.strategies import SlidingWindowCounterRateLimiter
 
-from app.access import Client
 from app.config import Settings
 from app.errors import TooManyRequests
+from app.http.auth import Client
 
 
 @dataclass(slots=True)

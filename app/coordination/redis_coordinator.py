@@ -13,7 +13,7 @@ and ids spread over the cluster):
     p:events       the one channel: fetches, evictions, clears (JSON, with the sender)
     p:procs        live processes, a sorted set scored by heartbeat time
     p:leader       the process that runs the refresh sweep, a lease renewed by heartbeats
-    {p:budget}:*   the shared budget (`app.coordination.budget`)
+    {p:budget}:*   the shared budget (`app.coordination.redis_budget`)
 
 Every call has REDIS_TIMEOUT_S. When Redis fails, claims fall back to this process alone
 (in-process single flight still holds), health says degraded naming REDIS_URL, and after a

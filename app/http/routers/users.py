@@ -1,6 +1,6 @@
 """User lookups, and the deprecated cache-administration paths: HTTP in, gateway, HTTP out.
 
-The old paths are kept for one release; their successors live in `app.routers.cache`.
+The old paths are kept for one release; their successors live in `app.http.routers.cache`.
 """
 
 from __future__ import annotations
@@ -13,12 +13,20 @@ from fastapi.routing import APIRoute
 from starlette.routing import Match, Route
 from starlette.types import Message, Receive, Scope, Send
 
-from app.dependencies import AdminClient, CrawlClient, GatewayDep, get_gateway, lookup_for_client
 from app.errors import UserNotFound, UserUnavailable
 from app.gateway.results import QUOTA, TIMEOUT
-from app.models import (
+from app.http.dependencies import (
+    AdminClient,
+    CrawlClient,
+    GatewayDep,
+    get_gateway,
+    lookup_for_client,
+)
+from app.http.routers import cache
+from app.http.routers.cache import ERRORS, EVICT_LINKS, UserIdPath
+from app.http.schemas.common import ErrorResponse
+from app.http.schemas.users import (
     DEFAULT_MAX_IDS,
-    ErrorResponse,
     EvictResponse,
     RevalidateRequest,
     RevalidateResponse,
@@ -27,8 +35,6 @@ from app.models import (
     parse_user_ids,
     users_request_schema,
 )
-from app.routers import cache
-from app.routers.cache import ERRORS, EVICT_LINKS, UserIdPath
 
 router = APIRouter(tags=["users"])
 

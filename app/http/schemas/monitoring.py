@@ -1,0 +1,99 @@
+"""What the monitoring routes answer: health, the queue, counters, budget windows, jobs."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+
+class BudgetWindow(BaseModel):
+    """One of Freelancer's limits: calls allowed per period, and what is left of it now."""
+
+    name: str = Field(examples=["minute"])
+    limit: float
+    period_s: float
+    remaining: int
+
+
+class JobStats(BaseModel):
+    """Crawl jobs: how many in each status, and what the runner did since start."""
+
+    by_status: dict[str, int]
+    ids_done: int = Field(description="Job ids this process recorded as done since start")
+    upstream_calls: int = Field(description="Upstream calls job ids went out in")
+    running_here: bool = Field(description="This process runs the deployment's jobs")
+
+
+class Health(BaseModel):
+    message: str = "Freelancer user-info gateway is running"
+    status: Literal["healthy", "degraded"]
+    problems: list[str]
+    queue_size: int
+    processing_count: int
+    store: Literal["sqlite", "mongodb"]
+    upstream: Literal["freelancer", "simulator"]
+    upstream_state: Literal["ok", "throttled", "open"]
+    auth: Literal["open", "keys"] = Field(
+        description="open: no API_KEYS, anyone who can reach the service may call it"
+    )
+    coordination: Literal["local", "redis"] = Field(
+        description="redis: the processes of the deployment share fetches, budget and cache"
+    )
+    processes: int = Field(description="Processes of the deployment seen alive lately")
+    budget: list[BudgetWindow] = Field(description="Freelancer's minute and hour windows")
+
+
+class QueueInfo(BaseModel):
+    queue_size: int
+    processing_count: int
+    currently_processing: list[int] = Field(description="Ids in flight (at most 1000 listed)")
+    queue_limit: int
+
+
+class KeyUsage(BaseModel):
+    """What one client did since start, by its key's name (the IP address when open)."""
+
+    name: str
+    requests: int
+    ids: int
+    misses: int = Field(description="New ids it sent to Freelancer")
+    refused: int = Field(description="Requests answered 429")
+    over_quota: int = Field(description="New ids answered unavailable, reason quota")
+
+
+class Stats(BaseModel):
+    """Counters since start, and the cache's size."""
+
+    store: Literal["sqlite", "mongodb"]
+    total_users_cached: int | None = Field(description="Users in the store; null if unreachable")
+    memory_cache_size: int
+    queue_size: int
+    processing_count: int
+    upstream_state: Literal["ok", "throttled", "open"]
+    requests: int
+    ids_requested: int
+    cache_hits: int
+    stale_hits: int
+    cache_misses: int
+    fetched: int
+    coalesced: int
+    not_found: int
+    negative_hits: int
+    unavailable: int
+    unavailable_reasons: dict[str, int]
+    upstream_calls: int
+    upstream_users_fetched: int
+    upstream_ids_requested: int
+    upstream_errors: int
+    upstream_retries: int
+    batches: int
+    job_batches: int
+    refreshes_queued: int
+    shed: int
+    store_errors: int
+    store_save_failures: int
+    worker_restarts: int
+    keys: list[KeyUsage] = Field(description="Usage per client")
+    budget: list[BudgetWindow] = Field(description="Freelancer's minute and hour windows")
+    jobs: JobStats | None = Field(description="Crawl jobs; null while the runner is down")

@@ -1,0 +1,101 @@
+"""What the workloads measure with and report in: RSS, timed lookups, percentiles, the
+machine, the results table and the verdict (`python -m bench` and `python -m bench.jobs`)."""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+HERE = Path(__file__).resolve().parent
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process, from /proc."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
+
+
+def post_users(client: httpx.Client, url: str, ids: list[int]) -> tuple[float, dict[str, Any]]:
+    started = time.perf_counter()
+    response = client.post(f"{url}/api/users", json={"user_ids": ids}, timeout=30)
+    elapsed = time.perf_counter() - started
+    response.raise_for_status()
+    body: dict[str, Any] = response.json()
+    return elapsed, body
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def machine() -> str:
+    cpu = "unknown cpu"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    mem = int(Path("/proc/meminfo").read_text().split()[1]) // (1024 * 1024)
+    return f"{cpu}, {os.cpu_count()} cores, {mem} GiB, Python {platform.python_version()}"
+
+
+def table(results: dict[str, Any]) -> str:
+    rows = [
+        (
+            "workload",
+            "upstream calls",
+            "lookups/unique",
+            "wall s",
+            "req/s",
+            "p50 ms",
+            "p99 ms",
+            "RSS MB",
+            "targets",
+        )
+    ]
+    for name, r in results["workloads"].items():
+        lookups = f"{r['upstream_lookups']}/{r['unique_ids']}" if "upstream_lookups" in r else "-"
+
+        def num(key: str, fmt: str, r: dict[str, Any] = r) -> str:
+            return format(r[key], fmt) if key in r else "-"
+
+        failed = [k for k, ok in r.get("checks", {}).items() if not ok]
+        rows.append(
+            (
+                name,
+                str(r.get("upstream_calls", "-")),
+                lookups,
+                num("wall_s", ".2f"),
+                num("rps", ".0f"),
+                num("p50_ms", ".1f"),
+                num("p99_ms", ".1f"),
+                num("rss_mb", ".0f"),
+                "ok" if not failed else "MISSED: " + "; ".join(failed),
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows
+    )
+
+
+def verdict(workloads: dict[str, Any]) -> int:
+    """Print the targets missed (or that all were met); the exit status, 1 when any was."""
+    missed = [
+        f"{name}: {check}"
+        for name, r in workloads.items()
+        for check, ok in r.get("checks", {}).items()
+        if not ok
+    ]
+    if missed:
+        print("targets missed:\n  " + "\n  ".join(missed))
+        return 1
+    print("all targets met")
+    return 0

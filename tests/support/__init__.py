@@ -1,0 +1,1 @@
+"""Test infrastructure the suite and the benchmark share: fakes, apps, processes, a clock."""
