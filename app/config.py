@@ -72,8 +72,13 @@ class Settings(BaseSettings):
     upstream_max_attempts: int = Field(3, ge=1)
     upstream_backoff_s: float = Field(0.5, ge=0)
     upstream_concurrency: int = Field(4, ge=1)
+    # Freelancer's limits: at most floor(rate) calls in any 60 s / 3600 s, deployment-wide.
     upstream_rate_per_min: float = Field(50.0, ge=2)
     upstream_rate_per_hour: float = Field(1000.0, ge=2)
+    # Calls of each window that crawl jobs and refreshes leave to clients' misses.
+    upstream_reserve_per_min: int = Field(10, ge=0)
+    upstream_reserve_per_hour: int = Field(200, ge=0)
+    # Calls jobs and refreshes may send back to back before their pace holds them.
     upstream_burst: int = Field(10, ge=1)
     simulator_latency_ms: float = Field(100.0, ge=0)
 
@@ -113,6 +118,15 @@ class Settings(BaseSettings):
     def _check_bounds(self) -> Settings:
         if self.queue_max < self.max_users_per_request:
             raise ValueError("QUEUE_MAX must be at least MAX_USERS_PER_REQUEST")
+        for window, limit, reserve in (
+            ("MIN", self.upstream_rate_per_min, self.upstream_reserve_per_min),
+            ("HOUR", self.upstream_rate_per_hour, self.upstream_reserve_per_hour),
+        ):
+            if reserve >= int(limit):
+                raise ValueError(
+                    f"UPSTREAM_RESERVE_PER_{window} ({reserve}) must be below "
+                    f"UPSTREAM_RATE_PER_{window} ({int(limit)}): jobs and refreshes need a call"
+                )
         return self
 
     @property

@@ -246,6 +246,7 @@ def _coordination(settings: Settings) -> tuple[Coordinator | None, Budget | None
         prefix=settings.redis_prefix,
         timeout_s=settings.redis_timeout_s,
         processes=lambda: coordinator.live_processes,
+        min_processes=settings.workers,
     )
     return coordinator, budget
 

@@ -110,9 +110,23 @@ async def test_health_queue_stats_and_metrics_answer(
         "auth": "open",
         "coordination": "local",
         "processes": 1,
-        "budget": [  # the test budget's burst is 1000, refilled within ms of the one call
-            {"name": "minute", "limit": 60_000, "period_s": 60, "remaining": 1000},
-            {"name": "hour", "limit": 3_600_000, "period_s": 3600, "remaining": 1000},
+        "budget": [  # the one call, in both windows
+            {
+                "name": "minute",
+                "limit": 60_000,
+                "period_s": 60,
+                "used": 1,
+                "remaining": 59_999,
+                "next_call_in_s": 0.0,
+            },
+            {
+                "name": "hour",
+                "limit": 3_600_000,
+                "period_s": 3600,
+                "used": 1,
+                "remaining": 3_599_999,
+                "next_call_in_s": 0.0,
+            },
         ],
     }
     queue = (await running.client.get("/api/queue")).json()

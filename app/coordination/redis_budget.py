@@ -1,50 +1,156 @@
-"""`RedisBudget`: Freelancer's windows shared by every process, as GCRA states in Redis."""
+"""`RedisBudget`: the budget's sliding log shared by every process, in one Lua script.
+
+Keys (one hash tag, so one Redis Cluster slot): `{p:budget}:log`, every call of the
+longest window as a sorted set (score: the call's time in whole ms, rounded up; member:
+its ticket), `{p:budget}:lane:<lane>` the same calls by lane (for the lanes' shares), and
+`{p:budget}:paused`, the ms until which a 429 stops everyone.
+
+What holds across processes, and how:
+
+- **Never over a limit while Redis answers.** Every call is checked and logged by one
+  script (`BUDGET`) that reads Redis' clock (`TIME`), trims the log, counts each window
+  and logs the call only if every window holds fewer calls than the lane's ceiling (its
+  limit less its reserve). Redis runs scripts one at a time, so no two processes can both
+  take the last call of a window, and the processes' own clocks never matter. All of it
+  is integer milliseconds; the reply is integers with an explicit "granted" index.
+- **A lane's reserve is deployment-wide** for the same reason: the ceiling is checked in
+  the script against every process's calls. Pacing and the order of lanes are each
+  process's own policy (`app.gateway.planner`); jobs run on the leader only, so theirs is
+  the deployment's.
+- **While Redis is away**, each process falls back to a local log holding its share: each
+  window's ceiling divided by the processes it last saw alive (never fewer than
+  `min_processes`, never 1 after others were seen), started from what the shared log last
+  said was used (its share of it, placed as late as those calls can have been). Its calls
+  and any 429 it saw are written to Redis when it answers again (idempotently: each call
+  is logged under its ticket), so the windows that follow count them and everyone pauses.
+  This keeps the deployment under a limit when every process lost Redis at once and had
+  read the log lately (the gateway reads it every `SYNC_S`); calls made by others in the
+  seconds between a process's last read and the outage, or by processes that still reach
+  Redis while this one cannot, can take a window over by at most that process's share.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import logging
+import math
+import secrets
 import time
 from collections.abc import Callable, Sequence
+from itertools import count
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from app.coordination.client import RETRY_AFTER_FAILURE_S, bounded
-from app.gateway.budget import LocalBudget, Window, WindowState
+from app.gateway.budget import (
+    LANES,
+    SEEDED,
+    Ask,
+    Grant,
+    LocalBudget,
+    Window,
+    WindowState,
+    ceil_ms,
+    floor_ms,
+)
 
 log = logging.getLogger("app.coordination")
 
-# KEYS: pause, then one GCRA state per window. ARGV: now in ms (-1: the server's time, so
-# the processes' clocks never matter; tests pass their own), spend (1 to take a call, 0
-# to only ask), then per window its emission interval and burst tolerance in ms. Returns
-# {ms to wait (0: allowed, and taken when spending), ms the next call would wait, then
-# each window's calls left now}.
+SYNC_S = 2.0
+"""How often a gateway reads the shared log while idle (monitoring, and the fallback's start)."""
+
+# KEYS: paused, log, then one log per lane (LANES order). ARGV: now rounded down and up in
+# ms (-1: Redis' TIME, so the processes' clocks never matter; tests pass their own), spend
+# (1/0), ticket, window count n, n x (period ms, limit), ask count, per ask: its lane's
+# index (1-based) and n ceilings. Returns integers only: {granted ask (0: none), now,
+# pause left, n x used, n x ms until a miss may call, per ask its wait and what holds it
+# (0 nothing, -1 the pause, i window i), per lane its calls in the longest window}.
 BUDGET = """
-local now = tonumber(ARGV[1])
-if now < 0 then local t = redis.call('TIME') now = t[1] * 1000 + math.floor(t[2] / 1000) end
-local spend = tonumber(ARGV[2])
-local wait = math.max(0, tonumber(redis.call('GET', KEYS[1]) or '0') - now)
-local tats = {}
-for i = 2, #KEYS do
-  local interval, tolerance = tonumber(ARGV[i * 2 - 1]), tonumber(ARGV[i * 2])
-  tats[i] = math.max(tonumber(redis.call('GET', KEYS[i]) or '0'), now)
-  wait = math.max(wait, tats[i] - now - tolerance)
+local now, at = tonumber(ARGV[1]), tonumber(ARGV[2])
+if now < 0 then
+  local t = redis.call('TIME')
+  local s, us = tonumber(t[1]), tonumber(t[2])
+  now = s * 1000 + math.floor(us / 1000)
+  at = s * 1000 + math.ceil(us / 1000)
 end
-local reply = {wait, 0}
-local paused = math.max(0, tonumber(redis.call('GET', KEYS[1]) or '0') - now)
-local next_wait = paused
-for i = 2, #KEYS do
-  local interval, tolerance = tonumber(ARGV[i * 2 - 1]), tonumber(ARGV[i * 2])
-  if wait == 0 and spend == 1 then
-    tats[i] = tats[i] + interval
-    redis.call('SET', KEYS[i], tats[i], 'PX', math.ceil(tolerance + interval * 2))
+local spend, ticket, nwin = tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5])
+local periods, limits, keep = {}, {}, 0
+for i = 1, nwin do
+  periods[i], limits[i] = tonumber(ARGV[4 + i * 2]), tonumber(ARGV[5 + i * 2])
+  if periods[i] > keep then keep = periods[i] end
+end
+local expired = string.format('%d', now - keep)
+for k = 2, #KEYS do redis.call('ZREMRANGEBYSCORE', KEYS[k], '-inf', expired) end
+local total = redis.call('ZCARD', KEYS[2])
+local used = {}
+local function count_windows()
+  for i = 1, nwin do
+    used[i] = redis.call('ZCOUNT', KEYS[2], string.format('(%d', now - periods[i]), '+inf')
   end
-  next_wait = math.max(next_wait, tats[i] - now - tolerance)
-  reply[i + 1] = math.max(0, math.floor((now + tolerance + interval - tats[i]) / interval))
 end
-reply[2] = next_wait
+count_windows()
+local paused = math.max(0, tonumber(redis.call('GET', KEYS[1]) or '0') - now)
+local function window_wait(i, ceiling)
+  if used[i] < ceiling then return 0 end
+  if ceiling <= 0 then return periods[i] end
+  local oldest = redis.call('ZRANGE', KEYS[2], total - ceiling, total - ceiling, 'WITHSCORES')
+  return math.max(1, tonumber(oldest[2]) + periods[i] - now)
+end
+local pos = 7 + nwin * 2
+local nask = tonumber(ARGV[pos - 1])
+local granted, waits, holders = 0, {}, {}
+for a = 1, nask do
+  local lane = tonumber(ARGV[pos])
+  local wait, holder = paused, 0
+  if paused > 0 then holder = -1 end
+  for i = 1, nwin do
+    local w = window_wait(i, tonumber(ARGV[pos + i]))
+    if w > wait then wait, holder = w, i end
+  end
+  pos = pos + 1 + nwin
+  waits[a], holders[a] = wait, holder
+  if wait == 0 and spend == 1 then
+    granted = a
+    for _, key in ipairs({KEYS[2], KEYS[2 + lane]}) do
+      redis.call('ZADD', key, at, ticket)
+      redis.call('PEXPIRE', key, keep + 1000)
+    end
+    total = total + 1
+    count_windows()
+    for b = a + 1, nask do waits[b], holders[b] = 0, 0 end
+    break
+  end
+end
+local reply = {granted, now, paused}
+for i = 1, nwin do reply[#reply + 1] = used[i] end
+for i = 1, nwin do reply[#reply + 1] = math.max(paused, window_wait(i, limits[i])) end
+for a = 1, nask do reply[#reply + 1] = waits[a] end
+for a = 1, nask do reply[#reply + 1] = holders[a] end
+for k = 3, #KEYS do reply[#reply + 1] = redis.call('ZCARD', KEYS[k]) end
 return reply
+"""
+# KEYS: log, then the lane logs. ARGV: ticket. A granted call that was not made.
+REFUND = """
+for k = 1, #KEYS do redis.call('ZREM', KEYS[k], ARGV[1]) end
+return 1
+"""
+# KEYS: paused, log, lane logs. ARGV: keep ms, pause until (ms, 0: none), then triples of
+# (time ms, lane index, ticket): calls made while Redis was away. Logged under their
+# tickets, so charging twice changes nothing.
+CHARGE = """
+local keep, until_ms = tonumber(ARGV[1]), tonumber(ARGV[2])
+for i = 3, #ARGV, 3 do
+  for _, key in ipairs({KEYS[2], KEYS[2 + tonumber(ARGV[i + 1])]}) do
+    redis.call('ZADD', key, ARGV[i], ARGV[i + 2])
+    redis.call('PEXPIRE', key, keep + 1000)
+  end
+end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if until_ms > now and until_ms > tonumber(redis.call('GET', KEYS[1]) or '0') then
+  redis.call('SET', KEYS[1], string.format('%d', until_ms), 'PX', until_ms - now + 1000)
+end
+return 1
 """
 # KEYS: pause. ARGV: ms, now in ms (-1: the server's). Nobody calls before now + ms; a
 # later pause wins.
@@ -53,19 +159,14 @@ local now = tonumber(ARGV[2])
 if now < 0 then local t = redis.call('TIME') now = t[1] * 1000 + math.floor(t[2] / 1000) end
 local until_ms = now + tonumber(ARGV[1])
 if until_ms > tonumber(redis.call('GET', KEYS[1]) or '0') then
-  redis.call('SET', KEYS[1], until_ms, 'PX', tonumber(ARGV[1]) + 1000)
+  redis.call('SET', KEYS[1], string.format('%d', until_ms), 'PX', tonumber(ARGV[1]) + 1000)
 end
 return until_ms
 """
 
 
 class RedisBudget:
-    """A `Budget` shared by every process: one GCRA state per window, in one Lua script.
-
-    While Redis cannot be reached it falls back to a local budget holding this process's
-    share of each window (the limit divided by the processes last seen alive), so the
-    deployment as a whole stays under Freelancer's limits.
-    """
+    """A `Budget` shared by every process through Redis (see the module docstring)."""
 
     def __init__(
         self,
@@ -75,106 +176,194 @@ class RedisBudget:
         prefix: str,
         timeout_s: float,
         processes: Callable[[], int],
+        min_processes: int = 1,
         clock: Callable[[], float] | None = None,
     ) -> None:
         self.redis = redis
+        self._limits = list(windows)
         self._clock = clock
-        self._windows = list(windows)
         self.timeout_s = timeout_s
         self._processes = processes
+        self._min_processes = max(1, min_processes)
+        self._seen_processes = self._min_processes
         self._script = redis.register_script(BUDGET)
+        self._refund = redis.register_script(REFUND)
+        self._charge = redis.register_script(CHARGE)
         self._pause = redis.register_script(PAUSE)
         tag = f"{{{prefix}:budget}}"
-        self._keys = [f"{tag}:paused", *(f"{tag}:{w.name}" for w in self._windows)]
-        self._args: list[float] = []
-        for window in self._windows:
-            interval_ms = 1000 / window.rate_per_s
-            self._args += [interval_ms, interval_ms * max(0, window.burst - 1)]
+        self._keys = [f"{tag}:paused", f"{tag}:log", *(f"{tag}:lane:{lane}" for lane in LANES)]
+        self._window_args: list[int] = []
+        for window in self._limits:
+            self._window_args += [window.period_ms, window.limit]
+        self._token = secrets.token_hex(6)
+        self._seq = count(1)
         self._local: LocalBudget | None = None
-        self._local_share = 0
         self._down_until = 0.0
-        self._last: list[int] = [0, 0, *(w.burst for w in self._windows)]
-        self._last_at = self._elapsed_clock()
+        self._offset_ms = 0
+        """Redis' clock less ours (ms), as of the last answer: maps local calls onto it."""
+        n = len(self._limits)
+        self._used = [0] * n
+        self._miss_waits_ms = [0] * n
+        self._paused_ms = 0
+        self._lanes = dict.fromkeys(LANES, 0)
+        self._read_at = self._now()
 
-    async def acquire(self) -> None:
-        while True:
-            wait = await self._ask(spend=True)
-            if wait is None:
-                await self._fallback().acquire()
-                return
-            if wait <= 0:
-                return
-            await asyncio.sleep(wait)
+    @property
+    def limits(self) -> Sequence[Window]:
+        return self._limits
+
+    # ---- spending ---------------------------------------------------------------------
+
+    async def try_spend(self, asks: Sequence[Ask]) -> Grant:
+        ticket = f"{self._token}:{next(self._seq)}"
+        reply = await self._ask(asks, ticket, spend=True)
+        if reply is None:
+            return self._fallback().spend_now(asks)
+        granted, n, a = reply[0], len(self._limits), len(asks)
+        waits = reply[3 + 2 * n : 3 + 2 * n + a]
+        holders = reply[3 + 2 * n + a : 3 + 2 * n + 2 * a]
+        names = [w.name for w in self._limits]
+        held = tuple(None if h == 0 else "pause" if h < 0 else names[h - 1] for h in holders)
+        if not granted:
+            return Grant(None, None, tuple(w / 1000 for w in waits), held)
+        return Grant(asks[granted - 1].lane, ticket, tuple(w / 1000 for w in waits), held)
+
+    async def refund(self, ticket: str) -> None:
+        if not ticket.startswith(f"{self._token}:"):
+            if self._local is not None:  # granted by the fallback
+                await self._local.refund(ticket)
+            return
+        if self._usable():
+            try:
+                await bounded(self._refund(keys=self._keys[1:], args=[ticket]), self.timeout_s)
+            except RedisError as exc:  # the call stays logged: the budget only looks fuller
+                self._down(exc)
 
     async def pause(self, seconds: float) -> None:
-        await self._fallback().pause(seconds)
-        self._last[1], self._last_at = (
-            max(self._last[1], int(seconds * 1000)),
-            self._elapsed_clock(),
-        )
-        if time.monotonic() >= self._down_until:
+        if self._usable():
             try:
-                await bounded(
-                    self._pause(keys=self._keys[:1], args=[int(seconds * 1000)]), self.timeout_s
-                )
+                args = [ceil_ms(seconds), self._now_arg()[0]]
+                await bounded(self._pause(keys=self._keys[:1], args=args), self.timeout_s)
             except RedisError as exc:
                 self._down(exc)
+        if self._local is not None:  # charged to Redis, so everyone pauses, once it is back
+            await self._local.pause(seconds)
+        self._paused_ms = ceil_ms(seconds)
+        self._miss_waits_ms = [max(w, self._paused_ms) for w in self._miss_waits_ms]
+        self._read_at = self._now()
 
     async def observe_remaining(self, remaining: int) -> None:
         # Freelancer counts every process's calls: nothing left means nobody may call.
         if remaining <= 0:
             await self.pause(1.0)
 
-    def wait_s(self) -> float:
-        """From the last answer: the wait it said the next call has, less the time since."""
-        return max(0.0, self._last[1] / 1000 - (self._elapsed_clock() - self._last_at))
+    # ---- what is left -----------------------------------------------------------------
 
     async def refresh(self) -> None:
-        """Ask Redis what is left, without spending (monitoring calls this)."""
-        await self._ask(spend=False)
+        await self._ask([], "", spend=False)
+
+    def windows(self) -> list[WindowState]:
+        if self._local is not None:
+            return self._local.windows()
+        elapsed_ms = floor_ms(self._now() - self._read_at)
+        return [
+            WindowState(
+                w.name,
+                w.limit,
+                w.period_s,
+                used,
+                max(0, w.limit - used),
+                max(0, wait - elapsed_ms) / 1000,
+            )
+            for w, used, wait in zip(self._limits, self._used, self._miss_waits_ms, strict=True)
+        ]
+
+    def lane_calls(self) -> dict[str, int]:
+        if self._local is not None:
+            local = self._local.lane_calls()
+            return {lane: self._lanes[lane] + local[lane] for lane in LANES}
+        return dict(self._lanes)
+
+    def wait_s(self) -> float:
+        if self._local is not None:
+            return self._local.wait_s()
+        return max((w.next_call_in_s for w in self.windows()), default=0.0)
 
     @property
     def throttled(self) -> bool:
         return self.wait_s() > 0
 
-    def windows(self) -> list[WindowState]:
-        return [
-            WindowState(w.name, w.limit, w.period_s, int(left))
-            for w, left in zip(self._windows, self._last[2:], strict=True)
-        ]
+    # ---- plumbing ---------------------------------------------------------------------
 
-    async def _ask(self, *, spend: bool) -> float | None:
-        """Seconds to wait (0: a call was taken); None while Redis cannot be asked."""
-        if time.monotonic() < self._down_until:
+    async def _ask(self, asks: Sequence[Ask], ticket: str, *, spend: bool) -> list[int] | None:
+        """The script's reply (and the state it shows kept); None while Redis is away."""
+        if not self._usable():
             return None
+        args: list[int | str] = [*self._now_arg(), int(spend), ticket]
+        args += [len(self._limits), *self._window_args, len(asks)]
+        for ask in asks:
+            args.append(LANES.index(ask.lane) + 1)
+            reserve = ask.reserve or (0,) * len(self._limits)
+            args += [w.limit - r for w, r in zip(self._limits, reserve, strict=True)]
         try:
-            reply = await bounded(
-                self._script(keys=self._keys, args=[self._now_ms(), int(spend), *self._args]),
-                self.timeout_s,
-            )
+            if self._local is not None:
+                await self._recover()
+            sent_ms = floor_ms(self._now())
+            answer = await bounded(self._script(keys=self._keys, args=args), self.timeout_s)
         except RedisError as exc:
             self._down(exc)
             return None
-        self._last = [int(v) for v in reply]
-        self._last_at = self._elapsed_clock()
-        return self._last[0] / 1000
+        reply = [int(v) for v in answer]
+        n = len(self._limits)
+        self._offset_ms = reply[1] - sent_ms
+        self._paused_ms = reply[2]
+        self._used = reply[3 : 3 + n]
+        self._miss_waits_ms = reply[3 + n : 3 + 2 * n]
+        self._lanes = dict(zip(LANES, reply[len(reply) - len(LANES) :], strict=True))
+        self._read_at = self._now()
+        self._seen_processes = max(self._min_processes, self._processes())
+        return reply
 
-    def _elapsed_clock(self) -> float:
-        return time.monotonic() if self._clock is None else self._clock()
-
-    def _now_ms(self) -> int:
-        return -1 if self._clock is None else int(self._clock() * 1000)
-
-    def _down(self, exc: BaseException) -> None:
-        log.warning("shared budget unavailable (%s): this process uses its share", exc)
-        self._down_until = time.monotonic() + RETRY_AFTER_FAILURE_S
+    async def _recover(self) -> None:
+        """Redis answers again: charge it the calls made meanwhile, and any 429's pause."""
+        local = self._local
+        assert local is not None
+        args: list[int | str] = [max(w.period_ms for w in self._limits)]
+        paused_until = local.log.paused_until_ms
+        now_ms = floor_ms(self._now())
+        args.append(paused_until + self._offset_ms if paused_until > now_ms else 0)
+        calls = zip(local.log.times, local.log.lanes, local.log.tickets, strict=True)
+        for at_ms, lane, ticket in calls:
+            if lane != SEEDED:
+                args += [at_ms + self._offset_ms, LANES.index(lane) + 1, ticket]
+        await bounded(self._charge(keys=self._keys, args=args), self.timeout_s)
+        self._local = None
+        log.info("shared budget reachable again: the calls made meanwhile are charged to it")
 
     def _fallback(self) -> LocalBudget:
-        share = max(1, self._processes())
-        if self._local is None or share != self._local_share:
-            windows = [
-                Window(w.name, w.limit / share, w.period_s, max(1, w.burst // share))
-                for w in self._windows
-            ]
-            self._local, self._local_share = LocalBudget(windows), share
+        """This process's share of each window while Redis is away (see the docstring)."""
+        if self._local is None:
+            share = self._seen_processes
+            local = LocalBudget(self._limits, clock=self._now, share=share, token=self._token)
+            local.seed([math.ceil(u / share) for u in self._used], self._read_at)
+            local.log.paused_until_ms = floor_ms(self._read_at) + self._paused_ms
+            self._local = local
         return self._local
+
+    def _usable(self) -> bool:
+        return time.monotonic() >= self._down_until
+
+    def _now(self) -> float:
+        return time.monotonic() if self._clock is None else self._clock()
+
+    def _now_arg(self) -> list[int]:
+        """Now rounded down and up in ms; [-1, -1]: Redis' own clock."""
+        if self._clock is None:
+            return [-1, -1]
+        now = self._clock()
+        return [floor_ms(now), ceil_ms(now)]
+
+    def _down(self, exc: BaseException) -> None:
+        log.warning("shared budget unavailable (%s): this process spends its share", exc)
+        self._down_until = time.monotonic() + RETRY_AFTER_FAILURE_S
+        self._fallback()

@@ -3,7 +3,7 @@
 A lookup answers from memory with no await, reads the rest from the store in one query,
 then, *with no await in between*, re-checks memory, joins a Future in flight or registers
 one and queues the id, and awaits its Futures (never cancelling them) until one deadline.
-The worker batches the queue (crawl jobs in their own lane), claims each batch through the
+The worker has the `Planner` spend a call and gather its batch, claims it through the
 `Coordinator`, calls the `ResilientUpstream`, and in one synchronous step (`_complete`)
 updates memory, resolves the Futures and drops the in-flight entries. Futures carry values.
 """
@@ -28,6 +28,7 @@ from app.gateway.budget import Budget, LocalBudget, budget_windows
 from app.gateway.cache import cache_entry
 from app.gateway.flight import Fetch, PendingLookup, cancel_all, wait_idle
 from app.gateway.memory import Memory
+from app.gateway.planner import Planner, Turn, loop_clock
 from app.gateway.resilient import ResilientUpstream
 from app.gateway.results import (
     BREAKER_OPEN,
@@ -69,15 +70,16 @@ class Gateway:
         self.store = store
         self.clock = clock
         self.stats = GatewayStats()
-        self.budget = budget or LocalBudget(budget_windows(settings))
+        self.budget = budget or LocalBudget(budget_windows(settings), clock=loop_clock)
         self.coordinator = coordinator or coord.LocalCoordinator()
         self.breaker = CircuitBreaker(settings.breaker_failures, settings.breaker_cooldown_s)
+        self.queue = BatchQueue(settings.queue_max)
+        self.planner = Planner(self.budget, self.queue, settings)
         self.upstream = ResilientUpstream(
-            upstream, budget=self.budget, breaker=self.breaker, stats=self.stats, settings=settings
+            upstream, self.planner, breaker=self.breaker, stats=self.stats, settings=settings
         )
         self.writes = WriteBehind(store, stats=self.stats, settings=settings)
         self.memory = Memory(settings)
-        self.queue = BatchQueue(settings.queue_max, job_share=settings.job_share)
         self.admin = CacheAdmin(self)
         self._inflight: dict[int, Fetch] = {}
         self._slots = asyncio.Semaphore(settings.upstream_concurrency)
@@ -95,6 +97,7 @@ class Gateway:
             self._spawn(self.writes.reopen(), "store-reopen")
         await self.coordinator.open(self._on_event)
         self._supervisor = self._spawn(self._supervise(), "worker-supervisor")
+        self._spawn(self.planner.keep_reading(), "budget-reader")
         if self.settings.refresh_interval_s > 0:
             self._spawn(self.admin.sweep(), "refresh-sweep")
 
@@ -292,13 +295,13 @@ class Gateway:
             await self._slots.acquire()
             batch = self._in_hand = []
             self._batch_no += 1
-            window_s = self.settings.batch_window_ms / 1000
             try:
-                await self.queue.next_batch(batch, self.settings.batch_size, window_s, self._take)
+                # Budget first: no id is claimed (no lease held) while a call waits for it.
+                turn = await self.planner.next_batch(batch, self._take)
             except BaseException:
                 self._slots.release()
                 raise
-            task = asyncio.create_task(self._run_batch(batch), name="fetch-batch")
+            task = asyncio.create_task(self._run_batch(batch, turn), name="fetch-batch")
             self._batches.add(task)
             task.add_done_callback(self._batches.discard)
             self._in_hand = []
@@ -311,7 +314,7 @@ class Gateway:
         fetch.taken = self._batch_no
         return True
 
-    async def _run_batch(self, ids: list[int]) -> None:
+    async def _run_batch(self, ids: list[int], turn: Turn) -> None:
         claimed = ids
         batch: UpstreamBatch | None = None
         outcomes: dict[int, Outcome] = {}
@@ -327,7 +330,7 @@ class Gateway:
                 fetches = [f for u in claimed if (f := self._inflight.get(u))]
                 self.stats.batches += bool(fetches)
                 self.stats.job_batches += bool(fetches) and all(f.background for f in fetches)
-                batch = await self.upstream.fetch_users(claimed) if claimed else None
+                batch = await self.upstream.fetch_users(claimed, turn.lane, turn.ticket)
             finally:
                 self._slots.release()
             if batch is not None:

@@ -11,7 +11,8 @@ from collections.abc import Sequence
 from app.config import Settings
 from app.errors import UpstreamAuthError, UpstreamCircuitOpen, UpstreamError, UpstreamRateLimited
 from app.gateway.breaker import CircuitBreaker
-from app.gateway.budget import Budget
+from app.gateway.budget import MISSES, Budget
+from app.gateway.planner import Planner
 from app.gateway.stats import GatewayStats
 from app.upstream.base import Upstream, UpstreamBatch
 
@@ -28,38 +29,52 @@ def backoff_s(attempt: int, base: float) -> float:
 class ResilientUpstream:
     """An `Upstream` that wraps another, as httpx transports wrap transports.
 
-    Each call waits for the budget, asks the breaker, and is retried with backoff and
-    jitter while the failure is retryable (a 429 pauses the whole budget instead of
-    sleeping here). 401/403 are not retried and set `auth_failed` until a call succeeds.
-    Raises the last `UpstreamError`, or `UpstreamCircuitOpen` when no call was allowed.
+    Each call spends one call of the budget in its batch's lane (the first is usually
+    spent by the worker before it gathered the batch: `ticket`), asks the breaker, and is
+    retried with backoff and jitter while the failure is retryable, each retry spending
+    again in the same lane (a 429 pauses the whole budget instead of sleeping here).
+    401/403 are not retried and set `auth_failed` until a call succeeds. Raises the last
+    `UpstreamError`, or `UpstreamCircuitOpen` when no call was allowed (a spent call that
+    the breaker stops is refunded).
     """
 
     def __init__(
         self,
         upstream: Upstream,
+        planner: Planner,
         *,
-        budget: Budget,
         breaker: CircuitBreaker,
         stats: GatewayStats,
         settings: Settings,
     ) -> None:
         self.upstream = upstream
-        self.budget = budget
+        self.budget: Budget = planner.budget
+        self.planner = planner
         self.breaker = breaker
         self.stats = stats
         self.max_attempts = settings.upstream_max_attempts
         self.backoff_base_s = settings.upstream_backoff_s
         self.auth_failed = False
 
-    async def fetch_users(self, user_ids: Sequence[int]) -> UpstreamBatch:
-        """One batch call, retried with backoff; raises the last UpstreamError."""
+    async def fetch_users(
+        self, user_ids: Sequence[int], lane: str = MISSES, ticket: str | None = None
+    ) -> UpstreamBatch:
+        """One batch call in `lane`, retried with backoff; raises the last UpstreamError.
+        No ids (other processes fetch them all): no call, and a spent `ticket` given back."""
+        if not user_ids:
+            if ticket is not None:
+                await self.budget.refund(ticket)
+            return UpstreamBatch({})
         attempt = 0
         while True:
             attempt += 1
-            if not self.breaker.rejecting:
-                await self.budget.acquire()
+            if ticket is None and not self.breaker.rejecting:
+                ticket = await self.planner.acquire(lane)
             if not self.breaker.allow_call():
+                if ticket is not None:
+                    await self.budget.refund(ticket)
                 raise UpstreamCircuitOpen("Freelancer is failing; not calling it for a while")
+            ticket = None  # spent: a retry spends again
             self.stats.upstream_calls += 1
             self.stats.upstream_ids_requested += len(user_ids)
             started = time.perf_counter()

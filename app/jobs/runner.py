@@ -5,10 +5,11 @@ round it takes the active jobs of the highest priority present and hands each of
 chunk (round robin), at most UPSTREAM_CONCURRENCY - 1 chunks at once, so a waiting
 client always finds a fetch slot free. A chunk is answered from memory and the store
 where fresh enough (`max_age_s`), and the rest joins the gateway's single-flight path in
-the job lane (`Gateway.enlist`). Before it does, the runner leaves a reserve of each
-budget window to interactive misses, unless jobs are getting less than JOB_SHARE of the
-calls. Results are written to the store chunk by chunk: after a crash, a job resumes at
-its first pending id, and what was saved is not fetched again.
+the job lane (`Gateway.enlist`), where the gateway's planner spends the budget for it:
+paced to the hour, leaving each window's reserve to clients, and first in line while jobs
+have less than JOB_SHARE of the calls (`app.gateway.planner`). A job's `eta_s` comes from
+the same numbers. Results are written to the store chunk by chunk: after a crash, a job
+resumes at its first pending id, and what was saved is not fetched again.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import asyncio
 import contextlib
 import logging
 import math
-import time
 from collections import deque
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
@@ -26,9 +26,9 @@ from typing import Any
 from app.clock import Clock
 from app.errors import StoreUnavailable
 from app.gateway import Gateway
-from app.gateway.budget import budget_windows
 from app.gateway.cache import fetched_at, record_of
 from app.gateway.flight import cancel_all
+from app.gateway.planner import loop_clock
 from app.gateway.results import NOT_FOUND, Failure
 from app.jobs.model import ACTIVE, FAILED, FOUND, Item, Job
 from app.jobs.model import NOT_FOUND as ITEM_NOT_FOUND
@@ -42,7 +42,6 @@ POLL_S = 1.0
 MATERIALISE_CHUNK = 10_000
 """Ids of a range written as items at a time."""
 STATUS_EVERY_S = 5.0
-SHARE_WINDOW_S = 60.0
 PAUSE_S = 1.0
 """How long a job waits when a chunk could start nothing (breaker open, ids failing)."""
 
@@ -77,8 +76,6 @@ class JobRunner:
         self.clock = clock
         settings = gateway.settings
         self.settings = settings
-        self.reserve = max(1, settings.upstream_burst // 2)
-        self._rates = {w.name: w.rate_per_s for w in budget_windows(settings)}
         self.webhooks = Webhooks(store, settings, clock=clock)
         self.progress: dict[str, Progress] = {}
         self.by_status: dict[str, int] = {}
@@ -88,9 +85,6 @@ class JobRunner:
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._chunks: set[asyncio.Task[None]] = set()
-        self._share: deque[tuple[float, int, int]] = deque()
-        self._committed = 0
-        """Chunks that passed `_pace` and have not spent their call yet."""
         self._status_at = 0.0
 
     async def start(self) -> None:
@@ -115,16 +109,13 @@ class JobRunner:
         self._wake.set()
 
     def eta_s(self, job: Job) -> float | None:
-        """Seconds until the job is done, from the budget left and its recent speed."""
+        """Seconds until the job is done: its calls at the job lane's pace from the windows
+        as they stand (the planner's numbers), or its recent speed, whichever is slower."""
         if job.status not in ACTIVE:
             return None
         left = job.total - job.done
         calls = math.ceil(left / self.settings.batch_size)
-        budget_s = 0.0
-        for state in self.gateway.budget.windows():
-            rate = self._rates.get(state.name)
-            if rate is not None and calls > state.remaining:
-                budget_s = max(budget_s, (calls - state.remaining) / rate)
+        budget_s = self.gateway.planner.job_eta_s(calls)
         progress = self.progress.get(job.job_id)
         speed = progress.ids_per_s() if progress else None
         return round(max(budget_s, left / speed if speed else 0.0), 1)
@@ -155,7 +146,7 @@ class JobRunner:
                         await self._wake.wait()
 
     async def _count_statuses(self) -> None:
-        now = time.monotonic()
+        now = loop_clock()
         if now - self._status_at >= STATUS_EVERY_S:
             self.by_status = await self.store.count_by_status()
             self._status_at = now
@@ -166,7 +157,7 @@ class JobRunner:
         for gone in set(self.progress) - {j.job_id for j in jobs}:
             if not self.progress[gone].chunks:
                 del self.progress[gone]
-        now = time.monotonic()
+        now = loop_clock()
         ready = [j for j in jobs if self._progress(j).not_before <= now]
         if not ready:
             return False
@@ -239,13 +230,13 @@ class JobRunner:
             if error is not None:
                 await self._finish(job, "failed", error)
             elif len(done) < len(items) and not calls:
-                progress.not_before = time.monotonic() + PAUSE_S
+                progress.not_before = loop_clock() + PAUSE_S
             progress.done += len(done)
-            progress.rate.append((time.monotonic(), progress.done))
+            progress.rate.append((loop_clock(), progress.done))
         except StoreUnavailable as exc:
             log.warning("job %s: chunk not recorded, it will be redone: %s", job.job_id, exc)
             progress.cursor = min(progress.cursor, items[0].seq - 1)
-            progress.not_before = time.monotonic() + PAUSE_S
+            progress.not_before = loop_clock() + PAUSE_S
         finally:
             progress.chunks -= 1
             self._lane.release()
@@ -277,16 +268,12 @@ class JobRunner:
                 done.append(Item(need.pop(uid).seq, uid, FOUND))
         if not need:
             return done, 0, None
-        await self._pace(len(need))
-        self._committed += 1
-        try:
-            fetches = gateway.enlist(list(need), stored)
-            futures = {f.future for f in fetches.values() if f is not None}
-            if futures:
-                bound = self.settings.upstream_timeout_s * self.settings.upstream_max_attempts
-                await asyncio.wait(futures, timeout=bound + 60)
-        finally:
-            self._committed -= 1
+        await self._room(len(need))
+        fetches = gateway.enlist(list(need), stored)
+        futures = {f.future for f in fetches.values() if f is not None}
+        if futures:
+            bound = self.settings.upstream_timeout_s * self.settings.upstream_max_attempts
+            await asyncio.wait(futures, timeout=bound + 60)
         calls = len({f.taken for f in fetches.values() if f is not None and f.taken})
         records = []
         error = None
@@ -315,32 +302,7 @@ class JobRunner:
             progress.attempts.pop(item.seq, None)
         return done, calls, error
 
-    async def _pace(self, count: int) -> None:
-        """Wait until a job call may go out: the budget allows it now with a reserve left
-        for interactive misses, or jobs are owed their share; and the queue has room."""
-        gateway = self.gateway
-        room = count + self.settings.max_users_per_request
-        while True:
-            await gateway.budget.refresh()
-            wait = gateway.budget.wait_s()
-            left = min((w.remaining for w in gateway.budget.windows()), default=self.reserve + 1)
-            left -= self._committed  # chunks on their way to spend a call
-            # Owed its share, a job takes its turn in the budget's line like any caller.
-            free = (wait <= 0 and left > self.reserve) or self._owed()
-            if free and gateway.queue.room >= room:
-                return
-            await asyncio.sleep(min(max(wait, 0.05), POLL_S))
-
-    def _owed(self) -> bool:
-        """True while clients' calls crowd jobs below JOB_SHARE of the last minute's calls."""
-        now = time.monotonic()
-        stats = self.gateway.stats
-        # Both counters move together, as a batch goes out: no call is ever counted in one
-        # and not yet in the other.
-        self._share.append((now, stats.batches, stats.job_batches))
-        while len(self._share) > 1 and now - self._share[0][0] > SHARE_WINDOW_S:
-            self._share.popleft()
-        _, batches0, jobs0 = self._share[0]
-        jobs = stats.job_batches - jobs0
-        clients = stats.batches - batches0 - jobs
-        return clients > 0 and jobs < self.settings.job_share * (jobs + clients)
+    async def _room(self, count: int) -> None:
+        """Wait until the queue has room for the chunk and a client's request besides (the
+        budget is the planner's: the chunk waits for it in the job lane)."""
+        await self.gateway.queue.wait_room(count + self.settings.max_users_per_request)

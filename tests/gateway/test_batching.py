@@ -1,49 +1,70 @@
-"""The queue's lanes: misses before jobs before refreshes, and the jobs' share of batches."""
+"""The queue's lanes: a batch takes the lane that got the call first, then fills up from the
+others (misses, jobs, refreshes, the sweep), and says which budget lanes wait."""
 
 from __future__ import annotations
 
-from app.gateway.batching import PRIORITY_JOB, PRIORITY_MISS, PRIORITY_REFRESH, BatchQueue
+import asyncio
+
+from app.gateway.batching import (
+    PRIORITY_JOB,
+    PRIORITY_MISS,
+    PRIORITY_REFRESH,
+    PRIORITY_SWEEP,
+    BatchQueue,
+)
+from app.gateway.budget import JOBS, MISSES, REFRESHES
 
 
 def take_all(uid: int) -> bool:
     return True
 
 
-async def test_a_batch_takes_misses_then_fills_with_job_ids_then_refreshes() -> None:
-    queue = BatchQueue(100, job_share=0.2)
+def filled() -> BatchQueue:
+    queue = BatchQueue(100)
     for uid in (1, 2):
         queue.put_nowait(uid, PRIORITY_REFRESH)
     for uid in (10, 11, 12):
         queue.put_nowait(uid, PRIORITY_JOB)
     queue.put_nowait(100, PRIORITY_MISS)
+    return queue
+
+
+async def test_a_misses_batch_takes_misses_then_fills_with_job_ids_then_refreshes() -> None:
+    queue = filled()
     batch: list[int] = []
-    await queue.next_batch(batch, 5, 0.0, take_all)
+    await queue.gather(batch, MISSES, 5, 0.0, take_all)
     assert batch == [100, 10, 11, 12, 1]
     assert queue.qsize() == 1 and queue.room == 99
 
 
-async def test_jobs_get_their_share_of_batches_while_misses_alone_fill_every_batch() -> None:
-    queue = BatchQueue(10_000, job_share=0.2)
-    for uid in range(1, 2001):
-        queue.put_nowait(uid, PRIORITY_MISS)
-    for uid in range(100_001, 100_101):
-        queue.put_nowait(uid, PRIORITY_JOB)
-    batches: list[list[int]] = []
-    for _ in range(10):
-        batch: list[int] = []
-        await queue.next_batch(batch, 10, 0.0, take_all)
-        batches.append(batch)
-    job_batches = [b for b in batches if b[0] > 100_000]
-    assert len(job_batches) == 2, "one batch in five starts with the job lane"
-    assert all(all(uid > 100_000 for uid in b) for b in job_batches)
+async def test_a_jobs_batch_takes_job_ids_first() -> None:
+    queue = filled()
+    batch: list[int] = []
+    await queue.gather(batch, JOBS, 4, 0.0, take_all)
+    assert batch == [10, 11, 12, 100]
 
 
-async def test_misses_that_do_not_fill_a_batch_always_go_first() -> None:
-    queue = BatchQueue(10_000, job_share=1.0)
-    for round_ in range(5):
-        queue.put_nowait(round_ + 1, PRIORITY_MISS)
-        for uid in range(10):
-            queue.put_nowait(1000 * (round_ + 1) + uid, PRIORITY_JOB)
-        batch: list[int] = []
-        await queue.next_batch(batch, 10, 0.0, take_all)
-        assert batch[0] == round_ + 1
+async def test_the_sweep_spends_as_a_refresh_and_lanes_waiting_says_so() -> None:
+    queue = BatchQueue(100)
+    assert queue.lanes_waiting() == set()
+    queue.put_nowait(7, PRIORITY_SWEEP)
+    assert queue.lanes_waiting() == {REFRESHES}
+    queue.put_nowait(8, PRIORITY_MISS)
+    assert queue.lanes_waiting() == {REFRESHES, MISSES}
+    batch: list[int] = []
+    await queue.gather(batch, REFRESHES, 1, 0.0, take_all)
+    assert batch == [7]
+
+
+async def test_an_empty_queue_gives_an_empty_batch_at_once_and_room_is_awaited() -> None:
+    queue = BatchQueue(2)
+    batch: list[int] = []
+    await asyncio.wait_for(queue.gather(batch, MISSES, 10, 5.0, take_all), 1)
+    assert batch == []
+    queue.put_nowait(1, PRIORITY_JOB)
+    queue.put_nowait(2, PRIORITY_JOB)
+    waiting = asyncio.create_task(queue.wait_room(1))
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    await queue.gather(batch, JOBS, 1, 0.0, take_all)
+    await asyncio.wait_for(waiting, 1)

@@ -1,42 +1,44 @@
-"""A job shares Freelancer with waiting clients: it leaves them budget and slots, and it
-never spends more than the hour allows."""
+"""A job shares Freelancer with waiting clients: it leaves them budget and slots, paces
+itself to the hour, and still gets its share under a flood of clients. The long runs use
+the real gateway and job runner on a virtual clock (`bench.budget.simulation`), counting
+calls at the fake Freelancer."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
+from pathlib import Path
 
-from tests.support.apps import StartApp
+from bench.budget import JOB_IDS, Simulation, VirtualTimeLoop, busiest, clients, simulation
+from tests.support.apps import StartApp, until
 from tests.support.freelancer import FakeFreelancer
 from tests.support.jobs import submit, wait_for
 
 
-async def test_a_job_keeps_a_reserve_for_clients_and_plans_against_the_hour(
+async def test_a_job_bursts_then_paces_to_the_hour_and_a_client_still_calls_at_once(
     start_app: StartApp, freelancer: FakeFreelancer
 ) -> None:
-    # 20 calls an hour, 6 of them back to back: the job may take 3 and leave 3 (the reserve).
+    # 20 calls an hour, 3 kept for clients: jobs pace at 17 an hour, 6 back to back.
     running = await start_app(
-        upstream_rate_per_min=1000, upstream_rate_per_hour=20, upstream_burst=6, batch_size=10
+        upstream_rate_per_min=1000,
+        upstream_rate_per_hour=20,
+        upstream_reserve_per_hour=3,
+        upstream_burst=6,
+        batch_size=10,
     )
     job = await submit(running, {"user_ids": list(range(1, 501))})
-    await wait_for(running, job["job_id"], ("running",))
-    for _ in range(100):
-        if len(freelancer.calls) >= 3:
-            break
-        await asyncio.sleep(0.01)
-    await asyncio.sleep(0.3)
-    assert len(freelancer.calls) == 3, "the job stopped at the reserve"
-    # Its three chunks are recorded (a chunk whose write failed is redone, from the store).
-    state = await wait_for(running, job["job_id"], ("running",), done=30)
-    assert state["done"] == 30 and len(freelancer.calls) == 3
-    # 47 calls to go, 3 left this hour, then one every 257 s: hours, not seconds.
-    assert state["eta_s"] > 3 * 3600
-    # A waiting client still gets a call at once.
+    await until(lambda: len(freelancer.calls) >= 6)
+    state = await wait_for(running, job["job_id"], ("running",), done=60)
+    assert len(freelancer.calls) == 6, "the burst, then the pace holds it"
+    # 44 calls to go at one per 212 s: hours, from the planner's numbers.
+    assert state["eta_s"] > 2 * 3600
     answer = await running.lookup(9_999)
     assert answer["users"][0]["source"] == "fetched"
-    assert len(freelancer.calls) == 4
+    assert len(freelancer.calls) == 7, "a client's miss is not paced"
     health = (await running.client.get("/")).json()
     hour = next(w for w in health["budget"] if w["name"] == "hour")
-    assert (hour["limit"], hour["remaining"]) == (20, 2)
+    assert (hour["limit"], hour["used"], hour["remaining"]) == (20, 7, 13)
+    assert running.gateway.planner.waiting()[0].waits_for == "pace"
 
 
 async def test_a_waiting_client_does_not_queue_behind_a_job(
@@ -73,29 +75,61 @@ async def test_jobs_of_higher_priority_go_first_and_equals_take_turns(
     assert order[6:] == [1, 1, 1], "the low-priority job went last"
 
 
-async def test_a_job_gets_its_share_while_clients_use_up_the_budget(
-    start_app: StartApp, freelancer: FakeFreelancer
-) -> None:
-    # About 10 calls a second after a burst of 4; clients alone would spend all of them.
-    running = await start_app(
-        upstream_rate_per_min=600, upstream_burst=4, batch_size=10, batch_window_ms=0
-    )
-    stop = asyncio.Event()
+def simulate(tmp_path: Path, scenario: Callable[[Simulation], Awaitable[None]]) -> Simulation:
+    """Run `scenario` on the real gateway and job runner over simulated time."""
+    result: list[Simulation] = []
 
-    async def client(first: int) -> None:
-        uid = first
-        while not stop.is_set() and uid < first + 500:
-            uid += 1
-            await running.lookup(uid)
+    async def main() -> None:
+        async with simulation(tmp_path) as sim:
+            await scenario(sim)
+            result.append(sim)
 
-    clients = [asyncio.create_task(client(100_000 * n)) for n in range(1, 4)]
-    await asyncio.sleep(0.5)  # the clients have drained the burst
-    job = await submit(running, {"user_ids": list(range(1, 201))})
-    await asyncio.sleep(3)
-    stop.set()
-    await asyncio.gather(*clients)
-    state = (await running.client.get(f"/api/jobs/{job['job_id']}")).json()
-    job_calls = sum(1 for call in freelancer.calls if call[0] <= 200)
-    total = len(freelancer.calls)
-    assert state["done"] >= 30, state
-    assert job_calls >= 0.1 * total, (job_calls, total)
+    with asyncio.Runner(loop_factory=VirtualTimeLoop) as runner:
+        runner.run(main())
+    return result[0]
+
+
+def test_with_the_defaults_clients_get_fifty_calls_in_the_first_minute(tmp_path: Path) -> None:
+    async def scenario(sim: Simulation) -> None:
+        # 60 lookups of 100 new ids at once: 60 calls wanted, at the start of an hour.
+        started = sim.now
+        await asyncio.gather(*(sim.miss(range(i * 100 + 1, i * 100 + 101)) for i in range(60)))
+        assert sim.freelancer.times() and sim.freelancer.times()[0] >= started
+
+    sim = simulate(tmp_path, scenario)
+    times = sim.freelancer.times()
+    first = times[0]
+    assert sum(1 for t in times if t < first + 60) == 50, "the old budget held them to 16.5"
+    assert len(times) == 60 and busiest(times, 60.0) == 50
+    assert 60.0 <= max(sim.miss_waits) <= 61.0, "the 10 left wait for the first to leave"
+
+
+def test_a_crawl_is_paced_to_the_hour_and_keeps_the_reserve(tmp_path: Path) -> None:
+    async def scenario(sim: Simulation) -> None:
+        await sim.submit_job(JOB_IDS, 1_000_000)
+        await asyncio.sleep(1200)
+        started = sim.now
+        await sim.miss([7])  # a client arriving mid-crawl finds the minute's reserve
+        assert sim.now - started < 0.2
+
+    sim = simulate(tmp_path, scenario)
+    jobs = sim.freelancer.times("jobs")
+    # 10 back to back, then one every 4.5 s (800 an hour): 278 in 20 minutes, not 800.
+    assert 270 <= len(jobs) <= 278
+    assert busiest(jobs, 60.0) <= 40, "the minute's reserve of 10 is kept"
+    assert busiest(jobs, 600.0) <= 10 + 134
+
+
+def test_an_owed_job_gets_its_share_under_a_client_flood(tmp_path: Path) -> None:
+    async def scenario(sim: Simulation) -> None:
+        flood = asyncio.create_task(clients(sim, 1200, every_s=30, size=40))
+        await asyncio.sleep(60)  # the clients alone first
+        await sim.submit_job(JOB_IDS, 1_000_000)
+        await flood
+
+    sim = simulate(tmp_path, scenario)
+    times, jobs = sim.freelancer.times(), sim.freelancer.times("jobs")
+    assert busiest(times, 60.0) <= 50 and busiest(times, 3600.0) <= 1000
+    # Over the 20 minutes the flood lasted, jobs had at least their 20 % (JOB_SHARE).
+    assert len(jobs) >= 0.2 * len(times) - 2, (len(jobs), len(times))
+    assert len(times) - len(jobs) >= 0.7 * len(times), "and clients the rest"

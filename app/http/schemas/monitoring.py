@@ -8,12 +8,15 @@ from pydantic import BaseModel, Field
 
 
 class BudgetWindow(BaseModel):
-    """One of Freelancer's limits: calls allowed per period, and what is left of it now."""
+    """One of Freelancer's limits, from the log of calls (every process's): calls allowed
+    per period, used in the last period, left, and when a client's miss may call next."""
 
     name: str = Field(examples=["minute"])
-    limit: float
+    limit: int
     period_s: float
-    remaining: int
+    used: int = Field(description="Calls in the last period_s")
+    remaining: int = Field(description="limit - used")
+    next_call_in_s: float = Field(description="Seconds until a client's miss may call (0: now)")
 
 
 class JobStats(BaseModel):
