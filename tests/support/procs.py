@@ -64,6 +64,8 @@ class Process:
             except httpx.TransportError:
                 pass
             time.sleep(0.05)
+        self.popen.kill()  # not left running (nor warned about) behind the failure
+        self.popen.wait(STOP_S)
         raise AssertionError(f"{self.args} did not start in {STARTUP_S} s:\n{self.output()}")
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
