@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -93,3 +93,37 @@ async def job_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIter
         await opened.open()
         yield opened
         await opened.close()
+
+
+JobStoreOpener = Callable[[str], Awaitable[JobStore]]
+
+
+@pytest.fixture(params=["sqlite", "mongomock", "mongodb"])
+async def open_job_store(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> AsyncIterator[JobStoreOpener]:
+    """`await open_job_store(name)` opens a new job store of each kind on the database
+    `name`: the same name finds the same data, as a restarted process would."""
+    async with mongo_database(request.param) as mongo:
+        opened: list[JobStore] = []
+        names: set[str] = set()
+
+        async def open_store(name: str) -> JobStore:
+            store: JobStore
+            if mongo is None:
+                store = SqliteJobStore(tmp_path / f"{name}.db")
+            else:
+                names.add(f"{mongo[1]}_{name}")
+                store = MongoJobStore(mongo[0], database=f"{mongo[1]}_{name}")
+            await store.open()
+            opened.append(store)
+            return store
+
+        try:
+            yield open_store
+        finally:
+            for store in opened:
+                await store.close()
+            if request.param == "mongodb" and mongo is not None:
+                for name in names:
+                    await mongo[0].drop_database(name)
