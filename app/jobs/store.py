@@ -3,6 +3,11 @@
 A job's ids are items `(job_id, seq)`; they are written in chunks (a list's at submission,
 a range's as the job advances) and read in `seq` order, so no job is ever held whole in
 memory. Every method raises `app.errors.StoreUnavailable` when the database fails.
+
+A crash or a timeout between any two writes of an operation leaves no reader or runner
+acting on a half-done job: a job half written or half deleted is hidden (statuses
+`creating`, `deleting`), counters end equal to the items' states, and `sweep` finishes
+what was cut short. How each store does it is in its module's docstring.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ class JobStore(Protocol):
         """Save a new job and its first `user_ids` as items 0..n-1, pending."""
 
     async def get(self, job_id: str) -> Job | None:
-        """The job, or None."""
+        """The job, or None (also while it is being created or deleted)."""
         ...
 
     async def list_jobs(self, *, status: str | None, limit: int, before: str | None) -> list[Job]:
@@ -46,6 +51,13 @@ class JobStore(Protocol):
         it was changed."""
         ...
 
+    async def complete(self, job_id: str, changes: Mapping[str, Any]) -> bool:
+        """Set `changes` (the job's end: status `completed`, times, callback) only if the
+        job is pending or running, every id is written and none is pending, and no
+        operation on it may still be counting; True if it was changed. False means: not
+        yet, look again next round."""
+        ...
+
     async def materialise(self, job_id: str, first_seq: int, user_ids: Sequence[int]) -> None:
         """Add pending items `first_seq...` and set `materialised` past them, together."""
 
@@ -57,7 +69,7 @@ class JobStore(Protocol):
         self, job_id: str, items: Sequence[Item], *, upstream_calls: int, now: float
     ) -> None:
         """Items that were pending take their new state; the job's counters move by what
-        changed (an item recorded twice counts once)."""
+        changed (an item recorded twice counts once). Nothing on a deleted job."""
 
     async def items(
         self, job_id: str, *, after: int, limit: int, states: Collection[int]
@@ -66,12 +78,19 @@ class JobStore(Protocol):
         ...
 
     async def retry_failed(self, job_id: str, now: float) -> int:
-        """Failed items back to pending and the job back to `pending`; how many."""
+        """A finished job back to `pending` and its failed items with it; how many. 0 and
+        nothing changed when the job is not finished (a second retry finds it pending)."""
         ...
 
     async def delete(self, job_id: str) -> bool:
-        """Remove the job and its items; True when it was there."""
+        """Hide the job at once, then remove its items in bounded chunks and the job, for
+        at most STORE_TIMEOUT_S (`sweep` removes the rest); True when it was there."""
         ...
+
+    async def sweep(self) -> None:
+        """Finish, for at most STORE_TIMEOUT_S, what a crash or a timeout cut short:
+        deletions, and on MongoDB counts, retries and submissions left half done. The
+        runner calls it every round; it is cheap when there is nothing to do."""
 
     async def count_by_status(self) -> dict[str, int]:
         """How many jobs are in each status (statuses with none are left out)."""

@@ -9,6 +9,7 @@ between any two of its writes.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -52,18 +53,26 @@ class Faults:
 
     fail_at: int | None = None
     fault: Fault = Fault.CRASH
+    interleave: bool = False
+    """Yield to the event loop before each write, so that concurrent operations
+    interleave at their write points (mongomock never yields on its own)."""
     writes: list[str] = field(default_factory=list)
+    results: list[Any] = field(default_factory=list)
+    """What each write that went through returned (a cursor, a DeleteResult...)."""
 
     def error(self) -> BaseException:
         return Crash() if self.fault is Fault.CRASH else TimeoutError("injected store timeout")
 
     async def write(self, name: str, call: Any) -> Any:
         """Run the write `call()` (a coroutine factory) with the fault, if it is this one."""
+        if self.interleave:
+            await asyncio.sleep(0)
         self.writes.append(name)
         failing = len(self.writes) == self.fail_at
         if failing and self.fault is not Fault.LATE_TIMEOUT:
             raise self.error()
         result = await call()
+        self.results.append(result)
         if failing:
             raise self.error()
         return result
