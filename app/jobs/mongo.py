@@ -117,6 +117,11 @@ class MongoJobStore:
             doc = await self._jobs.find_one({"job_id": job_id, "status": VISIBLE}, JOB_PROJECTION)
         return None if doc is None else Job(**doc)
 
+    async def status(self, job_id: str) -> str | None:
+        async with self._guard():
+            doc = await self._jobs.find_one({"job_id": job_id}, {"_id": 0, "status": 1})
+        return None if doc is None or doc["status"] in HIDDEN else str(doc["status"])
+
     async def list_jobs(self, *, status: str | None, limit: int, before: str | None) -> list[Job]:
         query: Document = {"status": VISIBLE if status is None else status}
         if before is not None:
@@ -161,11 +166,18 @@ class MongoJobStore:
         return result.matched_count > 0
 
     async def materialise(self, job_id: str, first_seq: int, user_ids: Sequence[int]) -> None:
+        active = {"job_id": job_id, "status": {"$in": list(ACTIVE)}}
         async with self._guard():
+            if not await self._jobs.count_documents(active, limit=1):
+                return  # stopped, deleted or gone: its ids would be left behind
             await self._insert_items(job_id, first_seq, user_ids)
-            await self._jobs.update_one(
-                {"job_id": job_id}, {"$max": {"materialised": first_seq + len(user_ids)}}
+            result = await self._jobs.update_one(
+                {"job_id": job_id, "status": VISIBLE},
+                {"$max": {"materialised": first_seq + len(user_ids)}},
             )
+            if not result.matched_count:  # deleted meanwhile: take back what was added
+                span = {"$gte": first_seq, "$lt": first_seq + len(user_ids)}
+                await self._items.delete_many({"job_id": job_id, "seq": span})
 
     async def pending_items(self, job_id: str, *, after: int, limit: int) -> list[Item]:
         return await self.items(job_id, after=after, limit=limit, states=(PENDING,))

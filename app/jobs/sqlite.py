@@ -134,6 +134,12 @@ class SqliteJobStore:
             rows = list(await db.execute_fetchall(query, (job_id,)))
         return Job(*rows[0]) if rows else None
 
+    async def status(self, job_id: str) -> str | None:
+        async with self._guard() as db:
+            query = f"SELECT status FROM jobs WHERE job_id = ? AND {VISIBLE}"
+            rows = list(await db.execute_fetchall(query, (job_id,)))
+        return str(rows[0][0]) if rows else None
+
     async def list_jobs(self, *, status: str | None, limit: int, before: str | None) -> list[Job]:
         where, args = _where(status=status, before=before)
         where = f"{where} AND {VISIBLE}" if where else f" WHERE {VISIBLE}"
@@ -174,12 +180,15 @@ class SqliteJobStore:
 
     async def materialise(self, job_id: str, first_seq: int, user_ids: Sequence[int]) -> None:
         async with self._write() as db:
+            cursor = await db.execute(
+                "UPDATE jobs SET materialised = MAX(materialised, ?) "
+                f"WHERE job_id = ? AND {ACTIVE_SQL}",
+                (first_seq + len(user_ids), job_id),
+            )
+            if cursor.rowcount == 0:
+                return  # stopped, deleted or gone: its ids would be left behind
             await db.executemany(
                 INSERT_ITEM, ((job_id, first_seq + i, uid) for i, uid in enumerate(user_ids))
-            )
-            await db.execute(
-                "UPDATE jobs SET materialised = MAX(materialised, ?) WHERE job_id = ?",
-                (first_seq + len(user_ids), job_id),
             )
 
     async def pending_items(self, job_id: str, *, after: int, limit: int) -> list[Item]:

@@ -36,6 +36,12 @@ class JobStore(Protocol):
         """The job, or None (also while it is being created or deleted)."""
         ...
 
+    async def status(self, job_id: str) -> str | None:
+        """The job's status as stored now, or None when it is gone or being deleted: one
+        small read, for the runner to check right before it acts on a job it read
+        earlier."""
+        ...
+
     async def list_jobs(self, *, status: str | None, limit: int, before: str | None) -> list[Job]:
         """Up to `limit` jobs, newest first, with ids below `before` when given."""
         ...
@@ -59,7 +65,8 @@ class JobStore(Protocol):
         ...
 
     async def materialise(self, job_id: str, first_seq: int, user_ids: Sequence[int]) -> None:
-        """Add pending items `first_seq...` and set `materialised` past them, together."""
+        """Add pending items `first_seq...` and set `materialised` past them, while the job
+        is pending or running (a stopped or deleted job gets no more ids)."""
 
     async def pending_items(self, job_id: str, *, after: int, limit: int) -> list[Item]:
         """Up to `limit` pending items with `seq > after`, in `seq` order."""

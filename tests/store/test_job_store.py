@@ -166,6 +166,31 @@ async def test_complete_only_once_every_id_is_done(job_store: JobStore) -> None:
     assert not await job_store.complete("nope", changes)
 
 
+async def test_status_says_what_the_job_is_now(job_store: JobStore) -> None:
+    await job_store.create(make_job("s1", total=2), [1, 2])
+    assert await job_store.status("s1") == "pending"
+    await job_store.update("s1", {"status": "cancelled"}, only_if=("pending", "running"))
+    assert await job_store.status("s1") == "cancelled"
+    assert await job_store.delete("s1")
+    assert await job_store.status("s1") is None
+    assert await job_store.status("nope") is None
+
+
+async def test_a_stopped_or_deleted_job_gets_no_more_ids(job_store: JobStore) -> None:
+    for job_id, status in (("m1", "cancelled"), ("m2", "running")):
+        job = make_job(job_id, total=100, range_first=500, status=status)
+        job.materialised = 0
+        await job_store.create(job, [])
+    assert await job_store.delete("m2")
+    # The runner read both jobs before they stopped; it writes their next chunk now.
+    await job_store.materialise("m1", 0, range(500, 510))
+    await job_store.materialise("m2", 0, range(500, 510))
+    assert await job_store.items("m1", after=-1, limit=99, states=(PENDING,)) == []
+    assert await job_store.items("m2", after=-1, limit=99, states=(PENDING,)) == []
+    stopped = await job_store.get("m1")
+    assert stopped is not None and stopped.materialised == 0
+
+
 async def test_a_job_being_deleted_is_seen_by_nobody(
     job_store: JobStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -178,6 +203,7 @@ async def test_a_job_being_deleted_is_seen_by_nobody(
     assert await job_store.delete("h1")
     assert len(await job_store.items("h1", after=-1, limit=9, states=(PENDING,))) == 4
     assert await job_store.get("h1") is None
+    assert await job_store.status("h1") is None
     assert await job_store.list_jobs(status=None, limit=9, before=None) == []
     assert await job_store.count_by_status() == {}
     assert await job_store.webhooks_due(NOW, 9) == []
