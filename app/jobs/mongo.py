@@ -31,6 +31,7 @@ from typing import Any
 
 from pymongo import ASCENDING, DESCENDING, AsyncMongoClient
 from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.asynchronous.cursor import AsyncCursor
 from pymongo.errors import BulkWriteError
 
 from app.jobs.model import (
@@ -55,9 +56,15 @@ DELETE_CHUNK = 5_000
 SWEEP_JOBS = 100
 """Jobs one sweep looks at; the next sweep takes the rest."""
 JOB_PROJECTION = {"_id": 0, "journal": 0}
+PENDING_INDEX = [("job_id", ASCENDING), ("state", ASCENDING), ("seq", ASCENDING)]
 VISIBLE = {"$nin": list(HIDDEN)}
 
 Document = dict[str, Any]
+
+
+def due_webhooks(now: float) -> Document:
+    """The jobs whose callback is due by `now`: what the partial index `webhook_due` holds."""
+    return {"webhook": "pending", "webhook_next_at": {"$lte": now}}
 
 
 class MongoJobStore:
@@ -86,11 +93,16 @@ class MongoJobStore:
         async with self._guard():
             await self._jobs.create_index([("job_id", ASCENDING)], unique=True)
             await self._jobs.create_index([("status", ASCENDING), ("job_id", ASCENDING)])
+            # Only jobs whose callback waits are in it: the poll each second reads a few
+            # keys, not every job ever run.
+            await self._jobs.create_index(
+                [("webhook_next_at", ASCENDING)],
+                name="webhook_due",
+                partialFilterExpression={"webhook": "pending"},
+            )
             await self._jobs.create_index([("journal.at", ASCENDING)])
             await self._items.create_index([("job_id", ASCENDING), ("seq", ASCENDING)], unique=True)
-            await self._items.create_index(
-                [("job_id", ASCENDING), ("state", ASCENDING), ("seq", ASCENDING)]
-            )
+            await self._items.create_index(PENDING_INDEX)
 
     async def close(self) -> None:
         """Nothing to release: the client is the user store's."""
@@ -215,11 +227,17 @@ class MongoJobStore:
     async def items(
         self, job_id: str, *, after: int, limit: int, states: Collection[int]
     ) -> list[Item]:
-        query = {"job_id": job_id, "seq": {"$gt": after}, "state": {"$in": list(states)}}
         async with self._guard():
-            cursor = self._items.find(query, PROJECTION).sort("seq", ASCENDING).limit(limit)
-            docs = await cursor.to_list(None)
+            docs = await self._item_cursor(job_id, after, limit, states).to_list(None)
         return [Item(d["seq"], d["user_id"], d["state"], d.get("reason")) for d in docs]
+
+    def _item_cursor(
+        self, job_id: str, after: int, limit: int, states: Collection[int]
+    ) -> AsyncCursor[Document]:
+        query = {"job_id": job_id, "seq": {"$gt": after}, "state": {"$in": list(states)}}
+        cursor = self._items.find(query, PROJECTION).sort("seq", ASCENDING).limit(limit)
+        # Straight to the pending ids, not through the finished ones before them.
+        return cursor.hint(PENDING_INDEX) if list(states) == [PENDING] else cursor
 
     async def retry_failed(self, job_id: str, now: float) -> int:
         entry = self._entry("retry")
@@ -270,8 +288,7 @@ class MongoJobStore:
         return {status: n for status, n in counts.items() if n}
 
     async def webhooks_due(self, now: float, limit: int) -> list[Job]:
-        query = {"webhook": "pending", "webhook_next_at": {"$lte": now}}
-        return await self._find(query, "webhook_next_at", ASCENDING, limit)
+        return await self._find(due_webhooks(now), "webhook_next_at", ASCENDING, limit)
 
     async def sweep(self) -> None:
         deadline = self._deadline()

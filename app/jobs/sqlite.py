@@ -61,6 +61,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     webhook_next_at REAL
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, job_id);
+-- Only jobs whose callback waits are in it: the poll each second reads a few rows, not
+-- every job ever run.
+CREATE INDEX IF NOT EXISTS jobs_webhook_due ON jobs (webhook_next_at) WHERE webhook = 'pending';
 CREATE TABLE IF NOT EXISTS job_items (
     job_id TEXT NOT NULL,
     seq INTEGER NOT NULL,
@@ -74,6 +77,16 @@ CREATE INDEX IF NOT EXISTS job_items_state ON job_items (job_id, state, seq);
 SELECT = f"SELECT {', '.join(JOB_FIELDS)} FROM jobs"
 VISIBLE = f"status NOT IN ({', '.join(repr(s) for s in HIDDEN)})"
 ACTIVE_SQL = f"status IN ({', '.join(repr(s) for s in ACTIVE)})"
+# Named index: the planner would otherwise walk the primary key (job_id, seq) through
+# every finished id before the pending ones.
+PENDING_ITEMS = (
+    "SELECT seq, user_id, state, reason FROM job_items INDEXED BY job_items_state "
+    "WHERE job_id = ? AND state = ? AND seq > ? ORDER BY seq LIMIT ?"
+)
+# The literal 'pending' matches the partial index jobs_webhook_due.
+DUE_WEBHOOKS = (
+    f"{SELECT} WHERE webhook = 'pending' AND webhook_next_at <= ? ORDER BY webhook_next_at LIMIT ?"
+)
 DELETE_CHUNK = 5_000
 """Items removed per transaction: each stays far inside STORE_TIMEOUT_S."""
 INSERT_JOB = (
@@ -171,8 +184,8 @@ class SqliteJobStore:
         sets = ", ".join(f"{name} = ?" for name in changes)
         query = (
             f"UPDATE jobs SET {sets} WHERE job_id = ? AND {ACTIVE_SQL} "
-            "AND materialised >= total AND NOT EXISTS "
-            "(SELECT 1 FROM job_items WHERE job_id = ? AND state = 0)"
+            "AND materialised >= total AND NOT EXISTS (SELECT 1 FROM job_items "
+            "INDEXED BY job_items_state WHERE job_id = ? AND state = 0)"
         )
         async with self._write() as db:
             cursor = await db.execute(query, (*changes.values(), job_id, job_id))
@@ -192,7 +205,9 @@ class SqliteJobStore:
             )
 
     async def pending_items(self, job_id: str, *, after: int, limit: int) -> list[Item]:
-        return await self.items(job_id, after=after, limit=limit, states=(PENDING,))
+        async with self._guard() as db:
+            rows = await db.execute_fetchall(PENDING_ITEMS, (job_id, PENDING, after, limit))
+        return [Item(*row) for row in rows]
 
     async def record(
         self, job_id: str, items: Sequence[Item], *, upstream_calls: int, now: float
@@ -308,12 +323,8 @@ class SqliteJobStore:
             return {status: count for status, count in await db.execute_fetchall(query)}
 
     async def webhooks_due(self, now: float, limit: int) -> list[Job]:
-        query = (
-            f"{SELECT} WHERE webhook = 'pending' AND webhook_next_at <= ? "
-            "ORDER BY webhook_next_at LIMIT ?"
-        )
         async with self._guard() as db:
-            return [Job(*row) for row in await db.execute_fetchall(query, (now, limit))]
+            return [Job(*row) for row in await db.execute_fetchall(DUE_WEBHOOKS, (now, limit))]
 
 
 def _where(*, status: str | None, before: str | None) -> tuple[str, list[Any]]:

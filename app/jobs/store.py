@@ -104,7 +104,8 @@ class JobStore(Protocol):
         ...
 
     async def webhooks_due(self, now: float, limit: int) -> list[Job]:
-        """Finished jobs whose callback is pending and due by `now`."""
+        """Finished jobs whose callback is pending and due by `now`, most overdue first,
+        through an index of the pending callbacks only."""
         ...
 
 
