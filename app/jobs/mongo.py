@@ -1,22 +1,17 @@
 """Jobs in the MongoDB database beside the users: a `jobs` and a `job_items` collection.
 
-An operation here is several writes with no transaction around them (a standalone server
-has none, and one algorithm for every deployment is one behaviour to test), so each is
-ordered and journaled so that a crash or a timeout between any two writes leaves nothing
-a reader or the runner can act on wrongly (MongoDB's two-phase-commit pattern):
-
+An operation is several writes with no transaction (a standalone server has none; one
+algorithm everywhere is one behaviour to test), ordered and journaled so that a crash or a
+timeout between any two writes leaves nothing to act on wrongly (two-phase commit):
 - `create` writes the job hidden (status `creating`), then its ids, then shows it;
-- `record` and `retry_failed` first push an entry on the job's `journal`, tag the items
-  they move with its token, then apply the counters and pull the entry in one atomic
-  update of the job. An entry left by a crash is settled later from the tagged items
-  (counted, or for a retry moved again): the counters always end equal to the items.
-  A job with a retry entry is held (not `active`) until the retry is settled;
-- `delete` hides the job (status `deleting`) first, then removes its ids in bounded
-  chunks, the job last; `sweep` finishes what a crash or the time bound left.
-
-An entry counts as abandoned once it is `stale_after_s` old: a live operation never
-lasts that long (each is bounded by STORE_TIMEOUT_S), and settling a live one would count
-its items twice.
+- `record` and `retry_failed` push an entry on the job's `journal`, tag the items they
+  move with its token, then move the counters and pull the entry in one atomic update.
+  An entry a crash left is settled from its tagged items (counted; for a retry, moved
+  again), so the counters end equal to the items. A retry holds the job out of `active`;
+- `delete` hides the job (status `deleting`), removes its ids in bounded chunks, the job
+  last; `sweep` finishes what a crash or the time bound left.
+An entry is abandoned once `stale_after_s` old: a live operation never lasts that long
+(each is bounded by STORE_TIMEOUT_S), and settling a live one would count its ids twice.
 """
 
 from __future__ import annotations
@@ -145,14 +140,17 @@ class MongoJobStore:
         return await self._find(query, "job_id", ASCENDING, 0)
 
     async def update(
-        self, job_id: str, changes: Mapping[str, Any], *, only_if: Collection[str] = ()
+        self,
+        job_id: str,
+        changes: Mapping[str, Any],
+        *,
+        only_if: Collection[str] = (),
+        expect: Mapping[str, Any] | None = None,
     ) -> bool:
-        check_fields(changes)
+        check_fields({**changes, **(expect or {})})
         statuses = [s for s in only_if if s not in HIDDEN] if only_if else None
-        query: Document = {
-            "job_id": job_id,
-            "status": VISIBLE if statuses is None else {"$in": statuses},
-        }
+        query: Document = {**(expect or {}), "job_id": job_id}
+        query["status"] = VISIBLE if statuses is None else {"$in": statuses}
         async with self._guard():
             if not changes:
                 return await self._jobs.count_documents(query, limit=1) > 0
@@ -280,12 +278,8 @@ class MongoJobStore:
         # aggregate $group: mongomock_motor's aggregate() is not awaitable as PyMongo's is.
         async with self._guard():
             statuses = await self._jobs.distinct("status")
-            counts = {
-                s: await self._jobs.count_documents({"status": s})
-                for s in statuses
-                if s not in HIDDEN
-            }
-        return {status: n for status, n in counts.items() if n}
+            counts = {s: await self._jobs.count_documents({"status": s}) for s in statuses}
+        return {status: n for status, n in counts.items() if n and status not in HIDDEN}
 
     async def webhooks_due(self, now: float, limit: int) -> list[Job]:
         return await self._find(due_webhooks(now), "webhook_next_at", ASCENDING, limit)

@@ -166,15 +166,23 @@ class SqliteJobStore:
             return [Job(*row) for row in await db.execute_fetchall(query, ACTIVE)]
 
     async def update(
-        self, job_id: str, changes: Mapping[str, Any], *, only_if: Collection[str] = ()
+        self,
+        job_id: str,
+        changes: Mapping[str, Any],
+        *,
+        only_if: Collection[str] = (),
+        expect: Mapping[str, Any] | None = None,
     ) -> bool:
-        check_fields(changes)
+        check_fields({**changes, **(expect or {})})
         sets = ", ".join(f"{name} = ?" for name in changes)
         query = f"UPDATE jobs SET {sets} WHERE job_id = ? AND {VISIBLE}"
         args = [*changes.values(), job_id]
         if only_if:
             query += f" AND status IN ({', '.join('?' for _ in only_if)})"
             args += list(only_if)
+        for name, value in (expect or {}).items():
+            query += f" AND {name} IS ?"  # IS: NULL matches NULL
+            args.append(value)
         async with self._write() as db:
             cursor = await db.execute(query, args)
         return cursor.rowcount > 0

@@ -51,10 +51,16 @@ class JobStore(Protocol):
         ...
 
     async def update(
-        self, job_id: str, changes: Mapping[str, Any], *, only_if: Collection[str] = ()
+        self,
+        job_id: str,
+        changes: Mapping[str, Any],
+        *,
+        only_if: Collection[str] = (),
+        expect: Mapping[str, Any] | None = None,
     ) -> bool:
-        """Set fields of a job (only while its status is in `only_if`, when given); True if
-        it was changed."""
+        """Set fields of a job, only while its status is in `only_if` and its fields still
+        hold the values in `expect`, when given (compare and set: a callback's outcome
+        must not undo a retry that reset the callback meanwhile); True if it changed."""
         ...
 
     async def complete(self, job_id: str, changes: Mapping[str, Any]) -> bool:

@@ -240,3 +240,20 @@ async def test_deleting_a_big_job_goes_a_bounded_chunk_at_a_time(
     assert sum(removed) == size + 1, "every id and the job"
     assert await job_store.get("b1") is None
     assert await job_store.items("b1", after=-1, limit=9, states=(PENDING,)) == []
+
+
+async def test_an_update_can_expect_fields_unchanged(job_store: JobStore) -> None:
+    """A callback attempt read the job, a retry reset its callback meanwhile: the
+    attempt's outcome must not bring the old callback state back."""
+    job = make_job("e1", total=1, status="completed", callback_url="http://x/")
+    job.webhook, job.webhook_attempts = "pending", 2
+    await job_store.create(job, [1])
+    seen = {"webhook": "pending", "webhook_attempts": 2}
+    await job_store.update("e1", {"status": "pending", "webhook": None, "webhook_attempts": 0})
+    outcome = {"webhook": "failed", "webhook_attempts": 3, "webhook_error": "HTTP 500"}
+    assert not await job_store.update("e1", outcome, expect=seen)
+    stored = await job_store.get("e1")
+    assert stored is not None and (stored.webhook, stored.webhook_attempts) == (None, 0)
+    assert await job_store.update("e1", {"label": "x"}, expect={"webhook": None})
+    with pytest.raises(ValueError, match="not job fields"):
+        await job_store.update("e1", {"label": "y"}, expect={"1=1 OR label": "x"})
