@@ -251,9 +251,11 @@ class MongoJobStore:
         }
         async with self._guard():
             # The job first, and only from a finished state: a second retry finds it
-            # pending and changes nothing.
+            # pending and changes nothing. Not while a record may still be counting: its
+            # failed ids, moved back now, would lose their tags before they are counted.
+            query = {"job_id": job_id, "status": {"$in": list(FINISHED)}}
             result = await self._jobs.update_one(
-                {"job_id": job_id, "status": {"$in": list(FINISHED)}},
+                {**query, "journal.0": {"$exists": False}},
                 {"$set": reopen, "$push": {"journal": entry}},
             )
         if not result.matched_count:

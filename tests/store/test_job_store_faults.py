@@ -177,6 +177,18 @@ async def record(store: JobStore) -> None:
     await store.record("r1", MIXED, upstream_calls=2, now=NOW + 1)
 
 
+async def record_failures(store: JobStore) -> None:
+    failures = [Item(0, 101, FAILED, "timeout"), Item(1, 102, FAILED, "timeout")]
+    await store.record("r1", failures, upstream_calls=1, now=NOW + 1)
+
+
+async def cancel_and_retry(store: JobStore) -> None:
+    """Someone cancels the job and retries its failed ids before the cut-short record is
+    settled."""
+    await store.update("r1", {"status": "cancelled", "finished_at": NOW}, only_if=ACTIVE)
+    await store.retry_failed("r1", NOW + 2)
+
+
 async def a_finished_job_with_failures(store: JobStore) -> None:
     await store.create(make_job("f1", total=4), IDS[:4])
     items = [Item(0, 101, FOUND), Item(1, 102, FAILED, "timeout"), Item(2, 103, FAILED, "auth")]
@@ -226,6 +238,7 @@ async def materialise(store: JobStore) -> None:
 SCENARIOS = {
     "create": Scenario(nothing, create, submit_again),
     "record": Scenario(six_pending, record, record),
+    "record_then_retry": Scenario(six_pending, record_failures, cancel_and_retry),
     "retry_failed": Scenario(a_finished_job_with_failures, retry_failed, retry_again),
     "delete": Scenario(a_cancelled_job, delete, delete_again),
     "materialise": Scenario(a_range_job, materialise, materialise),
