@@ -149,8 +149,10 @@ class MongoJobStore:
     ) -> bool:
         check_fields({**changes, **(expect or {})})
         statuses = [s for s in only_if if s not in HIDDEN] if only_if else None
-        query: Document = {**(expect or {}), "job_id": job_id}
+        query: Document = {"job_id": job_id}
         query["status"] = VISIBLE if statuses is None else {"$in": statuses}
+        if expect:  # `$and`: an expected status must not replace the one above
+            query = {"$and": [query, dict(expect)]}
         async with self._guard():
             if not changes:
                 return await self._jobs.count_documents(query, limit=1) > 0

@@ -255,5 +255,9 @@ async def test_an_update_can_expect_fields_unchanged(job_store: JobStore) -> Non
     stored = await job_store.get("e1")
     assert stored is not None and (stored.webhook, stored.webhook_attempts) == (None, 0)
     assert await job_store.update("e1", {"label": "x"}, expect={"webhook": None})
+    assert not await job_store.update("e1", {"label": "y"}, expect={"status": "completed"})
+    assert not await job_store.update(
+        "e1", {"label": "y"}, only_if=("completed",), expect={"status": "pending"}
+    ), "both conditions hold, or nothing changes"
     with pytest.raises(ValueError, match="not job fields"):
         await job_store.update("e1", {"label": "y"}, expect={"1=1 OR label": "x"})
