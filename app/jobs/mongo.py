@@ -29,6 +29,7 @@ from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.cursor import AsyncCursor
 from pymongo.errors import BulkWriteError
 
+from app.errors import JobConflict
 from app.jobs.model import (
     ACTIVE,
     CREATING,
@@ -261,7 +262,7 @@ class MongoJobStore:
                 {"$set": reopen, "$push": {"journal": entry}},
             )
         if not result.matched_count:
-            return 0
+            raise JobConflict(f"job {job_id} is not finished, or a chunk is still being counted")
         return await self._settle(job_id, entry)
 
     async def delete(self, job_id: str) -> bool:

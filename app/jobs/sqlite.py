@@ -18,6 +18,7 @@ from typing import Any
 
 import aiosqlite
 
+from app.errors import JobConflict
 from app.jobs.model import (
     ACTIVE,
     DELETING,
@@ -271,7 +272,7 @@ class SqliteJobStore:
                 (now, job_id, *FINISHED),
             )
             if cursor.rowcount == 0:
-                return 0
+                raise JobConflict(f"job {job_id} is not finished: retry-failed waits until it is")
             cursor = await db.execute(
                 "UPDATE job_items SET state = 0, reason = NULL WHERE job_id = ? AND state = ?",
                 (job_id, FAILED),

@@ -91,8 +91,9 @@ class JobStore(Protocol):
         ...
 
     async def retry_failed(self, job_id: str, now: float) -> int:
-        """A finished job back to `pending` and its failed items with it; how many. 0 and
-        nothing changed when the job is not finished (a second retry finds it pending)."""
+        """A finished job back to `pending` and its failed items with it; how many. Raises
+        `JobConflict`, nothing changed, when the job is not finished (a second retry finds
+        it pending) or, on MongoDB, a chunk of it may still be being counted."""
         ...
 
     async def delete(self, job_id: str) -> bool:

@@ -7,6 +7,7 @@ from typing import Any, cast
 
 import pytest
 
+from app.errors import JobConflict
 from app.jobs import mongo, sqlite
 from app.jobs.model import FAILED, FOUND, NOT_FOUND, PENDING, Item, Job
 from app.jobs.mongo import MongoJobStore
@@ -123,7 +124,8 @@ async def test_due_webhooks_are_found_by_time(job_store: JobStore) -> None:
 async def test_retry_failed_on_a_job_still_running_changes_nothing(job_store: JobStore) -> None:
     await job_store.create(make_job("f2", total=3, status="running"), [1, 2, 3])
     await job_store.record("f2", [Item(0, 1, FAILED, "timeout")], upstream_calls=1, now=NOW)
-    assert await job_store.retry_failed("f2", NOW + 1) == 0
+    with pytest.raises(JobConflict, match="f2 is not finished"):
+        await job_store.retry_failed("f2", NOW + 1)
     job = await job_store.get("f2")
     assert job is not None and (job.status, job.done, job.failed) == ("running", 1, 1)
     failed = await job_store.items("f2", after=-1, limit=9, states=(FAILED,))
@@ -136,8 +138,10 @@ async def test_two_retries_at_once_reopen_the_job_once(job_store: JobStore) -> N
     await job_store.record("f3", items, upstream_calls=1, now=NOW)
     await job_store.update("f3", {"status": "completed", "finished_at": NOW})
     inject(job_store, Faults(interleave=True))  # the two interleave at every write
-    counts = await asyncio.gather(*(job_store.retry_failed("f3", NOW + 1) for _ in range(2)))
-    assert sorted(counts) == [0, 2]
+    tries = (job_store.retry_failed("f3", NOW + 1) for _ in range(2))
+    outcomes = await asyncio.gather(*tries, return_exceptions=True)
+    assert 2 in outcomes, outcomes
+    assert [type(o) for o in outcomes if o != 2] == [JobConflict], "the other one is refused"
     job = await job_store.get("f3")
     assert job is not None and (job.status, job.done, job.failed) == ("pending", 1, 0)
     pending = await job_store.pending_items("f3", after=-1, limit=9)
