@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any, Literal, get_args
 
@@ -14,6 +15,10 @@ STATUSES: tuple[JobStatus, ...] = get_args(JobStatus)
 ACTIVE: tuple[JobStatus, ...] = ("pending", "running")
 FINISHED: tuple[JobStatus, ...] = ("completed", "failed", "cancelled")
 PRIORITY_RANK: dict[str, int] = {"high": 0, "normal": 1, "low": 2}
+# Statuses a store gives a job while it is half written or half removed: no reader ever
+# sees such a job (get, list, count and active leave it out), and no runner acts on it.
+CREATING, DELETING = "creating", "deleting"
+HIDDEN: tuple[str, ...] = (CREATING, DELETING)
 
 # One id of a job: waiting, or how it ended.
 PENDING, FOUND, NOT_FOUND, FAILED = 0, 1, 2, 3
@@ -98,6 +103,13 @@ def job_view(job: Job, eta_s: float | None = None) -> dict[str, Any]:
         "error": job.error,
         "webhook": webhook,
     }
+
+
+def check_fields(changes: Mapping[str, Any]) -> None:
+    """Refuse names that are not a job's fields (a store builds its updates from them)."""
+    unknown = set(changes) - set(JOB_FIELDS)
+    if unknown:
+        raise ValueError(f"not job fields: {sorted(unknown)}")
 
 
 def new_job_id(now: float) -> str:

@@ -134,6 +134,7 @@ class JobRunner:
             try:
                 await self._count_statuses()
                 if self.gateway.coordinator.leads():
+                    await self.store.sweep()  # finish what a crash or a timeout cut short
                     moved = await self._round()
             except StoreUnavailable as exc:
                 log.warning("jobs paused: %s", exc)
@@ -169,6 +170,12 @@ class JobRunner:
                 await self.store.update(job.job_id, changes, only_if=("pending",))
             await self._lane.acquire()
             try:
+                # Read again after the wait for a slot: a cancel or a delete meanwhile
+                # must not let one more chunk go (nor materialise ids for a gone job).
+                if await self.store.status(job.job_id) not in ACTIVE:
+                    self._lane.release()
+                    self.progress.pop(job.job_id, None)
+                    continue
                 items = await self._next_chunk(job)
             except BaseException:
                 self._lane.release()
@@ -214,7 +221,14 @@ class JobRunner:
             changes["error"] = error
         if job.callback_url:
             changes |= {"webhook": "pending", "webhook_next_at": now, "webhook_attempts": 0}
-        if await self.store.update(job.job_id, changes, only_if=ACTIVE):
+        if status == "completed":
+            # Only once every id is written and counted; else look again a moment later.
+            ended = await self.store.complete(job.job_id, changes)
+            if not ended:
+                self._progress(job).not_before = loop_clock() + PAUSE_S
+        else:
+            ended = await self.store.update(job.job_id, changes, only_if=ACTIVE)
+        if ended:
             log.info("job %s %s: %s", job.job_id, status, error or "every id done")
             self.progress.pop(job.job_id, None)
             self.webhooks.wake()
@@ -269,6 +283,8 @@ class JobRunner:
         if not need:
             return done, 0, None
         await self._room(len(need))
+        if await self.store.status(job.job_id) not in ACTIVE:  # cancelled while it waited
+            return done, 0, None
         fetches = gateway.enlist(list(need), stored)
         futures = {f.future for f in fetches.values() if f is not None}
         if futures:

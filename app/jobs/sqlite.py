@@ -1,4 +1,10 @@
-"""Jobs in the SQLite file beside the users: a `jobs` table and a `job_items` table."""
+"""Jobs in the SQLite file beside the users: a `jobs` table and a `job_items` table.
+
+Every operation is one transaction, but one: `delete` hides the job (status `deleting`)
+in one, then removes its ids in bounded chunks, one transaction each (one DELETE of a
+big job's ids would pass STORE_TIMEOUT_S and roll back), the job last; `sweep` finishes
+what a crash or the time bound left.
+"""
 
 from __future__ import annotations
 
@@ -12,15 +18,19 @@ from typing import Any
 
 import aiosqlite
 
+from app.errors import JobConflict
 from app.jobs.model import (
     ACTIVE,
+    DELETING,
     FAILED,
     FINISHED,
+    HIDDEN,
     ITEM_STATES,
     JOB_FIELDS,
     PENDING,
     Item,
     Job,
+    check_fields,
 )
 from app.store.sqlite import connect, failures, guard
 
@@ -52,6 +62,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     webhook_next_at REAL
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, job_id);
+-- Only jobs whose callback waits are in it: the poll each second reads a few rows, not
+-- every job ever run.
+CREATE INDEX IF NOT EXISTS jobs_webhook_due ON jobs (webhook_next_at) WHERE webhook = 'pending';
 CREATE TABLE IF NOT EXISTS job_items (
     job_id TEXT NOT NULL,
     seq INTEGER NOT NULL,
@@ -63,6 +76,20 @@ CREATE TABLE IF NOT EXISTS job_items (
 CREATE INDEX IF NOT EXISTS job_items_state ON job_items (job_id, state, seq);
 """
 SELECT = f"SELECT {', '.join(JOB_FIELDS)} FROM jobs"
+VISIBLE = f"status NOT IN ({', '.join(repr(s) for s in HIDDEN)})"
+ACTIVE_SQL = f"status IN ({', '.join(repr(s) for s in ACTIVE)})"
+# Named index: the planner would otherwise walk the primary key (job_id, seq) through
+# every finished id before the pending ones.
+PENDING_ITEMS = (
+    "SELECT seq, user_id, state, reason FROM job_items INDEXED BY job_items_state "
+    "WHERE job_id = ? AND state = ? AND seq > ? ORDER BY seq LIMIT ?"
+)
+# The literal 'pending' matches the partial index jobs_webhook_due.
+DUE_WEBHOOKS = (
+    f"{SELECT} WHERE webhook = 'pending' AND webhook_next_at <= ? ORDER BY webhook_next_at LIMIT ?"
+)
+DELETE_CHUNK = 5_000
+"""Items removed per transaction: each stays far inside STORE_TIMEOUT_S."""
 INSERT_JOB = (
     f"INSERT INTO jobs ({', '.join(JOB_FIELDS)}) VALUES ({', '.join('?' for _ in JOB_FIELDS)})"
 )
@@ -76,6 +103,8 @@ class SqliteJobStore:
     def __init__(self, path: Path, *, timeout_s: float = 5.0) -> None:
         self.path = Path(path)
         self.timeout_s = timeout_s
+        self.purge_s = timeout_s
+        """How long one delete or sweep goes on removing ids; the next sweep goes on."""
         self._db: aiosqlite.Connection | None = None
         self._lock = asyncio.Lock()
 
@@ -115,11 +144,19 @@ class SqliteJobStore:
 
     async def get(self, job_id: str) -> Job | None:
         async with self._guard() as db:
-            rows = list(await db.execute_fetchall(f"{SELECT} WHERE job_id = ?", (job_id,)))
+            query = f"{SELECT} WHERE job_id = ? AND {VISIBLE}"
+            rows = list(await db.execute_fetchall(query, (job_id,)))
         return Job(*rows[0]) if rows else None
+
+    async def status(self, job_id: str) -> str | None:
+        async with self._guard() as db:
+            query = f"SELECT status FROM jobs WHERE job_id = ? AND {VISIBLE}"
+            rows = list(await db.execute_fetchall(query, (job_id,)))
+        return str(rows[0][0]) if rows else None
 
     async def list_jobs(self, *, status: str | None, limit: int, before: str | None) -> list[Job]:
         where, args = _where(status=status, before=before)
+        where = f"{where} AND {VISIBLE}" if where else f" WHERE {VISIBLE}"
         query = f"{SELECT}{where} ORDER BY job_id DESC LIMIT ?"
         async with self._guard() as db:
             return [Job(*row) for row in await db.execute_fetchall(query, (*args, limit))]
@@ -130,33 +167,56 @@ class SqliteJobStore:
             return [Job(*row) for row in await db.execute_fetchall(query, ACTIVE)]
 
     async def update(
-        self, job_id: str, changes: Mapping[str, Any], *, only_if: Collection[str] = ()
+        self,
+        job_id: str,
+        changes: Mapping[str, Any],
+        *,
+        only_if: Collection[str] = (),
+        expect: Mapping[str, Any] | None = None,
     ) -> bool:
-        unknown = set(changes) - set(JOB_FIELDS)
-        if unknown:
-            raise ValueError(f"not job fields: {sorted(unknown)}")
+        check_fields({**changes, **(expect or {})})
         sets = ", ".join(f"{name} = ?" for name in changes)
-        query = f"UPDATE jobs SET {sets} WHERE job_id = ?"
+        query = f"UPDATE jobs SET {sets} WHERE job_id = ? AND {VISIBLE}"
         args = [*changes.values(), job_id]
         if only_if:
             query += f" AND status IN ({', '.join('?' for _ in only_if)})"
             args += list(only_if)
+        for name, value in (expect or {}).items():
+            query += f" AND {name} IS ?"  # IS: NULL matches NULL
+            args.append(value)
         async with self._write() as db:
             cursor = await db.execute(query, args)
         return cursor.rowcount > 0
 
+    async def complete(self, job_id: str, changes: Mapping[str, Any]) -> bool:
+        check_fields(changes)
+        sets = ", ".join(f"{name} = ?" for name in changes)
+        query = (
+            f"UPDATE jobs SET {sets} WHERE job_id = ? AND {ACTIVE_SQL} "
+            "AND materialised >= total AND NOT EXISTS (SELECT 1 FROM job_items "
+            "INDEXED BY job_items_state WHERE job_id = ? AND state = 0)"
+        )
+        async with self._write() as db:
+            cursor = await db.execute(query, (*changes.values(), job_id, job_id))
+        return cursor.rowcount > 0
+
     async def materialise(self, job_id: str, first_seq: int, user_ids: Sequence[int]) -> None:
         async with self._write() as db:
+            cursor = await db.execute(
+                "UPDATE jobs SET materialised = MAX(materialised, ?) "
+                f"WHERE job_id = ? AND {ACTIVE_SQL}",
+                (first_seq + len(user_ids), job_id),
+            )
+            if cursor.rowcount == 0:
+                return  # stopped, deleted or gone: its ids would be left behind
             await db.executemany(
                 INSERT_ITEM, ((job_id, first_seq + i, uid) for i, uid in enumerate(user_ids))
             )
-            await db.execute(
-                "UPDATE jobs SET materialised = MAX(materialised, ?) WHERE job_id = ?",
-                (first_seq + len(user_ids), job_id),
-            )
 
     async def pending_items(self, job_id: str, *, after: int, limit: int) -> list[Item]:
-        return await self.items(job_id, after=after, limit=limit, states=(PENDING,))
+        async with self._guard() as db:
+            rows = await db.execute_fetchall(PENDING_ITEMS, (job_id, PENDING, after, limit))
+        return [Item(*row) for row in rows]
 
     async def record(
         self, job_id: str, items: Sequence[Item], *, upstream_calls: int, now: float
@@ -202,38 +262,78 @@ class SqliteJobStore:
 
     async def retry_failed(self, job_id: str, now: float) -> int:
         async with self._write() as db:
+            # The job first, and only from a finished state: on a job still running, its
+            # failed ids stay failed (they are counted so).
+            cursor = await db.execute(
+                "UPDATE jobs SET status = 'pending', finished_at = NULL, error = NULL, "
+                "updated_at = ?, webhook = NULL, webhook_attempts = 0, webhook_error = NULL, "
+                f"webhook_next_at = NULL WHERE job_id = ? AND status IN "
+                f"({', '.join('?' for _ in FINISHED)})",
+                (now, job_id, *FINISHED),
+            )
+            if cursor.rowcount == 0:
+                raise JobConflict(f"job {job_id} is not finished: retry-failed waits until it is")
             cursor = await db.execute(
                 "UPDATE job_items SET state = 0, reason = NULL WHERE job_id = ? AND state = ?",
                 (job_id, FAILED),
             )
             count = cursor.rowcount
             await db.execute(
-                "UPDATE jobs SET failed = failed - ?, done = done - ?, status = 'pending', "
-                "finished_at = NULL, error = NULL, updated_at = ?, webhook = NULL, "
-                "webhook_attempts = 0, webhook_error = NULL, webhook_next_at = NULL "
-                f"WHERE job_id = ? AND status IN ({', '.join('?' for _ in FINISHED)})",
-                (count, count, now, job_id, *FINISHED),
+                "UPDATE jobs SET failed = failed - ?, done = done - ? WHERE job_id = ?",
+                (count, count, job_id),
             )
         return count
 
     async def delete(self, job_id: str) -> bool:
+        deadline = self._deadline()
         async with self._write() as db:
-            await db.execute("DELETE FROM job_items WHERE job_id = ?", (job_id,))
-            cursor = await db.execute("DELETE FROM jobs WHERE job_id = ?", (job_id,))
+            cursor = await db.execute(
+                "UPDATE jobs SET status = ?, webhook = NULL, webhook_next_at = NULL "
+                f"WHERE job_id = ? AND {VISIBLE}",
+                (DELETING, job_id),
+            )
+        await self._purge(job_id, deadline)
         return cursor.rowcount > 0
 
+    async def sweep(self) -> None:
+        deadline = self._deadline()
+        async with self._guard() as db:
+            query = "SELECT job_id FROM jobs WHERE status = ? LIMIT 100"
+            rows = await db.execute_fetchall(query, (DELETING,))
+        for (job_id,) in rows:
+            await self._purge(job_id, deadline)
+            if asyncio.get_running_loop().time() >= deadline:
+                return
+
+    def _deadline(self) -> float:
+        return asyncio.get_running_loop().time() + self.purge_s
+
+    async def _purge(self, job_id: str, deadline: float) -> None:
+        """Remove a hidden job's items a chunk per transaction, then the job; what is left
+        at `deadline` (past at least one chunk) waits for the next sweep."""
+        while True:
+            async with self._write() as db:
+                cursor = await db.execute(
+                    "DELETE FROM job_items WHERE job_id = ? AND seq IN "
+                    "(SELECT seq FROM job_items WHERE job_id = ? ORDER BY seq LIMIT ?)",
+                    (job_id, job_id, DELETE_CHUNK),
+                )
+                if cursor.rowcount < DELETE_CHUNK:
+                    await db.execute(
+                        "DELETE FROM jobs WHERE job_id = ? AND status = ?", (job_id, DELETING)
+                    )
+                    return
+            if asyncio.get_running_loop().time() >= deadline:
+                return
+
     async def count_by_status(self) -> dict[str, int]:
-        query = "SELECT status, COUNT(*) FROM jobs GROUP BY status"
+        query = f"SELECT status, COUNT(*) FROM jobs WHERE {VISIBLE} GROUP BY status"
         async with self._guard() as db:
             return {status: count for status, count in await db.execute_fetchall(query)}
 
     async def webhooks_due(self, now: float, limit: int) -> list[Job]:
-        query = (
-            f"{SELECT} WHERE webhook = 'pending' AND webhook_next_at <= ? "
-            "ORDER BY webhook_next_at LIMIT ?"
-        )
         async with self._guard() as db:
-            return [Job(*row) for row in await db.execute_fetchall(query, (now, limit))]
+            return [Job(*row) for row in await db.execute_fetchall(DUE_WEBHOOKS, (now, limit))]
 
 
 def _where(*, status: str | None, before: str | None) -> tuple[str, list[Any]]:

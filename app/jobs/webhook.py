@@ -22,7 +22,7 @@ from app import __version__
 from app.clock import Clock
 from app.config import Settings
 from app.errors import StoreUnavailable
-from app.jobs.model import Job, job_view
+from app.jobs.model import FINISHED, Job, job_view
 from app.jobs.store import JobStore
 
 log = logging.getLogger("app.jobs")
@@ -116,5 +116,7 @@ class Webhooks:
                 error,
                 "; giving up" if give_up else f"; next in {wait:.0f} s",
             )
-        await self.store.update(job.job_id, changes)
+        # Compare and set: a retry-failed that reset the callback meanwhile is not undone.
+        expect = {"webhook": "pending", "webhook_attempts": job.webhook_attempts}
+        await self.store.update(job.job_id, changes, only_if=FINISHED, expect=expect)
         return error is None

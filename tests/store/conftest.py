@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -93,3 +94,50 @@ async def job_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIter
         await opened.open()
         yield opened
         await opened.close()
+
+
+class JobStores:
+    """Job stores of one kind: `await stores.open(name)` opens a new one on the database
+    `name` (the same name finds the same data, as a restarted process would); their clock
+    is `stores.now`, moved on with `stores.advance(seconds)`."""
+
+    def __init__(self, kind: str, mongo: tuple[Any, str] | None, folder: Path) -> None:
+        self.kind = kind
+        self.now = time.time()
+        self.opened: list[JobStore] = []
+        self.databases: set[str] = set()
+        self._mongo = mongo
+        self._folder = folder
+
+    def clock(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+    async def open(self, name: str) -> JobStore:
+        store: JobStore
+        if self._mongo is None:
+            store = SqliteJobStore(self._folder / f"{name}.db")
+        else:
+            database = f"{self._mongo[1]}_{name}"
+            self.databases.add(database)
+            store = MongoJobStore(self._mongo[0], database=database, clock=self.clock)
+        await store.open()
+        self.opened.append(store)
+        return store
+
+
+@pytest.fixture(params=["sqlite", "mongomock", "mongodb"])
+async def job_stores(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[JobStores]:
+    """Job stores of each kind, all closed (and real MongoDB databases dropped) after."""
+    async with mongo_database(request.param) as mongo:
+        stores = JobStores(request.param, mongo, tmp_path)
+        try:
+            yield stores
+        finally:
+            for store in stores.opened:
+                await store.close()
+            if request.param == "mongodb" and mongo is not None:
+                for database in stores.databases:
+                    await mongo[0].drop_database(database)
