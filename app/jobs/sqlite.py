@@ -32,7 +32,7 @@ from app.jobs.model import (
     Job,
     check_fields,
 )
-from app.store.sqlite import connect, failures, guard
+from app.store.sqlite import connect, failures, guard, run, run_many
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -137,9 +137,9 @@ class SqliteJobStore:
     async def create(self, job: Job, user_ids: Sequence[int]) -> None:
         row = tuple(job.as_dict().values())
         async with self._write() as db:
-            await db.execute(INSERT_JOB, row)
-            await db.executemany(
-                INSERT_ITEM, ((job.job_id, seq, uid) for seq, uid in enumerate(user_ids))
+            await run(db, INSERT_JOB, row)
+            await run_many(
+                db, INSERT_ITEM, ((job.job_id, seq, uid) for seq, uid in enumerate(user_ids))
             )
 
     async def get(self, job_id: str) -> Job | None:
@@ -185,8 +185,8 @@ class SqliteJobStore:
             query += f" AND {name} IS ?"  # IS: NULL matches NULL
             args.append(value)
         async with self._write() as db:
-            cursor = await db.execute(query, args)
-        return cursor.rowcount > 0
+            rows_changed = await run(db, query, args)
+        return rows_changed > 0
 
     async def complete(self, job_id: str, changes: Mapping[str, Any]) -> bool:
         check_fields(changes)
@@ -197,20 +197,21 @@ class SqliteJobStore:
             "INDEXED BY job_items_state WHERE job_id = ? AND state = 0)"
         )
         async with self._write() as db:
-            cursor = await db.execute(query, (*changes.values(), job_id, job_id))
-        return cursor.rowcount > 0
+            rows_changed = await run(db, query, (*changes.values(), job_id, job_id))
+        return rows_changed > 0
 
     async def materialise(self, job_id: str, first_seq: int, user_ids: Sequence[int]) -> None:
         async with self._write() as db:
-            cursor = await db.execute(
+            rows_changed = await run(
+                db,
                 "UPDATE jobs SET materialised = MAX(materialised, ?) "
                 f"WHERE job_id = ? AND {ACTIVE_SQL}",
                 (first_seq + len(user_ids), job_id),
             )
-            if cursor.rowcount == 0:
+            if rows_changed == 0:
                 return  # stopped, deleted or gone: its ids would be left behind
-            await db.executemany(
-                INSERT_ITEM, ((job_id, first_seq + i, uid) for i, uid in enumerate(user_ids))
+            await run_many(
+                db, INSERT_ITEM, ((job_id, first_seq + i, uid) for i, uid in enumerate(user_ids))
             )
 
     async def pending_items(self, job_id: str, *, after: int, limit: int) -> list[Item]:
@@ -227,13 +228,15 @@ class SqliteJobStore:
         changed: dict[str, int] = {}
         async with self._write() as db:
             for state, rows in by_state.items():
-                cursor = await db.executemany(
+                rows_changed = await run_many(
+                    db,
                     "UPDATE job_items SET state = ?, reason = ? "
                     "WHERE job_id = ? AND seq = ? AND state = 0",
                     rows,
                 )
-                changed[ITEM_STATES[state]] = cursor.rowcount
-            await db.execute(
+                changed[ITEM_STATES[state]] = rows_changed
+            await run(
+                db,
                 "UPDATE jobs SET found = found + ?, not_found = not_found + ?, "
                 "failed = failed + ?, done = done + ?, upstream_calls = upstream_calls + ?, "
                 "updated_at = ? WHERE job_id = ?",
@@ -264,21 +267,24 @@ class SqliteJobStore:
         async with self._write() as db:
             # The job first, and only from a finished state: on a job still running, its
             # failed ids stay failed (they are counted so).
-            cursor = await db.execute(
+            rows_changed = await run(
+                db,
                 "UPDATE jobs SET status = 'pending', finished_at = NULL, error = NULL, "
                 "updated_at = ?, webhook = NULL, webhook_attempts = 0, webhook_error = NULL, "
                 f"webhook_next_at = NULL WHERE job_id = ? AND status IN "
                 f"({', '.join('?' for _ in FINISHED)})",
                 (now, job_id, *FINISHED),
             )
-            if cursor.rowcount == 0:
+            if rows_changed == 0:
                 raise JobConflict(f"job {job_id} is not finished: retry-failed waits until it is")
-            cursor = await db.execute(
+            rows_changed = await run(
+                db,
                 "UPDATE job_items SET state = 0, reason = NULL WHERE job_id = ? AND state = ?",
                 (job_id, FAILED),
             )
-            count = cursor.rowcount
-            await db.execute(
+            count = rows_changed
+            await run(
+                db,
                 "UPDATE jobs SET failed = failed - ?, done = done - ? WHERE job_id = ?",
                 (count, count, job_id),
             )
@@ -287,13 +293,14 @@ class SqliteJobStore:
     async def delete(self, job_id: str) -> bool:
         deadline = self._deadline()
         async with self._write() as db:
-            cursor = await db.execute(
+            rows_changed = await run(
+                db,
                 "UPDATE jobs SET status = ?, webhook = NULL, webhook_next_at = NULL "
                 f"WHERE job_id = ? AND {VISIBLE}",
                 (DELETING, job_id),
             )
         await self._purge(job_id, deadline)
-        return cursor.rowcount > 0
+        return rows_changed > 0
 
     async def sweep(self) -> None:
         deadline = self._deadline()
@@ -313,14 +320,15 @@ class SqliteJobStore:
         at `deadline` (past at least one chunk) waits for the next sweep."""
         while True:
             async with self._write() as db:
-                cursor = await db.execute(
+                rows_changed = await run(
+                    db,
                     "DELETE FROM job_items WHERE job_id = ? AND seq IN "
                     "(SELECT seq FROM job_items WHERE job_id = ? ORDER BY seq LIMIT ?)",
                     (job_id, job_id, DELETE_CHUNK),
                 )
-                if cursor.rowcount < DELETE_CHUNK:
-                    await db.execute(
-                        "DELETE FROM jobs WHERE job_id = ? AND status = ?", (job_id, DELETING)
+                if rows_changed < DELETE_CHUNK:
+                    await run(
+                        db, "DELETE FROM jobs WHERE job_id = ? AND status = ?", (job_id, DELETING)
                     )
                     return
             if asyncio.get_running_loop().time() >= deadline:

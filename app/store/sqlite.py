@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import AsyncIterator, Collection, Sequence
+from collections.abc import AsyncIterator, Collection, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any, Literal
@@ -169,6 +169,21 @@ async def failures(path: Path, timeout_s: float) -> AsyncIterator[None]:
         ) from exc
 
 
+async def run(db: aiosqlite.Connection, query: str, args: Iterable[Any] = ()) -> int:
+    """Run one statement; the rows it changed. Its cursor is closed on the connection's
+    thread: a cursor dropped open is collected on the event loop's thread, where it can
+    reset a cached statement the connection's thread is stepping ("bad parameter or other
+    API misuse", seen under load)."""
+    async with db.execute(query, tuple(args)) as cursor:
+        return int(cursor.rowcount)
+
+
+async def run_many(db: aiosqlite.Connection, query: str, rows: Iterable[Iterable[Any]]) -> int:
+    """`run` for many rows (executemany); the rows changed in all."""
+    async with db.executemany(query, rows) as cursor:
+        return int(cursor.rowcount)
+
+
 async def connect(path: Path, schema: str) -> aiosqlite.Connection:
     """A connection to the file at `path` in WAL mode, with `schema` created."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -177,8 +192,8 @@ async def connect(path: Path, schema: str) -> aiosqlite.Connection:
     # instead of waiting its turn as an immediate one does.
     db = await aiosqlite.connect(path, isolation_level="IMMEDIATE")
     try:
-        await db.execute("PRAGMA journal_mode=WAL")
-        await db.execute("PRAGMA synchronous=NORMAL")
+        await run(db, "PRAGMA journal_mode=WAL")
+        await run(db, "PRAGMA synchronous=NORMAL")
         await db.executescript(schema)
         await db.commit()
     except BaseException:

@@ -10,6 +10,7 @@ between any two of its writes.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -96,6 +97,25 @@ class FaultyCollection:
         return write
 
 
+class Statement:
+    """A statement as aiosqlite gives it: awaited for its cursor, or entered so that the
+    cursor is closed on the connection's thread when the block ends."""
+
+    def __init__(self, run: Callable[[], Awaitable[Any]]) -> None:
+        self._run = run
+        self._cursor: Any = None
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        return self._run().__await__()
+
+    async def __aenter__(self) -> Any:
+        self._cursor = await self._run()
+        return self._cursor
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._cursor.close()
+
+
 class FaultyConnection:
     """An aiosqlite connection whose write statements go through `faults`."""
 
@@ -106,13 +126,11 @@ class FaultyConnection:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
 
-    async def execute(self, sql: str, *args: Any) -> Any:
-        call = lambda: self._inner.execute(sql, *args)  # noqa: E731
-        return await self._maybe(sql, call)
+    def execute(self, sql: str, *args: Any) -> Statement:
+        return Statement(lambda: self._maybe(sql, lambda: self._inner.execute(sql, *args)))
 
-    async def executemany(self, sql: str, *args: Any) -> Any:
-        call = lambda: self._inner.executemany(sql, *args)  # noqa: E731
-        return await self._maybe(sql, call)
+    def executemany(self, sql: str, *args: Any) -> Statement:
+        return Statement(lambda: self._maybe(sql, lambda: self._inner.executemany(sql, *args)))
 
     async def _maybe(self, sql: str, call: Any) -> Any:
         verb = sql.lstrip().split(None, 1)[0].upper()
