@@ -86,7 +86,7 @@ class SqliteUserStore:
     async def ping(self) -> None:
         """Raise StoreUnavailable unless a trivial query answers."""
         async with self._guard() as db:
-            await db.execute("SELECT 1")
+            await run(db, "SELECT 1")
 
     async def get_many(self, user_ids: Collection[int]) -> dict[int, UserRecord]:
         """The stored users among `user_ids`, chunked `IN (...)` queries."""
@@ -109,15 +109,15 @@ class SqliteUserStore:
             return
         rows = [tuple(getattr(u, c) for c in COLUMNS) for u in users]
         async with self._guard() as db:
-            await db.executemany(UPSERT, rows)
+            await run_many(db, UPSERT, rows)
             await db.commit()
 
     async def delete(self, user_id: int) -> bool:
         """Remove one user; True when it was there."""
         async with self._guard() as db:
-            cursor = await db.execute("DELETE FROM users WHERE user_id = ?", (user_id,))
+            deleted = await run(db, "DELETE FROM users WHERE user_id = ?", (user_id,))
             await db.commit()
-            return cursor.rowcount > 0
+            return deleted > 0
 
     async def count(self) -> int:
         """How many users are stored."""
@@ -128,9 +128,9 @@ class SqliteUserStore:
     async def delete_fetched_before(self, cutoff: float) -> int:
         """Remove users fetched before `cutoff`; how many went."""
         async with self._guard() as db:
-            cursor = await db.execute("DELETE FROM users WHERE fetched_at < ?", (cutoff,))
+            deleted = await run(db, "DELETE FROM users WHERE fetched_at < ?", (cutoff,))
             await db.commit()
-            return cursor.rowcount
+            return deleted
 
     async def fetched_before(self, cutoff: float, *, limit: int) -> list[UserRecord]:
         """Up to `limit` users fetched before `cutoff`, oldest first."""
