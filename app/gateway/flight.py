@@ -28,6 +28,8 @@ class Fetch:
     never put in two batches, and a job counts the upstream calls its ids went out in."""
     background: bool = False
     """Started by a crawl job: unless a client joined it, its user is not added to memory."""
+    elsewhere: bool = False
+    """Answered by another process's fetch: no upstream call was spent on it here."""
 
 
 @dataclass(slots=True)
@@ -40,7 +42,16 @@ class PendingLookup:
     answers: Answers = field(default_factory=dict)
     previous: dict[int, UserRecord] = field(default_factory=dict)
     allow_misses: Callable[[int], int] | None = None
-    """How many of n new ids the caller may send upstream (the rest: `quota`); None: all."""
+    """How many of n new ids the caller may send upstream (the rest: `quota`); None: all.
+    Called with no await around it, where the ids are registered: a quota taken there
+    cannot be taken twice by parallel lookups."""
+    started: list[Fetch] = field(default_factory=list)
+    """The fetches this lookup started (its new ids)."""
+
+    @property
+    def answered_elsewhere(self) -> int:
+        """How many of the fetches it started another process's fetch answered."""
+        return sum(fetch.elsewhere for fetch in self.started)
 
 
 async def cancel_all(tasks: set[asyncio.Task[None]]) -> None:

@@ -210,6 +210,7 @@ class Gateway:
         for uid in new:
             fetch = self._register(uid, lookup.previous.get(uid), PRIORITY_MISS)
             waits.append((uid, "fetched", fetch))
+            lookup.started.append(fetch)
         return waits
 
     async def _wait(self, waits: list[tuple[int, Source, Fetch]], lookup: PendingLookup) -> None:
@@ -367,10 +368,16 @@ class Gateway:
             if fetch is not None and not fetch.future.done():
                 fetch.future.set_result(outcome)
 
+    def _learn(self, outcomes: Mapping[int, Outcome]) -> None:
+        """Outcomes another process fetched (or the store had): no call was spent here."""
+        for fetch in filter(None, map(self._inflight.get, outcomes)):
+            fetch.elsewhere = True
+        self._complete(outcomes, outcomes, INTERNAL)
+
     def _on_event(self, event: coord.Event) -> None:
         """Apply what another process did: its fetches, abandoned claims, cache changes."""
         if isinstance(event, coord.Fetched):
-            self._complete(event.outcomes, event.outcomes, INTERNAL)
+            self._learn(event.outcomes)
         elif isinstance(event, coord.Abandoned):
             waiting = [u for u in event.user_ids if (f := self._inflight.get(u)) and f.taken]
             if waiting:
@@ -388,8 +395,7 @@ class Gateway:
         except StoreUnavailable:
             stored = {}
         fresh_after = self.clock() - self.settings.cache_ttl_s
-        found = {u: cache_entry(r) for u, r in stored.items() if r.fetched_at > fresh_after}
-        self._complete(found, found, INTERNAL)
+        self._learn({u: cache_entry(r) for u, r in stored.items() if r.fetched_at > fresh_after})
         for uid in ids:
             fetch = self._inflight.get(uid)
             if fetch is not None and fetch.taken:

@@ -3,16 +3,23 @@
 Requests and ids past RATE_LIMIT_PER_MIN / RATE_LIMIT_IDS_PER_MIN are refused with 429 and
 the IETF RateLimit headers. New ids (misses, which spend Freelancer's budget) past
 KEY_MISSES_PER_MIN are not refused: the client still gets its cached users, and the ids
-it may not fetch come back `unavailable` with reason `quota`. Each window is a sliding
-window counter: cheap, and close to exact. Counting stays in the process (a hit must
-never wait on Redis): with several processes each counts against an equal share.
+it may not fetch come back `unavailable` with reason `quota`. Requests and ids are
+counted by the `limits` package's sliding window counter: cheap, and close to exact.
+Counting stays in the process (a hit must never wait on Redis): with several processes
+each counts against an equal share.
+
+New ids are counted by `MissQuota`, our own sliding log, because the quota must be taken
+where the gateway decides which ids are new, in its await-free stretch (so parallel
+requests of one key can never each see the same room), up to what is left rather than
+all or nothing, and given back when another fetch answered the ids: `limits` has
+synchronous strategies, but no "take up to n" and no refund.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -43,6 +50,78 @@ WINDOW_S = 60.0
 CREDIT_PARTS = 20
 
 
+class MissQuota:
+    """New ids one client may send upstream in any `WINDOW_S`: a sliding log of takes.
+
+    Each take is an entry `[time, ids]`; what a window holds is the sum of the entries
+    younger than `WINDOW_S`. `take` and `give_back` never await, so a caller in the
+    gateway's await-free stretch sees and spends the room in one step.
+    """
+
+    __slots__ = ("entries",)
+
+    def __init__(self) -> None:
+        self.entries: deque[list[float]] = deque()
+
+    def used(self, now: float) -> int:
+        """Ids taken in the window ending at `now` (older entries are dropped)."""
+        entries = self.entries
+        while entries and entries[0][0] <= now - WINDOW_S:
+            entries.popleft()
+        return int(sum(entry[1] for entry in entries))
+
+    def take(self, count: int, limit: int, now: float) -> tuple[int, list[float] | None]:
+        """Up to `count` ids of what is left of `limit`, and the entry to give back to."""
+        allowed = max(0, min(count, limit - self.used(now)))
+        if not allowed:
+            return 0, None
+        entry = [now, float(allowed)]
+        self.entries.append(entry)
+        return allowed, entry
+
+    @staticmethod
+    def give_back(entry: list[float], count: int) -> None:
+        """Return `count` ids of a take (its entry's own: the window forgets them when it
+        would have forgotten the take, never later, never earlier)."""
+        entry[1] = max(0.0, entry[1] - count)
+
+
+class MissReservation:
+    """What one lookup took of its client's miss quota; settled once the lookup ends."""
+
+    __slots__ = ("_entries", "_limits", "_name", "allowed", "refused")
+
+    def __init__(self, limits: ClientLimits, name: str) -> None:
+        self._limits = limits
+        self._name = name
+        self._entries: list[tuple[list[float], int]] = []
+        self.allowed = 0
+        self.refused = 0
+
+    def take(self, count: int) -> int:
+        """How many of `count` new ids may go upstream now (no await: the gateway calls it
+        while it registers them); the rest are answered `quota`."""
+        allowed, entry = self._limits.take_misses(self._name, count)
+        if entry is not None:
+            self._entries.append((entry, allowed))
+        self.allowed += allowed
+        self.refused += count - allowed
+        return allowed
+
+    def settle(self, answered_elsewhere: int) -> None:
+        """The lookup ended: give back the ids another fetch answered, and count the rest."""
+        back = min(answered_elsewhere, self.allowed)
+        for entry, taken in reversed(self._entries):
+            if back <= 0:
+                break
+            returned = min(back, taken)
+            MissQuota.give_back(entry, returned)
+            back -= returned
+        usage = self._limits.usage[self._name]
+        usage.misses += self.allowed - min(answered_elsewhere, self.allowed)
+        usage.over_quota += self.refused
+
+
 class ClientLimits:
     """Counts each client's requests, ids and misses in sliding one-minute windows."""
 
@@ -57,6 +136,7 @@ class ClientLimits:
         self._items: dict[tuple[str, int], RateLimitItem] = {}
         self.usage: defaultdict[str, Usage] = defaultdict(Usage)
         self._credit: dict[tuple[str, str], list[float]] = {}
+        self._misses: dict[str, MissQuota] = {}
         self._policy = ", ".join(f'"{n}";q={self._limits[n]};w=60' for n in ("requests", "ids"))
 
     def _item(self, name: str) -> RateLimitItem:
@@ -101,23 +181,28 @@ class ClientLimits:
         item = self._item(name)
         chunk = item.amount // CREDIT_PARTS
         if chunk > cost and await self._limiter.hit(item, client.name, cost=chunk):
-            self._credit[key] = [chunk - cost, now]
+            kept = self._credit.get(key)
+            if kept is not None and now - kept[1] < WINDOW_S:
+                # A parallel request's leftover is kept, not overwritten (it would be
+                # lost: counted by the limiter, never spent); it lapses with the older take.
+                kept[0] += chunk - cost
+            else:
+                self._credit[key] = [chunk - cost, now]
             return True
         self._credit.pop(key, None)
         return bool(await self._limiter.hit(item, client.name, cost=cost))
 
-    async def misses_left(self, client: Client) -> int:
-        """How many new ids the client may still send to Freelancer this minute."""
-        stats = await self._limiter.get_window_stats(self._item("misses"), client.name)
-        return int(stats.remaining)
+    def reserve_misses(self, client: Client) -> MissReservation:
+        """A reservation against the client's new ids a minute, for one lookup."""
+        return MissReservation(self, client.name)
 
-    async def spend_misses(self, client: Client, allowed: int, refused: int) -> None:
-        """Count the new ids a lookup sent upstream, and those it answered `quota`."""
-        if allowed:
-            await self._limiter.hit(self._item("misses"), client.name, cost=allowed)
-        usage = self.usage[client.name]
-        usage.misses += allowed
-        usage.over_quota += refused
+    def take_misses(self, name: str, count: int) -> tuple[int, list[float] | None]:
+        """Take up to `count` of a client's new ids a minute (this process's share)."""
+        quota = self._misses.get(name)
+        if quota is None:
+            quota = self._misses[name] = MissQuota()
+        limit = max(1, self._limits["misses"] // max(1, self._processes()))
+        return quota.take(count, limit, time.monotonic())
 
     def snapshot(self) -> list[dict[str, Any]]:
         """Usage per client name, for /api/stats, /metrics and the dashboard."""

@@ -64,22 +64,14 @@ async def lookup_for_client(
     result = gateway.lookup_now(user_ids)
     if isinstance(result, LookupResult):
         return result
-    # The gateway decides which ids are new with no await, so it gets what is left of the
-    # client's misses as a number, and the spending is counted after.
-    left = await limits.misses_left(client)
-    spent = [0, 0]
-
-    def allow(count: int) -> int:
-        allowed = min(count, left - spent[0])
-        spent[0] += allowed
-        spent[1] += count - allowed
-        return allowed
-
-    result.allow_misses = allow
+    # The gateway decides which ids are new with no await, and takes them from the
+    # client's quota there: parallel lookups of one client cannot each see the same room.
+    reservation = limits.reserve_misses(client)
+    result.allow_misses = reservation.take
     try:
         return await gateway.finish(result)
     finally:
-        await limits.spend_misses(client, spent[0], spent[1])
+        reservation.settle(answered_elsewhere=result.answered_elsewhere)
 
 
 def log_audit(client: Client, action: str, size: int) -> None:

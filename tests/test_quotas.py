@@ -1,0 +1,154 @@
+"""A client's new-id quota and its ids a minute under concurrency: taken where the gateway
+decides which ids are new, never twice, given back when another fetch answered."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import httpx
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from app.gateway.coordinator import LocalCoordinator, LocalHub
+from app.gateway.flight import PendingLookup
+from app.gateway.gateway import Gateway
+from app.http.client_limits import WINDOW_S, MissQuota
+from app.store import SqliteUserStore
+from tests.support.apps import Running, StartApp, make_settings
+from tests.support.freelancer import FakeFreelancer, SlowUpstream
+
+KEY = "quota-key-0123456789abcdef"
+OTHER = "other-key-0123456789abcdef"
+KEYS = f"greedy:{KEY}:read,other:{OTHER}:read"
+
+
+async def lookup(running: Running, ids: list[int], secret: str = KEY) -> httpx.Response:
+    return await running.client.post(
+        "/api/users", json={"user_ids": ids}, headers={"X-API-Key": secret}
+    )
+
+
+async def test_parallel_requests_of_one_key_never_fetch_more_than_its_quota(
+    start_app: StartApp, freelancer: FakeFreelancer
+) -> None:
+    freelancer.latency_s = 0.05  # every request is waiting while the others arrive
+    running = await start_app(api_keys=KEYS, key_misses_per_min=40)
+    batches = [list(range(1000 + 20 * i, 1020 + 20 * i)) for i in range(10)]
+    answers = await asyncio.gather(*(lookup(running, ids) for ids in batches))
+    bodies = [answer.json() for answer in answers]
+    assert {answer.status_code for answer in answers} == {200}
+    fetched = sorted(freelancer.lookups)
+    assert len(fetched) == 40, "the quota of 40 new ids holds across parallel requests"
+    served = sorted(u["user_id"] for body in bodies for u in body["users"])
+    assert served == fetched
+    quota = [uid for body in bodies for uid, why in body["errors"].items() if why == "quota"]
+    assert len(quota) == 160
+    stats = (await running.client.get("/api/stats", headers={"X-API-Key": KEY})).json()
+    usage = {row["name"]: row for row in stats["keys"]}["greedy"]
+    assert (usage["misses"], usage["over_quota"]) == (40, 160)
+
+
+async def test_a_greedy_burst_cannot_fill_the_queue_for_other_clients(
+    start_app: StartApp, freelancer: FakeFreelancer
+) -> None:
+    freelancer.latency_s = 0.2
+    running = await start_app(api_keys=KEYS, key_misses_per_min=40, queue_max=200)
+    greedy = [lookup(running, list(range(10_000 + 100 * i, 10_100 + 100 * i))) for i in range(20)]
+    tasks = [asyncio.ensure_future(request) for request in greedy]
+    await asyncio.sleep(0.05)  # the burst has registered what its quota allowed
+    other = await lookup(running, list(range(50_000, 50_030)), OTHER)
+    assert other.status_code == 200, other.text  # not 503: the burst queued only 40 ids
+    assert other.json()["unavailable"] == []
+    assert {t.status_code for t in await asyncio.gather(*tasks)} == {200}
+    assert len([u for u in freelancer.lookups if u < 50_000]) == 40
+
+
+async def test_ids_another_process_fetched_are_given_back_to_the_quota(tmp_path: Path) -> None:
+    upstream = SlowUpstream(delay_s=0.1)
+    hub = LocalHub()
+    gateways = []
+    for _ in range(2):
+        gateway = Gateway(
+            settings=make_settings(tmp_path),
+            store=SqliteUserStore(tmp_path / "users.db"),
+            upstream=upstream,
+            coordinator=LocalCoordinator(hub),
+        )
+        await gateway.start()
+        gateways.append(gateway)
+    a, b = gateways
+    try:
+        first = asyncio.ensure_future(a.lookup([1, 2, 3]))
+        await asyncio.sleep(0.02)  # a's worker has claimed 1, 2, 3 for the deployment
+        pending = b.lookup_now([1, 2, 3, 4])
+        assert isinstance(pending, PendingLookup)
+        taken: list[int] = []
+
+        def allow(count: int) -> int:
+            taken.append(count)
+            return count
+
+        pending.allow_misses = allow
+        result = await b.finish(pending)
+        await first
+        assert result.user_ids == [1, 2, 3, 4]
+        assert taken == [4], "all four were new to b when it registered them"
+        assert pending.answered_elsewhere == 3, "a's fetch answered 1, 2 and 3: given back"
+        assert sorted(u for call in upstream.calls for u in call) == [1, 2, 3, 4]
+    finally:
+        await a.stop()
+        await b.stop()
+
+
+async def test_parallel_requests_of_one_key_never_pass_its_ids_a_minute(
+    start_app: StartApp, freelancer: FakeFreelancer
+) -> None:
+    running = await start_app(api_keys=KEYS, rate_limit_ids_per_min=400)
+    # 20 ids a request: exactly 20 requests fit, whatever the interleaving.
+    answers = await asyncio.gather(
+        *(lookup(running, list(range(100 * i, 100 * i + 20))) for i in range(1, 31))
+    )
+    statuses = sorted(answer.status_code for answer in answers)
+    assert statuses.count(200) == 20 and statuses.count(429) == 10, statuses
+
+
+# ---- the quota's arithmetic against a reference model ---------------------------------
+
+steps = st.lists(
+    st.tuples(
+        st.floats(0.0, 40.0, allow_nan=False),  # time passes (fractional seconds)
+        st.integers(0, 30),  # ids asked for
+        st.integers(0, 30),  # ids of an earlier take given back
+    ),
+    max_size=60,
+)
+
+
+@pytest.mark.fuzz
+@settings(max_examples=300, deadline=None)
+@given(limit=st.integers(1, 50), steps=steps)
+def test_the_quota_never_passes_its_limit_in_any_window_and_never_refuses_room(
+    limit: int, steps: list[tuple[float, int, int]]
+) -> None:
+    quota = MissQuota()
+    now = 1000.0
+    takes: list[list[float]] = []  # reference: [time, ids still counted]
+    entries: list[list[float] | None] = []
+    for elapsed, asked, back in steps:
+        now += elapsed
+        live = sum(ids for at, ids in takes if at > now - WINDOW_S)
+        allowed, entry = quota.take(asked, limit, now)
+        assert allowed == max(0, min(asked, limit - live)), "takes what is left, no more"
+        takes.append([now, float(allowed)])
+        entries.append(entry)
+        if back and takes:
+            index = back % len(takes)
+            returned = min(back, int(takes[index][1]))
+            takes[index][1] -= returned
+            if entries[index] is not None:
+                MissQuota.give_back(entries[index], returned)  # type: ignore[arg-type]
+        # In every window ending now, what is counted never passes the limit.
+        assert sum(ids for at, ids in takes if at > now - WINDOW_S) <= limit
+        assert quota.used(now) == sum(ids for at, ids in takes if at > now - WINDOW_S)
