@@ -12,6 +12,8 @@ Redis link, so a test can do that to it alone:
     proxy.delay(0.8)                      # hold every chunk 0.8 s (both ways)
     proxy.silence()                       # every connection, new ones too, forwards nothing
     proxy.silence(proxy.links_sending(b"SUBSCRIBE")[0])   # only the subscriber's link
+    proxy.silence_when(b"SUBSCRIBE")      # any link, from the chunk that carries it on
+    proxy.delay_when(b"EVALSHA", 0.6)     # any link, from that chunk on, both ways
     proxy.restore()                       # new connections pass again
     await proxy.close()
 
@@ -46,6 +48,8 @@ class Link:
     sent: bytearray = field(default_factory=bytearray)
     """The first SEEN_MAX bytes the client sent (e.g. b"SUBSCRIBE" marks a subscriber)."""
     silent: bool = False
+    delay_s: float = 0.0
+    """This link's own delay (set by `delay_when`), on top of the proxy's."""
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     def abort(self) -> None:
@@ -65,6 +69,8 @@ class Proxy:
         self.delay_s = 0.0
         self.links: list[Link] = []
         """Open links, oldest first."""
+        self.silence_marker: bytes | None = None
+        self.delay_marker: tuple[bytes, float] | None = None
         self.accepted = 0
         self.refused = 0
         self._server: asyncio.Server | None = None
@@ -104,6 +110,10 @@ class Proxy:
         """New connections and data pass again (silenced links stay silent: see above)."""
         self.mode = "pass"
         self.delay_s = 0.0
+        self.silence_marker = None
+        self.delay_marker = None
+        for link in self.links:
+            link.delay_s = 0.0
 
     def cut(self) -> None:
         """Close every connection (RST) and refuse new ones until `restore()`."""
@@ -125,6 +135,17 @@ class Proxy:
         self.mode = "silent"
         for each in self.links:
             each.silent = True
+
+    def silence_when(self, marker: bytes) -> None:
+        """Silence any link (open or new) from the first chunk its client sends that
+        carries `marker`, that chunk included (a link that drops a SUBSCRIBE)."""
+        self.silence_marker = marker
+
+    def delay_when(self, marker: bytes, seconds: float) -> None:
+        """Delay any link (open or new) by `seconds`, both ways, from the first chunk its
+        client sends that carries `marker`: a request that reaches the server after its
+        client gave up (a claim that timed out after Redis ran it)."""
+        self.delay_marker = (marker, seconds)
 
     def links_sending(self, marker: bytes) -> list[Link]:
         """Open links whose client sent `marker` (among its first SEEN_MAX bytes)."""
@@ -165,31 +186,46 @@ class Proxy:
         due: deque[tuple[float, bytes]] = deque()
         ready = asyncio.Event()
         sender = asyncio.create_task(self._send(due, ready, writer))
+        clean = False
         try:
             while True:
                 data = await reader.read(CHUNK)
                 if not data:
+                    clean = True
                     break
                 if outbound and len(link.sent) < SEEN_MAX:
                     link.sent += data[: SEEN_MAX - len(link.sent)]
+                marker = self.silence_marker
+                if outbound and marker is not None and marker in data:
+                    link.silent = True
+                delayed = self.delay_marker
+                if outbound and delayed is not None and delayed[0] in data:
+                    link.delay_s = delayed[1]
                 if link.silent:
                     continue  # a dropped flow: read and forget
-                delay = self.delay_s if self.mode == "delay" else 0.0
+                delay = link.delay_s + (self.delay_s if self.mode == "delay" else 0.0)
                 due.append((time.monotonic() + delay, data))
                 ready.set()
         except (ConnectionError, OSError):
             pass
         finally:
-            # Let what is already due go out (a FIN after the data, as TCP would).
+            # What was read goes out first, then the end: a FIN after a clean end (the
+            # peer reads everything, as over TCP), an RST after an error.
             due.append((0.0, b""))
             ready.set()
             with contextlib.suppress(Exception):
-                async with asyncio.timeout(self.delay_s + 1):
+                async with asyncio.timeout(self.delay_s + link.delay_s + 1):
                     await asyncio.shield(sender)
             sender.cancel()
-            link.abort()
-            if link in self.links:
-                self.links.remove(link)
+            if clean and not link.silent:
+                with contextlib.suppress(Exception):
+                    writer.close()
+            else:
+                link.abort()
+            if all(t.done() or t is asyncio.current_task() for t in link.tasks):
+                link.abort()
+                if link in self.links:
+                    self.links.remove(link)
 
     async def _send(
         self, due: deque[tuple[float, bytes]], ready: asyncio.Event, writer: asyncio.StreamWriter

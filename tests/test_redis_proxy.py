@@ -119,6 +119,39 @@ async def test_silencing_one_link_leaves_it_open_and_the_others_working(proxy: P
         await echo(quiet, b"PING", within_s=0.3)  # a dropped flow stays dropped
 
 
+async def test_a_link_can_be_silenced_from_the_chunk_that_carries_a_marker(
+    proxy: Proxy,
+) -> None:
+    conn = await connect_to(proxy)
+    assert await echo(conn, b"HELLO") == b"HELLO"
+    proxy.silence_when(b"SUBSCRIBE")
+    assert await echo(conn, b"GET") == b"GET"
+    with pytest.raises(TimeoutError):
+        await echo(conn, b"SUBSCRIBE", within_s=0.3)
+    other = await connect_to(proxy)
+    assert await echo(other, b"PING") == b"PING"
+    proxy.restore()
+    assert await echo(await connect_to(proxy), b"SUBSCRIBE") == b"SUBSCRIBE"
+
+
+async def test_a_link_can_be_delayed_from_the_chunk_that_carries_a_marker(
+    proxy: Proxy,
+) -> None:
+    conn = await connect_to(proxy)
+    proxy.delay_when(b"EVALSHA", 0.4)
+    started = time.monotonic()
+    assert await echo(conn, b"GET") == b"GET"
+    assert time.monotonic() - started < 0.3
+    started = time.monotonic()
+    assert await echo(conn, b"EVALSHA") == b"EVALSHA"
+    assert await echo(conn, b"GET") == b"GET"
+    assert time.monotonic() - started >= 2 * 0.8 - 0.1, "that chunk and the next, both ways"
+    proxy.restore()
+    started = time.monotonic()
+    assert await echo(conn, b"GET") == b"GET"
+    assert time.monotonic() - started < 0.3
+
+
 async def test_silencing_every_link_includes_new_ones(proxy: Proxy) -> None:
     old = await connect_to(proxy)
     proxy.silence()

@@ -142,6 +142,8 @@ class LocalCoordinator:
         return [uid for uid in user_ids if claims.setdefault(uid, self) is self]
 
     async def announce(self, outcomes: Mapping[int, Outcome]) -> None:
+        if not outcomes:
+            return
         claims = self.hub.claims
         for uid in outcomes:
             if claims.get(uid) is self:
