@@ -14,16 +14,16 @@ and ids spread over the cluster):
                    eviction, the eviction's time (older outcomes are refused)
     p:events       the one channel: fetches, evictions, clears (JSON, with the sender)
     p:procs        live processes, a sorted set scored by heartbeat time
-    p:leader       the process that runs the sweep and the jobs, a lease renewed by
-                   heartbeats; the holder stops leading before the lease can lapse
+    p:leader       the process that runs the sweep and the jobs (`Presence`)
+    p:lease:<name> one process's hold on some work (a job's callback)
     {p:budget}:*   the shared budget (`app.coordination.budget`)
 
-A batch costs three round trips: the claim, the announcement (writes the `done` keys
-and releases the leases), and the publication of what the fencing kept. Announcements,
-releases and evictions go through an `Outbox`: never skipped while Redis is marked down,
-sent in order once it answers. Every call has REDIS_TIMEOUT_S. While Redis fails, claims
-fall back to this process alone (in-process single flight still holds) and health says
-degraded naming REDIS_URL; the subscription (`Subscriber`) checks its own link.
+A batch costs three round trips: the claim, the announcement (the `done` keys written,
+the leases released), the publication of what the fencing kept. Announcements, releases
+and evictions go through an `Outbox`: never skipped while Redis is marked down, sent in
+order once it answers. Every call has REDIS_TIMEOUT_S. While Redis fails, claims fall
+back to this process alone (in-process single flight holds) and health says degraded
+naming REDIS_URL; the subscription (`Subscriber`) checks its own link.
 """
 
 from __future__ import annotations
@@ -116,11 +116,6 @@ class RedisCoordinator:
     def live_processes(self) -> int:
         return self.presence.live_processes
 
-    @property
-    def pending(self) -> int:
-        """Changes queued for Redis, not sent yet."""
-        return len(self.outbox)
-
     # ---- lifecycle --------------------------------------------------------------------
 
     async def open(self, listener: Listener) -> None:
@@ -147,10 +142,9 @@ class RedisCoordinator:
     async def close(self) -> None:
         for handle in self._timers:
             handle.cancel()
-        tasks = list(self._tasks)
-        for task in tasks:
+        for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._held:  # give the ids back at once: the others need not wait for leases
             ids, tokens = zip(*sorted(self._held.items()), strict=True)
             self._held.clear()
@@ -220,6 +214,15 @@ class RedisCoordinator:
 
     def leads(self) -> bool:
         return self.presence.leads()
+
+    async def hold(self, name: str, ttl_s: float) -> str | None:
+        return await self.presence.hold(name, ttl_s)
+
+    async def holds(self, name: str, token: str) -> bool:
+        return await self.presence.holds(name, token)
+
+    async def drop(self, name: str, token: str) -> None:
+        await self.presence.drop(name, token)
 
     def problems(self) -> list[str]:
         found = []
@@ -297,7 +300,6 @@ class RedisCoordinator:
         """Ids another process fetches: hand them back when their leases lapse."""
         self._awaited.update(pttl_by_id)
         delay = max(0.01, max(pttl_by_id.values()) / 1000 + 0.01)
-        loop = asyncio.get_running_loop()
         handle: asyncio.TimerHandle | None = None
 
         def lapsed() -> None:
@@ -308,7 +310,7 @@ class RedisCoordinator:
             if still and self.listener is not None:
                 self.listener(Abandoned(still))
 
-        handle = loop.call_later(delay, lapsed)
+        handle = asyncio.get_running_loop().call_later(delay, lapsed)
         self._timers.add(handle)
 
     def _deliver(self, data: bytes) -> None:

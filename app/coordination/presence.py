@@ -1,5 +1,6 @@
-"""Which processes of the deployment are alive, and which one leads (runs the sweep and
-the jobs): heartbeats into a sorted set, and a leader lease renewed with them.
+"""Which processes of the deployment are alive, which one leads (runs the sweep and the
+jobs), and who holds a piece of one-process work (a job's callback): heartbeats into a
+sorted set, a leader lease renewed with them, named leases.
 
 The leader keeps leading only until LEAD_MARGIN_S before the lease set by its last
 renewal that succeeded could lapse, counted from when that renewal was *sent*: a process
@@ -10,6 +11,7 @@ running the sweep and the jobs beside the new leader.
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
 from collections.abc import Callable
 
@@ -74,6 +76,35 @@ class Presence:
         held_s = LEADER_LEASE_MS / 1000 - LEAD_MARGIN_S
         self.lead_until = sent + held_s if replies[3] == 1 else 0.0
         self.answered()
+
+    async def hold(self, name: str, ttl_s: float) -> str | None:
+        """A named lease for `ttl_s` (`SET NX PX`): its token, or None (held elsewhere, or
+        Redis failed: then nobody here does the work now)."""
+        token = secrets.token_hex(8)
+        key, ms = self.keys.lease_named(name), int(ttl_s * 1000)
+        try:
+            [taken] = await self.pipeline(lambda pipe: pipe.set(key, token, nx=True, px=ms))
+        except RedisError as exc:
+            self.failed(exc)
+            return None
+        return token if taken else None
+
+    async def holds(self, name: str, token: str) -> bool:
+        key = self.keys.lease_named(name)
+        try:
+            [held] = await self.pipeline(lambda pipe: pipe.get(key))
+        except RedisError as exc:
+            self.failed(exc)
+            return False
+        return bool(held == token.encode())
+
+    async def drop(self, name: str, token: str) -> None:
+        """Give a named lease back, token-guarded (a failure leaves it to lapse)."""
+        key = self.keys.lease_named(name)
+        try:
+            await self.pipeline(lambda pipe: scripts.call(pipe, scripts.RELEASE, [key], [token]))
+        except RedisError as exc:
+            self.failed(exc)
 
     def leave(self, pipe: Pipeline) -> None:
         """Queue this process's goodbye: out of the live set, the lead given back."""

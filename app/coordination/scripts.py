@@ -36,6 +36,10 @@ class Keys:
     def done(self, uid: int) -> str:
         return f"{self.prefix}:{{{uid}}}:done"
 
+    def lease_named(self, name: str) -> str:
+        """A lease on some work that belongs to one process at a time (a job's callback)."""
+        return f"{self.prefix}:lease:{name}"
+
     @property
     def channel(self) -> str:
         return f"{self.prefix}:events"
