@@ -42,7 +42,7 @@ from redis.asyncio.client import Pipeline
 from redis.exceptions import NoScriptError, RedisError
 
 from app.coordination import scripts
-from app.coordination.client import RETRY_AFTER_FAILURE_S, bounded
+from app.coordination.client import RETRY_AFTER_FAILURE_S, bounded, stop_tasks
 from app.coordination.outbox import Op, Outbox
 from app.coordination.presence import Presence
 from app.coordination.scripts import Keys
@@ -142,9 +142,7 @@ class RedisCoordinator:
     async def close(self) -> None:
         for handle in self._timers:
             handle.cancel()
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await stop_tasks(self._tasks)
         if self._held:  # give the ids back at once: the others need not wait for leases
             ids, tokens = zip(*sorted(self._held.items()), strict=True)
             self._held.clear()
@@ -154,7 +152,8 @@ class RedisCoordinator:
                 await self._flush()
                 await self._pipeline(self.presence.leave, counted=False)
         except (RedisError, TimeoutError) as exc:
-            log.warning("closing: %d changes not sent to Redis (%s)", len(self.outbox), exc)
+            if self.outbox:
+                log.warning("closing: %d changes not sent to Redis (%s)", len(self.outbox), exc)
         await self.redis.aclose()
         self.listener = None
 

@@ -344,12 +344,14 @@ class Gateway:
             log.exception("batch of %d ids failed unexpectedly", len(claimed))
         finally:
             self._complete(claimed, outcomes, default)
-        if records or self.writes.pending:
-            await self.writes.save(records)
-        for uid in gone:
-            await self.writes.delete(uid)
-        if claimed:
-            await self.coordinator.announce({uid: outcomes.get(uid, default) for uid in claimed})
+        try:  # announced before it is saved: a slow or failing store holds no one up
+            await self.coordinator.announce({u: outcomes.get(u, default) for u in claimed})
+            if records or self.writes.pending:
+                await self.writes.save(records)
+            for uid in gone:
+                await self.writes.delete(uid)
+        except Exception:
+            log.exception("announcing or saving a batch of %d ids failed", len(claimed))
 
     def _complete(
         self, ids: Iterable[int], outcomes: Mapping[int, Outcome], default: Failure

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -316,6 +316,41 @@ async def test_a_process_counts_itself_subscribed_only_on_the_confirmation(
     finally:
         await coordinator.close()
         await proxy.close()
+
+
+# ---- 4. announce what is in hand, then save -------------------------------------------
+
+
+class FailingStore(SqliteUserStore):
+    """Reads work; saves raise something unexpected, or hang."""
+
+    def __init__(self, path: Path, *, hang: bool) -> None:
+        super().__init__(path)
+        self.hang = hang
+
+    async def upsert_many(self, users: Sequence[UserRecord]) -> None:
+        if self.hang:
+            await asyncio.sleep(3600)
+        raise RuntimeError("the disk caught fire")
+
+
+@pytest.mark.parametrize("hang", [False, True], ids=["save-raises", "save-hangs"])
+async def test_other_processes_are_answered_before_a_failing_or_slow_save(
+    start_node: StartNode, redis: Redis, tmp_path: Path, hang: bool
+) -> None:
+    upstream = SlowUpstream(delay_s=0.5)
+    owner = await start_node(
+        upstream, store=FailingStore(tmp_path / "users.db", hang=hang), shutdown_grace_s=0
+    )
+    waiter = await start_node(upstream)
+    fetching = asyncio.create_task(owner.gateway.lookup([40]))
+    await until(lambda: calls_for(upstream, 40) == 1)
+    waiting = asyncio.create_task(waiter.gateway.lookup([40]))
+    assert (await asyncio.wait_for(waiting, 3)).user_ids == [40]
+    assert (await fetching).user_ids == [40]
+    await asyncio.sleep(2.5)  # past the lease: a renewed lease would still be there
+    assert await redis.exists("t:{40}:lease") == 0
+    assert calls_for(upstream, 40) == 1
 
 
 # ---- 6. leases: close and renewal -------------------------------------------------------
