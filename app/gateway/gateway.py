@@ -361,15 +361,16 @@ class Gateway:
         now = self.clock()
         for uid in ids:
             fetch = self._inflight.pop(uid, None)
-            hold = fetch is None or not fetch.background or fetch.waiters > 0
+            hold = fetch is not None and (not fetch.background or fetch.waiters > 0)
             outcome = self.memory.learn(uid, outcomes.get(uid, default), now, hold=hold)
             if fetch is not None and not fetch.future.done():
                 fetch.future.set_result(outcome)
 
     def _on_event(self, event: coord.Event) -> None:
         """Apply what another process did: its fetches, abandoned claims, cache changes."""
-        if isinstance(event, coord.Fetched):
-            self._complete(event.outcomes, event.outcomes, INTERNAL)
+        if isinstance(event, coord.Fetched):  # answers waiters; elsewhere adds no user
+            self.memory.learn_elsewhere(event.outcomes, self._inflight, self.clock())
+            self._complete(self._inflight.keys() & event.outcomes, event.outcomes, INTERNAL)
         elif isinstance(event, coord.Abandoned):
             waiting = [u for u in event.user_ids if (f := self._inflight.get(u)) and f.taken]
             if waiting:

@@ -8,7 +8,7 @@ copy) are tested without an event loop.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Container, Iterable, Mapping, Sequence
 
 from app.config import Settings
 from app.domain import UserRecord
@@ -129,6 +129,18 @@ class Memory:
         elif outcome is not SHUTDOWN:
             self.failing.put(user_id, outcome, now + self.error_ttl_s)
         return outcome
+
+    def learn_elsewhere(
+        self, outcomes: Mapping[int, Outcome], skip: Container[int], now: float
+    ) -> None:
+        """Outcomes another process fetched, for ids not in `skip` (those waited for here):
+        users and not-found update what is held, and add nothing (a crawl elsewhere must
+        not fill this memory); failures are ignored (they hide nothing held here)."""
+        for uid, outcome in outcomes.items():
+            if uid in skip or (isinstance(outcome, Failure) and outcome != NOT_FOUND):
+                continue
+            if uid in self.users or self.not_found.get(uid, now) is not None:
+                self.learn(uid, outcome, now, hold=False)
 
     def forget(self, user_id: int) -> bool:
         """Drop every trace of an id; True if there was one."""

@@ -21,7 +21,7 @@ from app.coordination.client import connect
 from app.coordination.coordinator import RedisCoordinator
 from app.domain import UserRecord
 from app.gateway import Gateway
-from app.gateway.cache import cache_entry
+from app.gateway.cache import cache_entry, fetched_at
 from app.gateway.coordinator import Event, Evicted, ExpiredBefore, Fetched
 from app.gateway.results import NOT_FOUND
 from app.store import SqliteUserStore, UserStore
@@ -351,6 +351,26 @@ async def test_other_processes_are_answered_before_a_failing_or_slow_save(
     await asyncio.sleep(2.5)  # past the lease: a renewed lease would still be there
     assert await redis.exists("t:{40}:lease") == 0
     assert calls_for(upstream, 40) == 1
+
+
+# ---- 5. learn only what someone here waits for -----------------------------------------
+
+
+async def test_a_crawl_on_one_process_does_not_fill_the_others_memory(
+    start_node: StartNode, redis: Redis
+) -> None:
+    crawling = await start_node()
+    other = await start_node()
+    await other.gateway.lookup([3000])  # a user the other process's clients asked for
+    held_at = fetched_at(other.gateway.memory.users.data[3000])
+    await redis.delete("t:{3000}:done")  # the crawl fetches it again rather than reuse it
+    await asyncio.sleep(0.01)  # a later fetched_at
+    for first in range(1, 3001, 500):  # as a job does: a chunk at a time, within QUEUE_MAX
+        assert all(crawling.gateway.enlist(range(first, first + 500), {}).values())
+        assert await crawling.gateway.wait_idle(20)
+    await until(lambda: fetched_at(other.gateway.memory.users.data[3000]) > held_at)
+    assert len(other.gateway.memory) == 1, "updated what it held, added nothing"
+    assert len(other.gateway.memory.not_found.data) == 0
 
 
 # ---- 6. leases: close and renewal -------------------------------------------------------
