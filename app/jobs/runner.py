@@ -79,7 +79,7 @@ class JobRunner:
         self.settings = settings
         self.reserve = max(1, settings.upstream_burst // 2)
         self._rates = {w.name: w.rate_per_s for w in budget_windows(settings)}
-        self.webhooks = Webhooks(store, settings, clock=clock)
+        self.webhooks = Webhooks(store, settings, clock=clock, coordinator=gateway.coordinator)
         self.progress: dict[str, Progress] = {}
         self.by_status: dict[str, int] = {}
         self.ids_done = 0
