@@ -263,7 +263,7 @@ class Gateway:
     def forget(self, user_id: int) -> bool:
         """Drop an id from memory and the unsaved buffer; True if memory knew it."""
         self.writes.forget(user_id)
-        return self.memory.forget(user_id)
+        return self.memory.forget(user_id, self.clock())
 
     @property
     def processing_count(self) -> int:
@@ -347,8 +347,8 @@ class Gateway:
         try:  # announced before it is saved: a slow or failing store holds no one up
             await self.coordinator.announce({u: outcomes.get(u, default) for u in claimed})
             if records or self.writes.pending:
-                await self.writes.save(records)
-            for uid in gone:
+                await self.writes.save(self.memory.unevicted(records))
+            for uid in [*gone, *self.memory.evicted_since_fetch(records)]:
                 await self.writes.delete(uid)
         except Exception:
             log.exception("announcing or saving a batch of %d ids failed", len(claimed))

@@ -492,3 +492,53 @@ async def test_a_leader_cut_off_from_redis_stops_leading_before_another_starts(
         await asyncio.sleep(0.02)
     assert not first.coordinator.leads()
     assert both == 0
+
+
+# ---- found by a red-team pass: evictions a gap or a late save could undo ---------------
+
+
+async def test_an_eviction_of_a_not_found_id_missed_in_a_gap_is_not_lost(
+    start_node: StartNode,
+) -> None:
+    """A resubscribed process forgets what it knows does not exist too, not only users:
+    an operator evicts a not-found id to have it checked again."""
+    silenced = await start_node(proxy=True)
+    evicting = await start_node()
+    assert (await silenced.gateway.lookup([97])).not_found == [97]
+    [subscriber] = silenced.link.links_sending(b"SUBSCRIBE")
+    silenced.link.silence(subscriber)
+    await evicting.gateway.admin.evict(97)
+    await until(lambda: silenced.coordinator.subscriber.confirmations >= 2, within_s=8)
+    await silenced.gateway.lookup([97])
+    assert calls_for(silenced.upstream, 97) == 2, "asked Freelancer again"
+
+
+class SlowSavingStore(SqliteUserStore):
+    """Saves wait for `gate` (when set) before writing."""
+
+    gate: asyncio.Event | None = None
+    saving = asyncio.Event()
+
+    async def upsert_many(self, users: Sequence[UserRecord]) -> None:
+        if self.gate is not None:
+            self.saving.set()
+            await self.gate.wait()
+        await super().upsert_many(users)
+
+
+async def test_a_copy_fetched_before_an_eviction_is_not_saved_after_it(
+    start_node: StartNode, tmp_path: Path
+) -> None:
+    store = SlowSavingStore(tmp_path / "users.db")
+    fetching = await start_node(store=store)
+    evicting = await start_node()
+    store.gate = asyncio.Event()
+    store.saving = asyncio.Event()
+    assert (await fetching.gateway.lookup([12])).user_ids == [12]  # answered, not saved yet
+    await evicting.gateway.admin.evict(12)  # the operator evicts it meanwhile
+    await until(lambda: 12 not in fetching.gateway.memory.users)  # the eviction arrived
+    store.gate.set()
+    assert await fetching.gateway.wait_idle(5)
+    assert await evicting.gateway.store.get_many([12]) == {}, "the older copy stays out"
+    await evicting.gateway.lookup([12])
+    assert calls_for(evicting.upstream, 12) == 1, "fetched again, as the eviction asked"
