@@ -86,6 +86,7 @@ class RedisCoordinator:
             process=self.process,
             done_ms=self.done_ms,
             pipeline=self._pipeline,
+            evicted=lambda ids: self.listener and self.listener(Evicted(ids)),
         )
         self._claims = itertools.count(1)
         self._held: dict[int, str] = {}

@@ -77,8 +77,12 @@ class Outbox:
         process: str,
         done_ms: int,
         pipeline: RunPipeline,
+        evicted: Callable[[tuple[int, ...]], None],
     ) -> None:
         self.max_ids = max_ids
+        self.evicted = evicted
+        """Told of ids whose announced outcome an eviction made since refused: this
+        process may have saved the older copy after the eviction cleared the store."""
         self.keys = keys
         self.process = process
         self.done_ms = done_ms
@@ -167,7 +171,9 @@ class Outbox:
         replies = await self.pipeline(build)
         if stale:
             return None
-        kept = {uid: op.outcomes[uid] for uid, ok in zip(op.ids, replies, strict=True) if ok}
+        kept = {uid: op.outcomes[uid] for uid, ok in zip(op.ids, replies, strict=True) if ok == 1}
+        if evicted := tuple(uid for uid, ok in zip(op.ids, replies, strict=True) if ok == 2):
+            self.evicted(evicted)
         return Op("publish", outcomes=kept) if kept else None
 
     async def _publish(self, event: Fetched | Evicted | ExpiredBefore | Abandoned) -> None:

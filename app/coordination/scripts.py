@@ -72,7 +72,8 @@ return {0, redis.call('PTTL', KEYS[1])}
 # KEYS: lease, done. ARGV: token, done value, its time, done ms, "f" for a failure.
 # Keeps the outcome unless a newer one (or a later eviction) is there: a late owner
 # loses. A failure never hides an answer (a user or not-found). Releases our lease
-# either way. Returns 1 when the outcome was kept (it may be published), else 0.
+# either way. Returns 1 when the outcome was kept (it may be published), 2 when an
+# eviction after it refused it (the owner must not keep what it saved), else 0.
 ANNOUNCE = """
 local current = redis.call('GET', KEYS[2])
 local keep = 1
@@ -81,6 +82,7 @@ if current then
   local body = string.sub(current, sep + 1)
   if tonumber(string.sub(current, 1, sep - 1)) > tonumber(ARGV[3]) then
     keep = 0
+    if body == '"ev"' then keep = 2 end
   elseif ARGV[5] == 'f' and (string.sub(body, 1, 1) == '{' or body == '"nf"') then
     keep = 0
   end

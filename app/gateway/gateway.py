@@ -261,8 +261,8 @@ class Gateway:
         return {uid: self._inflight.get(uid) for uid in user_ids}
 
     def forget(self, user_id: int) -> bool:
-        """Drop an id from memory and the unsaved buffer; True if memory knew it."""
-        self.writes.forget(user_id)
+        """Drop an id from memory, the store and its unsaved copy; True if memory knew it."""
+        self._spawn(self.writes.delete(user_id), "forget")  # a copy saved here late, too
         return self.memory.forget(user_id, self.clock())
 
     @property

@@ -132,6 +132,16 @@ async def eventually(condition: Callable[[], Awaitable[bool]], within_s: float =
         await asyncio.sleep(0.02)
 
 
+async def eventually_gone(store: UserStore, uid: int, within_s: float = 5.0) -> bool:
+    """Whether `uid` leaves the store within `within_s` (polled, bounded)."""
+    deadline = time.monotonic() + within_s
+    while await store.get_many([uid]):
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.02)
+    return True
+
+
 def calls_for(upstream: SlowUpstream, uid: int) -> int:
     return sum(call.count(uid) for call in upstream.calls)
 
@@ -273,8 +283,10 @@ async def test_an_announcement_delayed_past_an_eviction_does_not_bring_the_user_
 
     await eventually(released)
     await late.gateway.wait_idle(5)
-    await asyncio.sleep(0.3)
-    await evicting.gateway.store.delete(8)  # the late process saved its copy meanwhile
+    # The late process saved its copy after the eviction cleared the store (it could not
+    # hear of it): the refused announcement tells it to delete that copy again.
+    await until(lambda: 8 in late.gateway.memory.evicted.data)
+    assert await eventually_gone(evicting.gateway.store, 8)
     result = await evicting.gateway.lookup([8])
     assert result.user_ids == [8]
     assert calls_for(evicting.upstream, 8) == 1, "the late announcement did not undo it"
