@@ -348,7 +348,9 @@ def scale_out(work: Path, sim: Process, max_id: int) -> dict[str, Any]:
             calls = sim_stats(sim)["calls"] - before
             trips = metric(one, "gateway_coordination_round_trips_total")
             cold["redis_round_trips_per_batch"] = trips / calls
-            cold["checks"]["<= 2 Redis round trips per batch"] = trips <= 2 * calls
+            # The claim; the announcement (done keys, leases); the publication of what the
+            # fencing kept (a refused outcome is never published).
+            cold["checks"]["<= 3 Redis round trips per batch"] = trips <= 3 * calls
             results["cold overlap, 1 process on Redis"] = cold
             sim_configure(sim, latency_ms=0)
             script = work / "hot.lua"

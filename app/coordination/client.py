@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable
 from typing import Any
 
@@ -33,3 +34,18 @@ async def bounded(awaitable: Awaitable[Any], timeout_s: float) -> Any:
             return await awaitable
     except TimeoutError as exc:
         raise RedisError("timed out") from exc
+
+
+async def stop_tasks(tasks: set[asyncio.Task[None]]) -> None:
+    """Cancel `tasks` and wait until they end, cancelling again any that went on: a
+    cancellation that meets a timeout expiring inside redis-py can come out as a timeout
+    (nested `asyncio.timeout`s in Python 3.11), and a loop that handles timeouts then
+    carries on. Bounded: a task still running after 50 tries is left, and logged."""
+    pending = {task for task in tasks if not task.done()}
+    for _ in range(50):
+        if not pending:
+            return
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=0.2)
+    logging.getLogger("app.coordination").error("tasks did not stop: %s", pending)

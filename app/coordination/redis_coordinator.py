@@ -7,44 +7,47 @@ answered wrongly. So one Redis with `SET NX PX` leases is the right tool.
 Keys (REDIS_PREFIX `p`; `{id}` is a Redis Cluster hash tag, so an id's keys share a slot
 and ids spread over the cluster):
 
-    p:{id}:lease   the process fetching the id (its token), PX FLIGHT_LEASE_S, renewed
-    p:{id}:done    the id's last outcome for a few seconds, "fetched_at|json": a process
-                   that claims just after the announcement gets the outcome, not the id
+    p:{id}:lease   the process fetching the id (a token per claim), PX FLIGHT_LEASE_S,
+                   renewed while the fetch runs, released token-guarded
+    p:{id}:done    the id's last outcome, "time|json", for twice FLIGHT_LEASE_S (10 s at
+                   least): a claim in that time gets the outcome, not the id; after an
+                   eviction, the eviction's time (older outcomes are refused)
     p:events       the one channel: fetches, evictions, clears (JSON, with the sender)
     p:procs        live processes, a sorted set scored by heartbeat time
-    p:leader       the process that runs the refresh sweep, a lease renewed by heartbeats
+    p:leader       the process that runs the sweep and the jobs (`Presence`)
+    p:lease:<name> one process's hold on some work (a job's callback)
     {p:budget}:*   the shared budget (`app.coordination.redis_budget`)
 
-Every call has REDIS_TIMEOUT_S. When Redis fails, claims fall back to this process alone
-(in-process single flight still holds), health says degraded naming REDIS_URL, and after a
-short pause Redis is tried again; the subscriber reconnects by itself and then hands
-every id still awaited back to the gateway, which claims it again.
+A batch costs three round trips: the claim, the announcement (the `done` keys written,
+the leases released), the publication of what the fencing kept. Announcements, releases
+and evictions go through an `Outbox`: never skipped while Redis is marked down, sent in
+order once it answers. Every call has REDIS_TIMEOUT_S. While Redis fails, claims fall
+back to this process alone (in-process single flight holds) and health says degraded
+naming REDIS_URL; the subscription (`Subscriber`) checks its own link.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import itertools
 import logging
 import os
 import secrets
 import time
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import orjson
 from redis.asyncio import Redis
-from redis.asyncio.client import PubSub
-from redis.exceptions import RedisError
+from redis.asyncio.client import Pipeline
+from redis.exceptions import NoScriptError, RedisError
 
-from app.coordination.client import RETRY_AFTER_FAILURE_S, bounded
-from app.coordination.wire import (
-    decode_event,
-    encode_event,
-    outcome_from_wire,
-    outcome_time,
-    outcomes_to_wire,
-)
+from app.coordination import scripts
+from app.coordination.client import RETRY_AFTER_FAILURE_S, bounded, stop_tasks
+from app.coordination.outbox import Op, Outbox
+from app.coordination.presence import Presence
+from app.coordination.scripts import Keys
+from app.coordination.subscriber import Subscriber
+from app.coordination.wire import decode_event, outcome_from_done
 from app.gateway.coordinator import (
     Abandoned,
     CoordinationKind,
@@ -57,32 +60,8 @@ from app.gateway.results import Outcome
 
 log = logging.getLogger("app.coordination")
 
-DONE_TTL_MS = 10_000
-HEARTBEAT_S = 2.0
-LEADER_LEASE_MS = int(HEARTBEAT_S * 3 * 1000)
-
-# KEYS: lease, done. ARGV: token, lease ms. Returns {1} won, {2, outcome} already done,
-# {0, pttl} held by another process.
-CLAIM = """
-local done = redis.call('GET', KEYS[2])
-if done then return {2, done} end
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return {1} end
-return {0, redis.call('PTTL', KEYS[1])}
-"""
-# KEYS: lease, done. ARGV: token, "fetched_at|outcome", fetched_at, done ms.
-# A newer outcome already there is kept (a late owner loses); our lease is released.
-ANNOUNCE = """
-local current = redis.call('GET', KEYS[2])
-local newer = current and tonumber(string.match(current, '^[^|]*')) > tonumber(ARGV[3])
-if not newer then redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[4]) end
-if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
-return newer and 0 or 1
-"""
-# KEYS: lease. ARGV: token, lease ms. Renews the lease only while we hold it.
-RENEW = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-return 0
-"""
+DONE_MIN_MS = 10_000
+OUTBOX_MAX_IDS = 20_000
 
 
 class RedisCoordinator:
@@ -94,60 +73,88 @@ class RedisCoordinator:
         self.redis = redis
         self.prefix = prefix
         self.lease_ms = int(lease_s * 1000)
+        self.done_ms = max(DONE_MIN_MS, 2 * self.lease_ms)
         self.timeout_s = timeout_s
         self.process = f"{os.getpid()}-{secrets.token_hex(4)}"
         self.listener: Listener | None = None
-        self.live_processes = 1
         self.round_trips = 0
-        """Redis round trips made for lookups (claims, announcements, cache changes)."""
-        self._leading = False
-        self._claim = redis.register_script(CLAIM)
-        self._announce = redis.register_script(ANNOUNCE)
-        self._renew = redis.register_script(RENEW)
-        self._held: set[int] = set()
+        """Redis round trips made for lookups and cache changes (not heartbeats/renewals)."""
+        self.keys = Keys(prefix)
+        self.outbox = Outbox(
+            OUTBOX_MAX_IDS,
+            keys=self.keys,
+            process=self.process,
+            done_ms=self.done_ms,
+            pipeline=self._pipeline,
+            evicted=lambda ids: self.listener and self.listener(Evicted(ids)),
+        )
+        self._claims = itertools.count(1)
+        self._held: dict[int, str] = {}
+        """Ids this process fetches (or may hold a lease on), with their lease token."""
         self._awaited: set[int] = set()
         self._timers: set[asyncio.TimerHandle] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._down_until = 0.0
         self._down_reason: str | None = None
-        self._subscribed = asyncio.Event()
+        self._flushing = asyncio.Lock()
+        self._wake_sender = asyncio.Event()
+        self.presence = Presence(
+            self.keys,
+            self.process,
+            pipeline=lambda build: self._pipeline(build, counted=False),
+            answered=self._answered,
+            failed=self._failed,
+        )
+        self.subscriber = Subscriber(
+            redis,
+            self.keys.channel,
+            timeout_s=timeout_s,
+            on_message=self._deliver,
+            on_confirmed=self._confirmed,
+        )
+
+    @property
+    def live_processes(self) -> int:
+        return self.presence.live_processes
 
     # ---- lifecycle --------------------------------------------------------------------
 
     async def open(self, listener: Listener) -> None:
         self.listener = listener
+        try:
+            await bounded(scripts.load(self.redis), self.timeout_s)
+        except RedisError as exc:  # loaded on first use instead (a NOSCRIPT answer)
+            self._failed(exc)
         for coro, name in (
-            (self._listen(), "redis-subscriber"),
-            (self._heartbeat(), "redis-heartbeat"),
-            (self._renew_leases(), "redis-lease-renewal"),
+            (self.subscriber.run(), "redis-subscriber"),
+            (self._keep(self.presence.run, "heartbeat"), "redis-heartbeat"),
+            (self._keep(self._renew_leases, "lease renewal"), "redis-lease-renewal"),
+            (self._keep(self._send_pending, "sender"), "redis-sender"),
         ):
-            task = asyncio.create_task(coro, name=name)
-            self._tasks.add(task)
-        # Subscribe before the first claim (a announcement could otherwise be missed); a
-        # Redis that does not answer in time leaves the process in local mode meanwhile.
+            self._tasks.add(asyncio.create_task(coro, name=name))
+        # Subscribed before the first claim (an announcement could otherwise be missed); a
+        # Redis that does not confirm in time leaves the process in local mode meanwhile.
         try:
             async with asyncio.timeout(self.timeout_s * 4):
-                await self._subscribed.wait()
+                await self.subscriber.subscribed.wait()
         except TimeoutError:
             log.warning("Redis did not answer at start: coordinating locally until it does")
 
     async def close(self) -> None:
         for handle in self._timers:
             handle.cancel()
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        held = sorted(self._held)
-        if held and self._usable():
-            try:
-                # Give the ids back at once: the others need not wait for the leases.
-                await self._call(self.redis.delete(*(self._key(uid, "lease") for uid in held)))
-                await self._publish(Abandoned(tuple(held)))
-            except RedisError:
-                pass
-        with contextlib.suppress(RedisError):
-            await self._call(self.redis.zrem(self._procs, self.process))
+        await stop_tasks(self._tasks)
+        if self._held:  # give the ids back at once: the others need not wait for leases
+            ids, tokens = zip(*sorted(self._held.items()), strict=True)
+            self._held.clear()
+            self.outbox.put(Op("release", ids, tokens))
+        try:  # token-guarded, so tried even while Redis is marked down
+            async with asyncio.timeout(self.timeout_s * 4):
+                await self._flush()
+                await self._pipeline(self.presence.leave, counted=False)
+        except (RedisError, TimeoutError) as exc:
+            if self.outbox:
+                log.warning("closing: %d changes not sent to Redis (%s)", len(self.outbox), exc)
         await self.redis.aclose()
         self.listener = None
 
@@ -156,14 +163,22 @@ class RedisCoordinator:
     async def claim(self, user_ids: Sequence[int]) -> list[int]:
         if not self._usable():
             return list(user_ids)
+        token = f"{self.process}.{next(self._claims)}"
+        prefix = f"{self.process}."
+
+        def build(pipe: Pipeline) -> None:
+            for uid in user_ids:
+                keys = [self.keys.lease(uid), self.keys.done(uid)]
+                scripts.call(pipe, scripts.CLAIM, keys, [token, self.lease_ms, prefix])
+
         try:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for uid in user_ids:
-                    keys = [self._key(uid, "lease"), self._key(uid, "done")]
-                    await self._claim(keys=keys, args=[self.process, self.lease_ms], client=pipe)
-                replies = await self._call(pipe.execute())
+            replies = await self._pipeline(build)
         except RedisError as exc:
             self._failed(exc)
+            # Redis may have run the claim before its answer was lost: such leases carry
+            # `token`, so the announcement of these ids (this process fetches them now)
+            # releases them, and they are renewed meanwhile like any other.
+            self._held.update(dict.fromkeys(user_ids, token))
             return list(user_ids)
         mine: list[int] = []
         known: dict[int, Outcome] = {}
@@ -171,11 +186,11 @@ class RedisCoordinator:
         for uid, reply in zip(user_ids, replies, strict=True):
             if reply[0] == 1:
                 mine.append(uid)
-            elif reply[0] == 2:
-                known[uid] = outcome_from_wire_bytes(reply[1])
+                self._held[uid] = token
+            elif reply[0] == 2 and (outcome := outcome_from_done(reply[1])) is not None:
+                known[uid] = outcome
             else:
                 waiting[uid] = int(reply[1])
-        self._held.update(mine)
         if known and self.listener is not None:
             self.listener(Fetched(known))
         if waiting:
@@ -183,40 +198,101 @@ class RedisCoordinator:
         return mine
 
     async def announce(self, outcomes: Mapping[int, Outcome]) -> None:
-        self._held.difference_update(outcomes)
-        if not outcomes or not self._usable():
+        if not outcomes:
             return
-        encoded = outcomes_to_wire(outcomes)
-        try:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for uid, outcome in outcomes.items():
-                    at = outcome_time(outcome)
-                    keys = [self._key(uid, "lease"), self._key(uid, "done")]
-                    value = b"%r|%s" % (at, encoded[uid])
-                    args: list[bytes | str | int] = [self.process, value, repr(at), DONE_TTL_MS]
-                    await self._announce(keys=keys, args=args, client=pipe)
-                pipe.publish(self._channel, encode_event(self.process, Fetched(outcomes)))
-                await self._call(pipe.execute())
-        except RedisError as exc:
-            self._failed(exc)
+        ids = tuple(outcomes)
+        tokens = tuple(self._held.pop(uid, "") for uid in ids)
+        self.outbox.put(Op("announce", ids, tokens, dict(outcomes), at=time.time()))
+        await self._send_now()
 
     async def publish(self, event: Evicted | ExpiredBefore) -> None:
-        if not self._usable():
-            return
-        try:
-            if isinstance(event, Evicted):  # an evicted id's last outcome must not come back
-                await self._call(self.redis.delete(*(self._key(u, "done") for u in event.user_ids)))
-            await self._publish(event)
-        except RedisError as exc:
-            self._failed(exc)
+        if isinstance(event, Evicted):
+            self.outbox.put(Op("evict", tuple(event.user_ids), at=time.time()))
+        else:
+            self.outbox.put(Op("event", event=event))
+        await self._send_now()
 
     def leads(self) -> bool:
-        return self._leading
+        return self.presence.leads()
+
+    async def hold(self, name: str, ttl_s: float) -> str | None:
+        return await self.presence.hold(name, ttl_s)
+
+    async def holds(self, name: str, token: str) -> bool:
+        return await self.presence.holds(name, token)
+
+    async def drop(self, name: str, token: str) -> None:
+        await self.presence.drop(name, token)
 
     def problems(self) -> list[str]:
-        if self._down_reason is None:
-            return []
-        return [f"coordination degraded: Redis unreachable ({self._down_reason}); check REDIS_URL"]
+        found = []
+        if self._down_reason is not None:
+            queued = f"; {len(self.outbox)} changes queued for it" if self.outbox else ""
+            found.append(
+                f"coordination degraded: Redis unreachable ({self._down_reason}){queued}; "
+                "check REDIS_URL"
+            )
+        if self.subscriber.problem is not None:
+            found.append(
+                f"coordination degraded: not subscribed to Redis' events "
+                f"({self.subscriber.problem}); check REDIS_URL"
+            )
+        return found
+
+    # ---- sending what is owed ---------------------------------------------------------
+
+    async def _send_now(self) -> None:
+        """Send what is queued now, unless Redis failed a moment ago (then the sender
+        keeps trying in the background)."""
+        if self._usable():
+            await self._flush()
+        else:
+            self._wake_sender.set()
+
+    async def _send_pending(self) -> None:
+        """Try again, with growing pauses, until everything queued is sent."""
+        failures = 0
+        while True:
+            if not self.outbox:
+                failures = 0
+                self._wake_sender.clear()
+                await self._wake_sender.wait()
+            if await self._flush():
+                failures = 0
+            else:
+                failures += 1
+                await asyncio.sleep(min(1.0, 0.05 * 2**failures))
+
+    async def _flush(self) -> bool:
+        """Send the queue in order; False when Redis failed (what is left stays queued)."""
+        async with self._flushing:
+            while self.outbox:
+                op = self.outbox.head()
+                try:
+                    then = await self.outbox.send(op)
+                except RedisError as exc:
+                    self._failed(exc)
+                    self._wake_sender.set()  # the sender tries again, whatever the caller
+                    return False
+                self.outbox.done(op, then)
+            self._recovered()
+            return True
+
+    async def _pipeline(self, build: Callable[[Pipeline], Any], *, counted: bool = True) -> Any:
+        """Run the commands `build` queues, in one round trip (two more, once, if Redis
+        lost the scripts: a restart)."""
+        for attempt in (1, 2):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                build(pipe)
+                self.round_trips += counted
+                try:
+                    return await bounded(pipe.execute(), self.timeout_s)
+                except NoScriptError:
+                    if attempt == 2:
+                        raise
+            self.round_trips += counted
+            await bounded(scripts.load(self.redis), self.timeout_s)
+        raise AssertionError("unreachable")
 
     # ---- waiting for others -----------------------------------------------------------
 
@@ -224,7 +300,6 @@ class RedisCoordinator:
         """Ids another process fetches: hand them back when their leases lapse."""
         self._awaited.update(pttl_by_id)
         delay = max(0.01, max(pttl_by_id.values()) / 1000 + 0.01)
-        loop = asyncio.get_running_loop()
         handle: asyncio.TimerHandle | None = None
 
         def lapsed() -> None:
@@ -235,7 +310,7 @@ class RedisCoordinator:
             if still and self.listener is not None:
                 self.listener(Abandoned(still))
 
-        handle = loop.call_later(delay, lapsed)
+        handle = asyncio.get_running_loop().call_later(delay, lapsed)
         self._timers.add(handle)
 
     def _deliver(self, data: bytes) -> None:
@@ -250,100 +325,58 @@ class RedisCoordinator:
             self._awaited.difference_update(event.outcomes)
         self.listener(event)
 
-    async def _listen(self) -> None:
-        """The one subscription, recreated whenever its connection fails."""
-        attempt = 0
-        while True:
-            pubsub: PubSub = self.redis.pubsub()
-            try:
-                await bounded(pubsub.subscribe(self._channel), self.timeout_s)
-                if attempt:
-                    self._resync()
-                    log.info("subscribed to Redis again")
-                self._subscribed.set()
-                attempt = 0
-                last_ping = time.monotonic()
-                while True:
-                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1)
-                    if message is not None and message["type"] == "message":
-                        self._deliver(message["data"])
-                    if time.monotonic() - last_ping > HEARTBEAT_S:
-                        # A connection to a frozen server stays open: only an answer shows
-                        # it is alive.
-                        await bounded(pubsub.ping(), self.timeout_s)
-                        last_ping = time.monotonic()
-            except (RedisError, TimeoutError, OSError) as exc:
-                # Only this connection may have failed (claims use others): say so, and
-                # let the calls that fail mark Redis down.
-                if attempt == 0:
-                    log.info("Redis subscription lost (%s); subscribing again", exc)
-                attempt += 1
-            finally:
-                with contextlib.suppress(RedisError, OSError):
-                    await asyncio.shield(pubsub.aclose())  # type: ignore[no-untyped-call]
-            await asyncio.sleep(min(2.0, 0.1 * 2**attempt))
-
-    def _resync(self) -> None:
-        """After a gap in the subscription: whatever was announced meanwhile is lost."""
+    def _confirmed(self) -> None:
+        """Subscribed (again): whatever was announced while the link was down is lost."""
         awaited = tuple(sorted(self._awaited))
         self._awaited.clear()
-        if self.listener is not None:
-            # Forget memory (the store has every user; evictions may have been missed),
-            # and claim again what was awaited: its outcome is found or it is fetched.
+        if self.listener is None:
+            return
+        if self.subscriber.confirmations > 1:
+            # Forget memory (the store has every user; evictions may have been missed).
+            log.info("subscribed to Redis again")
             self.listener(ExpiredBefore(float("inf")))
-            if awaited:
-                self.listener(Abandoned(awaited))
+        if awaited:  # claimed again: the outcome is found, or the id is fetched
+            self.listener(Abandoned(awaited))
+
+    # ---- background loops -------------------------------------------------------------
+
+    async def _keep(self, loop: Callable[[], Any], name: str) -> None:
+        """Run a background loop for ever: an unexpected error restarts it."""
+        while True:
+            try:
+                await loop()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("Redis %s failed; restarting it", name)
+            await asyncio.sleep(0.5)
 
     async def _renew_leases(self) -> None:
+        """Renew held leases every third of a lease; after a failure, try again soon (the
+        client's down mark does not apply): a lease lapses only after a whole lease
+        without one renewal."""
+        every_s = self.lease_ms / 3000
+        retry_s = min(every_s, max(0.1, self.timeout_s / 2))
+        wait_s = every_s
         while True:
-            await asyncio.sleep(self.lease_ms / 3000)
-            held = list(self._held)
-            if not held or not self._usable():
+            await asyncio.sleep(wait_s)
+            held = list(self._held.items())
+            wait_s = every_s
+            if not held:
                 continue
+
+            def renew(pipe: Pipeline, held: list[tuple[int, str]] = held) -> None:
+                for uid, token in held:
+                    keys = [self.keys.lease(uid)]
+                    scripts.call(pipe, scripts.RENEW, keys, [token, self.lease_ms])
+
             try:
-                async with self.redis.pipeline(transaction=False) as pipe:
-                    for uid in held:
-                        await self._renew(
-                            keys=[self._key(uid, "lease")],
-                            args=[self.process, self.lease_ms],
-                            client=pipe,
-                        )
-                    await bounded(pipe.execute(), self.timeout_s)
+                await self._pipeline(renew, counted=False)
             except RedisError as exc:
                 self._failed(exc)
-
-    async def _heartbeat(self) -> None:
-        while True:
-            if self._usable() or time.monotonic() >= self._down_until:
-                try:
-                    now = time.time()
-                    async with self.redis.pipeline(transaction=False) as pipe:
-                        pipe.zadd(self._procs, {self.process: now})
-                        pipe.zremrangebyscore(self._procs, 0, now - HEARTBEAT_S * 3)
-                        pipe.zcard(self._procs)
-                        # The leader (who runs the refresh sweep) holds a lease too.
-                        pipe.set(self._leader, self.process, nx=True, px=LEADER_LEASE_MS)
-                        pipe.get(self._leader)
-                        replies = await bounded(pipe.execute(), self.timeout_s)
-                    self.live_processes = max(1, int(replies[2]))
-                    self._leading = replies[4] == self.process.encode()
-                    if self._leading:
-                        await bounded(
-                            self.redis.pexpire(self._leader, LEADER_LEASE_MS), self.timeout_s
-                        )
-                    self._recovered()
-                except RedisError as exc:
-                    self._failed(exc)
-            await asyncio.sleep(HEARTBEAT_S)
+                wait_s = retry_s
 
     # ---- plumbing ---------------------------------------------------------------------
-
-    async def _publish(self, event: Evicted | ExpiredBefore | Abandoned) -> None:
-        await self._call(self.redis.publish(self._channel, encode_event(self.process, event)))
-
-    async def _call(self, awaitable: Awaitable[Any]) -> Any:
-        self.round_trips += 1
-        return await bounded(awaitable, self.timeout_s)
 
     def _usable(self) -> bool:
         return self._down_reason is None or time.monotonic() >= self._down_until
@@ -355,27 +388,13 @@ class RedisCoordinator:
         self._down_reason = reason[:120]
         self._down_until = time.monotonic() + RETRY_AFTER_FAILURE_S
 
+    def _answered(self) -> None:
+        """Redis answered a heartbeat: it is back, and what is queued can go."""
+        self._recovered()
+        if self.outbox:
+            self._wake_sender.set()
+
     def _recovered(self) -> None:
         if self._down_reason is not None:
             log.info("Redis answers again: coordinating across processes")
             self._down_reason = None
-
-    def _key(self, uid: int, what: str) -> str:
-        return f"{self.prefix}:{{{uid}}}:{what}"
-
-    @property
-    def _channel(self) -> str:
-        return f"{self.prefix}:events"
-
-    @property
-    def _procs(self) -> str:
-        return f"{self.prefix}:procs"
-
-    @property
-    def _leader(self) -> str:
-        return f"{self.prefix}:leader"
-
-
-def outcome_from_wire_bytes(value: bytes) -> Outcome:
-    """The outcome kept in a `done` key ("fetched_at|json")."""
-    return outcome_from_wire(orjson.loads(value.split(b"|", 1)[1]))

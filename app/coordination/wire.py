@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -31,9 +32,25 @@ def outcome_from_wire(data: Any) -> Outcome:
     raise ValueError(f"not an outcome: {data!r:.80}")
 
 
-def outcome_time(outcome: Outcome) -> float:
-    """When the outcome was learnt, for fencing: a user's fetched_at, else 0."""
-    return 0.0 if isinstance(outcome, Failure) else fetched_at(outcome)
+def outcome_time(outcome: Outcome, learnt_at: float) -> float:
+    """When the outcome was learnt, for fencing: a user's fetched_at, else `learnt_at` (a
+    not-found or a failure is as new as the answer that said it, never older than all)."""
+    return learnt_at if isinstance(outcome, Failure) else fetched_at(outcome)
+
+
+EVICTED = b'"ev"'
+"""A `done` key's body after an eviction: no outcome to hand out, only its time."""
+
+
+def done_value(at: float, body: bytes) -> bytes:
+    """A `done` key's value: "<time>|<body>" (the scripts compare the time)."""
+    return b"%r|%s" % (at, body)
+
+
+def outcome_from_done(value: bytes) -> Outcome | None:
+    """The outcome kept in a `done` key, or None for an eviction's mark."""
+    body = value.split(b"|", 1)[1]
+    return None if body == EVICTED else outcome_from_wire(orjson.loads(body))
 
 
 def encode_event(sender: str, event: Event) -> bytes:
@@ -44,7 +61,9 @@ def encode_event(sender: str, event: Event) -> bytes:
     elif isinstance(event, Evicted):
         body["evicted"] = list(event.user_ids)
     elif isinstance(event, ExpiredBefore):
-        body["expired_before"] = event.cutoff
+        # JSON has no infinity ("drop your memory"); float() reads the string back.
+        cutoff = event.cutoff
+        body["expired_before"] = cutoff if math.isfinite(cutoff) else repr(cutoff)
     else:
         body["abandoned"] = list(event.user_ids)
     return orjson.dumps(body)

@@ -13,6 +13,8 @@ coordinator with a hub of its own is today's single-process gateway.
 
 from __future__ import annotations
 
+import secrets
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
@@ -88,6 +90,16 @@ class Coordinator(Protocol):
     def leads(self) -> bool:
         """Whether this process runs the work that belongs to one process (the sweep)."""
 
+    async def hold(self, name: str, ttl_s: float) -> str | None:
+        """Take the deployment's lease on `name` for `ttl_s`: its token, or None while
+        another holder has it (or it cannot be taken now: Redis unreachable)."""
+
+    async def holds(self, name: str, token: str) -> bool:
+        """Whether the lease on `name` is still held with `token`."""
+
+    async def drop(self, name: str, token: str) -> None:
+        """Give the lease back, if `token` still holds it (never another holder's)."""
+
     def problems(self) -> list[str]:
         """Why coordination is degraded; empty when healthy."""
 
@@ -98,6 +110,8 @@ class LocalHub:
     def __init__(self) -> None:
         self.claims: dict[int, LocalCoordinator] = {}
         self.members: list[LocalCoordinator] = []
+        self.leases: dict[str, tuple[str, float]] = {}
+        """Named leases: token and monotonic expiry."""
 
     def deliver(self, sender: LocalCoordinator, event: Event) -> None:
         """Hand `event` to every member but its sender."""
@@ -142,6 +156,8 @@ class LocalCoordinator:
         return [uid for uid in user_ids if claims.setdefault(uid, self) is self]
 
     async def announce(self, outcomes: Mapping[int, Outcome]) -> None:
+        if not outcomes:
+            return
         claims = self.hub.claims
         for uid in outcomes:
             if claims.get(uid) is self:
@@ -154,6 +170,24 @@ class LocalCoordinator:
 
     def leads(self) -> bool:
         return bool(self.hub.members) and self.hub.members[0] is self
+
+    async def hold(self, name: str, ttl_s: float) -> str | None:
+        now = time.monotonic()
+        held = self.hub.leases.get(name)
+        if held is not None and held[1] > now:
+            return None
+        token = secrets.token_hex(8)
+        self.hub.leases[name] = (token, now + ttl_s)
+        return token
+
+    async def holds(self, name: str, token: str) -> bool:
+        held = self.hub.leases.get(name)
+        return held is not None and held[0] == token and held[1] > time.monotonic()
+
+    async def drop(self, name: str, token: str) -> None:
+        held = self.hub.leases.get(name)
+        if held is not None and held[0] == token:
+            del self.hub.leases[name]
 
     def problems(self) -> list[str]:
         return []

@@ -19,7 +19,7 @@ from typing import Any
 from app.clock import Clock, wall_clock
 from app.config import Settings
 from app.domain import UserRecord
-from app.errors import Overloaded, ShuttingDown, StoreUnavailable, UpstreamError
+from app.errors import Overloaded, ShuttingDown, StoreUnavailable
 from app.gateway import coordinator as coord
 from app.gateway.admin import CacheAdmin
 from app.gateway.batching import PRIORITY_JOB, PRIORITY_MISS, PRIORITY_REFRESH, BatchQueue
@@ -28,7 +28,7 @@ from app.gateway.budget import Budget, LocalBudget, budget_windows
 from app.gateway.cache import cache_entry
 from app.gateway.flight import Fetch, PendingLookup, cancel_all, wait_idle
 from app.gateway.memory import Memory
-from app.gateway.planner import Planner, Turn, loop_clock
+from app.gateway.planner import Planner, loop_clock
 from app.gateway.resilient import ResilientUpstream
 from app.gateway.results import (
     BREAKER_OPEN,
@@ -41,14 +41,14 @@ from app.gateway.results import (
     LookupResult,
     Outcome,
     Source,
-    batch_outcomes,
     render,
 )
 from app.gateway.stats import GatewayStats
+from app.gateway.worker import FetchWorker
 from app.gateway.write_behind import WriteBehind
 from app.logs import request_id
 from app.store.base import UserStore
-from app.upstream.base import Upstream, UpstreamBatch
+from app.upstream.base import Upstream
 
 log = logging.getLogger("app.gateway")
 
@@ -81,22 +81,19 @@ class Gateway:
         self.writes = WriteBehind(store, stats=self.stats, settings=settings)
         self.memory = Memory(settings)
         self.admin = CacheAdmin(self)
-        self._inflight: dict[int, Fetch] = {}
-        self._slots = asyncio.Semaphore(settings.upstream_concurrency)
-        self._in_hand: list[int] = []
-        self._batch_no = 0
-        self._batches: set[asyncio.Task[None]] = set()
+        self.inflight: dict[int, Fetch] = {}
+        """The single-flight table: one entry per id queued or being fetched."""
+        self.worker = FetchWorker(self)
         self._tasks: set[asyncio.Task[None]] = set()
         self._supervisor: asyncio.Task[None] | None = None
         self._closing = False
-        self.restarted_at: float | None = None
 
     async def start(self) -> None:
         """Open the store (or keep retrying in the background) and start the worker."""
         if not await self.writes.open():
             self._spawn(self.writes.reopen(), "store-reopen")
         await self.coordinator.open(self._on_event)
-        self._supervisor = self._spawn(self._supervise(), "worker-supervisor")
+        self._supervisor = self._spawn(self.worker.supervise(), "worker-supervisor")
         self._spawn(self.planner.keep_reading(), "budget-reader")
         if self.settings.refresh_interval_s > 0:
             self._spawn(self.admin.sweep(), "refresh-sweep")
@@ -106,9 +103,9 @@ class Gateway:
         self._closing = True
         await cancel_all({t for t in self._tasks if t is not self._supervisor})
         await self.wait_idle(self.settings.shutdown_grace_s)
-        await cancel_all(self._tasks | self._batches)
+        await cancel_all(self._tasks | self.worker.batches)
         self.queue.clear()
-        self._complete(list(self._inflight), {}, SHUTDOWN)
+        self.complete(list(self.inflight), {}, SHUTDOWN)
         await self.coordinator.close()
         if self.writes.pending and self.writes.store_ready:
             await self.writes.save([])
@@ -116,7 +113,12 @@ class Gateway:
 
     async def wait_idle(self, within_s: float) -> bool:
         """Wait until no fetch is queued or running (saves included); False on timeout."""
-        return await wait_idle(self._inflight, self._batches, within_s)
+        return await wait_idle(self.inflight, self.worker.batches, within_s)
+
+    @property
+    def closing(self) -> bool:
+        """True once `stop` began: no new work is taken."""
+        return self._closing
 
     def _spawn(self, coro: Any, name: str) -> asyncio.Task[None]:
         self._tasks.add(task := asyncio.create_task(coro, name=name))
@@ -181,7 +183,7 @@ class Gateway:
         new: list[int] = []
         waits: list[tuple[int, Source, Fetch]] = []
         for uid in pending:
-            fetch = self._inflight.get(uid)
+            fetch = self.inflight.get(uid)
             if fetch is not None:
                 waits.append((uid, "shared", fetch))
                 continue
@@ -231,7 +233,7 @@ class Gateway:
 
     def _register(self, uid: int, previous: UserRecord | None, priority: int) -> Fetch:
         future = asyncio.get_running_loop().create_future()
-        fetch = self._inflight[uid] = Fetch(future, previous, request_id=request_id.get())
+        fetch = self.inflight[uid] = Fetch(future, previous, request_id=request_id.get())
         self.queue.put_nowait(uid, priority)
         return fetch
 
@@ -241,7 +243,7 @@ class Gateway:
         """Queue a background refresh unless one is running, failing, or there is no room."""
         if (
             self._closing
-            or uid in self._inflight
+            or uid in self.inflight
             or self.queue.room <= 0
             or self.breaker.rejecting
             or self.memory.failing.get(uid, now) is not None
@@ -258,128 +260,51 @@ class Gateway:
         are not added to memory); None where none can start now. No await."""
         now = self.clock()
         for uid in user_ids:
-            if uid not in self._inflight and self.schedule_refresh(
+            if uid not in self.inflight and self.schedule_refresh(
                 uid, previous.get(uid), PRIORITY_JOB, now
             ):
-                self._inflight[uid].background = True
-        return {uid: self._inflight.get(uid) for uid in user_ids}
+                self.inflight[uid].background = True
+        return {uid: self.inflight.get(uid) for uid in user_ids}
 
     def forget(self, user_id: int) -> bool:
-        """Drop an id from memory and the unsaved buffer; True if memory knew it."""
-        self.writes.forget(user_id)
-        return self.memory.forget(user_id)
+        """Drop an id from memory, the store and its unsaved copy; True if memory knew it."""
+        self._spawn(self.writes.delete(user_id), "forget")  # a copy saved here late, too
+        return self.memory.forget(user_id, self.clock())
 
     @property
     def processing_count(self) -> int:
-        return len(self._inflight)  # ids with a fetch in flight (queued or being fetched)
+        return len(self.inflight)  # ids with a fetch in flight (queued or being fetched)
 
     def processing_ids(self, limit: int = 1000) -> list[int]:
-        return list(itertools.islice(self._inflight, limit))  # up to `limit` ids in flight
+        return list(itertools.islice(self.inflight, limit))  # up to `limit` ids in flight
 
-    async def _supervise(self) -> None:
-        """Run the worker; if it ever dies, fail what it held, restart it and say degraded."""
-        while not self._closing:
-            try:
-                await self._work()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("fetch worker crashed; restarting it")
-            self.stats.worker_restarts += 1
-            self.restarted_at = self.clock()
-            self._complete(self._in_hand, {}, INTERNAL)
-            self._in_hand.clear()
-            await asyncio.sleep(0.1)
-
-    async def _work(self) -> None:
-        while True:
-            await self._slots.acquire()
-            batch = self._in_hand = []
-            self._batch_no += 1
-            try:
-                # Budget first: no id is claimed (no lease held) while a call waits for it.
-                turn = await self.planner.next_batch(batch, self._take)
-            except BaseException:
-                self._slots.release()
-                raise
-            task = asyncio.create_task(self._run_batch(batch, turn), name="fetch-batch")
-            self._batches.add(task)
-            task.add_done_callback(self._batches.discard)
-            self._in_hand = []
-
-    def _take(self, uid: int) -> bool:
-        """Whether a queued id still needs fetching (not answered meanwhile, not taken)."""
-        fetch = self._inflight.get(uid)
-        if fetch is None or fetch.taken:
-            return False
-        fetch.taken = self._batch_no
-        return True
-
-    async def _run_batch(self, ids: list[int], turn: Turn) -> None:
-        claimed = ids
-        batch: UpstreamBatch | None = None
-        outcomes: dict[int, Outcome] = {}
-        default = INTERNAL
-        records: list[UserRecord] = []
-        gone: list[int] = []
-        # Its log lines name the requests it serves (the first few, where cheap).
-        waiting = {f.request_id for u in ids[:20] if (f := self._inflight.get(u)) and f.request_id}
-        request_id.set(",".join(sorted(waiting)) or None)
-        try:
-            try:
-                claimed = await self.coordinator.claim(ids)
-                fetches = [f for u in claimed if (f := self._inflight.get(u))]
-                self.stats.batches += bool(fetches)
-                self.stats.job_batches += bool(fetches) and all(f.background for f in fetches)
-                batch = await self.upstream.fetch_users(claimed, turn.lane, turn.ticket)
-            finally:
-                self._slots.release()
-            if batch is not None:
-                previous = {u: f.previous for u in claimed if (f := self._inflight.get(u))}
-                outcomes, records, gone = batch_outcomes(claimed, batch.users, previous)
-                self.stats.upstream_users_fetched += len(records)
-        except UpstreamError as exc:
-            outcomes = dict.fromkeys(claimed, Failure(exc.reason, exc.message))
-            log.warning("batch of %d ids failed: %s", len(claimed), exc.message)
-        except asyncio.CancelledError:
-            default = SHUTDOWN
-            raise
-        except Exception:
-            log.exception("batch of %d ids failed unexpectedly", len(claimed))
-        finally:
-            self._complete(claimed, outcomes, default)
-        if records or self.writes.pending:
-            await self.writes.save(records)
-        for uid in gone:
-            await self.writes.delete(uid)
-        if claimed:
-            await self.coordinator.announce({uid: outcomes.get(uid, default) for uid in claimed})
-
-    def _complete(
+    def complete(
         self, ids: Iterable[int], outcomes: Mapping[int, Outcome], default: Failure
     ) -> None:
         """Outcomes into memory, Futures resolved, in-flight entries dropped: in one step,
         synchronous on purpose (a lookup sees either the in-flight entry or the result)."""
         now = self.clock()
         for uid in ids:
-            fetch = self._inflight.pop(uid, None)
-            hold = fetch is None or not fetch.background or fetch.waiters > 0
+            fetch = self.inflight.pop(uid, None)
+            hold = fetch is not None and (not fetch.background or fetch.waiters > 0)
             outcome = self.memory.learn(uid, outcomes.get(uid, default), now, hold=hold)
             if fetch is not None and not fetch.future.done():
                 fetch.future.set_result(outcome)
 
     def _learn(self, outcomes: Mapping[int, Outcome]) -> None:
-        """Outcomes another process fetched (or the store had): no call was spent here."""
-        for fetch in filter(None, map(self._inflight.get, outcomes)):
+        """Outcomes another process fetched (or the store had): waiters are answered,
+        memory updated only where it holds the user, and no call was spent here."""
+        for fetch in filter(None, map(self.inflight.get, outcomes)):
             fetch.elsewhere = True
-        self._complete(outcomes, outcomes, INTERNAL)
+        self.memory.learn_elsewhere(outcomes, self.inflight, self.clock())
+        self.complete(self.inflight.keys() & outcomes, outcomes, INTERNAL)
 
     def _on_event(self, event: coord.Event) -> None:
         """Apply what another process did: its fetches, abandoned claims, cache changes."""
-        if isinstance(event, coord.Fetched):
+        if isinstance(event, coord.Fetched):  # answers waiters; elsewhere adds no user
             self._learn(event.outcomes)
         elif isinstance(event, coord.Abandoned):
-            waiting = [u for u in event.user_ids if (f := self._inflight.get(u)) and f.taken]
+            waiting = [u for u in event.user_ids if (f := self.inflight.get(u)) and f.taken]
             if waiting:
                 self._spawn(self._take_over(waiting), "take-over")
         elif isinstance(event, coord.Evicted):
@@ -397,10 +322,10 @@ class Gateway:
         fresh_after = self.clock() - self.settings.cache_ttl_s
         self._learn({u: cache_entry(r) for u, r in stored.items() if r.fetched_at > fresh_after})
         for uid in ids:
-            fetch = self._inflight.get(uid)
+            fetch = self.inflight.get(uid)
             if fetch is not None and fetch.taken:
                 fetch.taken = 0
                 try:
                     self.queue.put_nowait(uid, PRIORITY_MISS)
                 except asyncio.QueueFull:
-                    self._complete([uid], {}, INTERNAL)
+                    self.complete([uid], {}, INTERNAL)

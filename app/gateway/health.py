@@ -31,7 +31,7 @@ def problems(gateway: Gateway) -> list[str]:
         )
     if gateway.breaker.state != "closed":
         found.append("Freelancer is failing: circuit breaker open")
-    restarted = gateway.restarted_at
+    restarted = gateway.worker.restarted_at
     if restarted is not None and gateway.clock() - restarted < DEGRADED_AFTER_RESTART_S:
         found.append("the fetch worker crashed and was restarted")
     return [*found, *gateway.coordinator.problems()]

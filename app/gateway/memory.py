@@ -7,8 +7,9 @@ copy) are tested without an event loop.
 
 from __future__ import annotations
 
+import math
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Container, Iterable, Mapping, Sequence
 
 from app.config import Settings
 from app.domain import UserRecord
@@ -23,6 +24,8 @@ from app.gateway.cache import (
 from app.gateway.results import NOT_FOUND, SHUTDOWN, Failure, Outcome, Source
 
 Answers = dict[int, tuple[Source, Outcome]]
+EVICTED_KEPT_S = 300.0
+"""How long an eviction is remembered: longer than a batch takes from answer to save."""
 
 
 class Memory:
@@ -32,6 +35,8 @@ class Memory:
         self.users: LRU[CachedUser] = LRU(settings.memory_cache_size)
         self.not_found: ExpiringMap[bool] = ExpiringMap(settings.negative_cache_size)
         self.failing: ExpiringMap[Failure] = ExpiringMap(settings.negative_cache_size)
+        self.evicted: ExpiringMap[float] = ExpiringMap(settings.negative_cache_size)
+        """Ids evicted lately, with when: a copy fetched before is not saved after."""
         self.ttl_s = settings.cache_ttl_s
         self.stale_if_error_s = settings.stale_if_error_s
         self.not_found_ttl_s = settings.not_found_ttl_s
@@ -130,14 +135,47 @@ class Memory:
             self.failing.put(user_id, outcome, now + self.error_ttl_s)
         return outcome
 
-    def forget(self, user_id: int) -> bool:
-        """Drop every trace of an id; True if there was one."""
+    def learn_elsewhere(
+        self, outcomes: Mapping[int, Outcome], skip: Container[int], now: float
+    ) -> None:
+        """Outcomes another process fetched, for ids not in `skip` (those waited for here):
+        users and not-found update what is held, and add nothing (a crawl elsewhere must
+        not fill this memory); failures are ignored (they hide nothing held here)."""
+        for uid, outcome in outcomes.items():
+            if uid in skip or (isinstance(outcome, Failure) and outcome != NOT_FOUND):
+                continue
+            if uid in self.users or self.not_found.get(uid, now) is not None:
+                self.learn(uid, outcome, now, hold=False)
+
+    def forget(self, user_id: int, now: float) -> bool:
+        """Drop every trace of an id (evicted at `now`); True if there was one."""
+        self.evicted.put(user_id, now, now + EVICTED_KEPT_S)
         held = self.users.pop(user_id) is not None
         return held | self.not_found.pop(user_id) | self.failing.pop(user_id)
 
+    def unevicted(self, records: list[UserRecord]) -> list[UserRecord]:
+        """`records` but those fetched before their id was evicted: the eviction asked
+        for a copy fetched after it, so they are not saved."""
+        gone = set(self.evicted_since_fetch(records))
+        return [r for r in records if r.user_id not in gone] if gone else records
+
+    def evicted_since_fetch(self, records: list[UserRecord]) -> list[int]:
+        """Ids of `records` evicted after the record was fetched (a save that was under
+        way when the eviction arrived must be undone)."""
+        evicted = self.evicted.data
+        if not evicted:
+            return []
+        return [r.user_id for r in records if evicted.get(r.user_id, (0, 0.0))[1] > r.fetched_at]
+
     def expire_before(self, cutoff: float) -> int:
-        """Drop users fetched before `cutoff`; how many were dropped."""
+        """Drop users fetched before `cutoff`; how many were dropped. An infinite cutoff
+        forgets everything, the negative caches too: after a gap in what this process
+        heard (its subscription lost, a 'drop your memory'), an eviction of an id known
+        not to exist may have been missed as well."""
         old = [uid for uid, entry in self.users.items() if fetched_at(entry) < cutoff]
         for uid in old:
             self.users.pop(uid)
+        if math.isinf(cutoff):
+            self.not_found.data.clear()
+            self.failing.data.clear()
         return len(old)

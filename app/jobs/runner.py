@@ -76,7 +76,7 @@ class JobRunner:
         self.clock = clock
         settings = gateway.settings
         self.settings = settings
-        self.webhooks = Webhooks(store, settings, clock=clock)
+        self.webhooks = Webhooks(store, settings, clock=clock, coordinator=gateway.coordinator)
         self.progress: dict[str, Progress] = {}
         self.by_status: dict[str, int] = {}
         self.ids_done = 0

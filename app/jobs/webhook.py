@@ -5,6 +5,16 @@ The signature is Stripe's scheme: `X-Signature: t=<unix time>,v1=<hex HMAC-SHA25
 timestamps (replays). Redirects are not followed; each attempt is bounded by
 WEBHOOK_TIMEOUT_S and logged; failures are retried with backoff for an hour after the
 job ended. The delivery state lives on the job, so restarts do not lose it.
+
+Once per deployment, at least once: only the leading process delivers, and each attempt
+is made under a lease on the job's callback (the `Coordinator`'s named lease, token-
+guarded), taken before the job is read again, held through the POST and the state
+update: two processes never send one callback at the same time, nor race on its state.
+A callback is still *at least once*, never exactly once: an answer lost on the way back
+(a timeout) is retried, and a process paused past its lease may send it beside the next
+holder. So every attempt of one delivery carries the same `Idempotency-Key` (the job id
+and when it ended; a job that ends again after `retry-failed` is a new delivery): a
+receiver that remembers the keys it handled processes each callback once.
 """
 
 from __future__ import annotations
@@ -14,6 +24,7 @@ import contextlib
 import hashlib
 import hmac
 import logging
+from collections.abc import Awaitable, Callable
 
 import httpx
 import orjson
@@ -22,6 +33,7 @@ from app import __version__
 from app.clock import Clock
 from app.config import Settings
 from app.errors import StoreUnavailable
+from app.gateway.coordinator import Coordinator
 from app.jobs.model import FINISHED, Job, job_view
 from app.jobs.store import JobStore
 
@@ -31,6 +43,8 @@ RETRY_FOR_S = 3600.0
 BACKOFF_BASE_S = 1.0
 BACKOFF_MAX_S = 300.0
 POLL_S = 1.0
+LEASE_MARGIN_S = 5.0
+"""A delivery's lease outlives its POST and its state update by this much."""
 
 
 def sign(secret: str, body: bytes, timestamp: int) -> str:
@@ -39,13 +53,38 @@ def sign(secret: str, body: bytes, timestamp: int) -> str:
     return f"t={timestamp},v1={mac}"
 
 
+def idempotency_key(job: Job) -> str:
+    """The same for every attempt of one delivery: the job, and when it ended."""
+    return f"{job.job_id}.{round((job.finished_at or 0.0) * 1000)}"
+
+
+def _due(current: Job, seen: Job, now: float) -> bool:
+    """Whether the callback read under the lease is still the one due when listed."""
+    return (
+        current.webhook == "pending"
+        and current.webhook_attempts == seen.webhook_attempts
+        and (current.webhook_next_at or 0.0) <= now
+    )
+
+
 class Webhooks:
     """Delivers due callbacks, one at a time, from the store's list of pending ones."""
 
-    def __init__(self, store: JobStore, settings: Settings, *, clock: Clock) -> None:
+    def __init__(
+        self,
+        store: JobStore,
+        settings: Settings,
+        *,
+        clock: Clock,
+        coordinator: Coordinator | None = None,
+    ) -> None:
         self.store = store
         self.settings = settings
         self.clock = clock
+        self.coordinator = coordinator
+        """The deployment's: who leads, and the per-delivery leases (None: this process
+        is the whole deployment)."""
+        self.lease_s = settings.webhook_timeout_s + 2 * settings.store_timeout_s + LEASE_MARGIN_S
         self._wake = asyncio.Event()
         self._http: httpx.AsyncClient | None = None
 
@@ -65,8 +104,9 @@ class Webhooks:
         )
         while True:
             try:
-                for job in await self.store.webhooks_due(self.clock(), 20):
-                    await self.deliver(job)
+                if self.coordinator is None or self.coordinator.leads():
+                    for job in await self.store.webhooks_due(self.clock(), 20):
+                        await self.deliver_once(job)
             except StoreUnavailable as exc:
                 log.warning("callbacks paused: %s", exc)
             except Exception:
@@ -76,8 +116,31 @@ class Webhooks:
                 async with asyncio.timeout(POLL_S):
                     await self._wake.wait()
 
-    async def deliver(self, job: Job) -> bool:
-        """One attempt; the outcome (and the next attempt's time) is saved on the job."""
+    async def deliver_once(self, job: Job) -> bool | None:
+        """One attempt under the delivery's lease; None when another process holds it or
+        the callback is no longer due (delivered or rescheduled meanwhile)."""
+        coordinator = self.coordinator
+        if coordinator is None:
+            return await self.deliver(job)
+        name = f"webhook:{job.job_id}"
+        token = await coordinator.hold(name, self.lease_s)
+        if token is None:
+            return None
+        try:
+            # Read again under the lease: `job` may be another attempt's past.
+            current = await self.store.get(job.job_id)
+            if current is None or not _due(current, job, self.clock()):
+                return None
+            return await self.deliver(current, still_held=lambda: coordinator.holds(name, token))
+        finally:
+            await coordinator.drop(name, token)
+
+    async def deliver(
+        self, job: Job, *, still_held: Callable[[], Awaitable[bool]] | None = None
+    ) -> bool:
+        """One attempt; the outcome (and the next attempt's time) is saved on the job,
+        unless `still_held` says the delivery's lease was lost meanwhile (its new holder
+        owns the state now)."""
         assert self._http is not None and job.callback_url is not None
         secret = self.settings.webhook_secret
         attempt = job.webhook_attempts + 1
@@ -90,12 +153,16 @@ class Webhooks:
                 "Content-Type": "application/json",
                 "X-Signature": sign(secret.get_secret_value(), body, int(self.clock())),
                 "X-Job-Id": job.job_id,
+                "Idempotency-Key": idempotency_key(job),
             }
             try:
                 response = await self._http.post(job.callback_url, content=body, headers=headers)
                 error = None if response.is_success else f"HTTP {response.status_code}"
             except httpx.HTTPError as exc:
                 error = f"{type(exc).__name__}: {exc}"[:200]
+        if still_held is not None and not await still_held():
+            log.warning("job %s: callback attempt %d: lease lost, state left", job.job_id, attempt)
+            return error is None
         now = self.clock()
         changes: dict[str, object] = {"webhook_attempts": attempt, "webhook_error": error}
         if error is None:

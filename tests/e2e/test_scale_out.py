@@ -120,7 +120,7 @@ def test_two_processes_share_fetches_evictions_and_memory(
         answers = list(pool.map(post, [a, b] * 10, batches))
     assert all(status == 200 and not body["unavailable"] for status, body in answers)
     assert sim_stats(simulator)["ids_requested"] == unique
-    # a fetches 5; b answers it from memory, learnt from a's announcement (no call).
+    # a fetches 5; b answers it without a call (from the store, or the outcome a announced).
     status, body = post(a, [5])
     assert (status, body["users"][0]["source"]) == (200, "fetched")
     wait_for(lambda: post(b, [5])[1]["users"][0]["source"] == "cache", within_s=5)

@@ -134,6 +134,26 @@ async def test_a_claim_just_after_an_announcement_gets_the_outcome_not_the_id(
         assert b.events == [Fetched({8: cache_entry(stub_user(8))})]
 
 
+async def test_a_named_lease_has_one_holder_and_only_its_holder_gives_it_back(
+    pair: tuple[Member, Member],
+) -> None:
+    a, b = pair
+    token = await a.coordinator.hold("webhook:j1", 30)
+    assert token is not None
+    assert await b.coordinator.hold("webhook:j1", 30) is None
+    assert await a.coordinator.holds("webhook:j1", token)
+    await b.coordinator.drop("webhook:j1", "not-the-token")
+    assert not await b.coordinator.holds("webhook:j1", "not-the-token")
+    assert await a.coordinator.holds("webhook:j1", token), "another's token drops nothing"
+    await a.coordinator.drop("webhook:j1", token)
+    assert await b.coordinator.hold("webhook:j1", 30) is not None
+    short = await a.coordinator.hold("webhook:j2", 0.2)
+    assert short is not None
+    await asyncio.sleep(0.3)
+    assert not await a.coordinator.holds("webhook:j2", short), "it lapses"
+    assert await b.coordinator.hold("webhook:j2", 30) is not None
+
+
 MakeCoordinator = Callable[[], Coordinator]
 
 
@@ -184,7 +204,7 @@ async def test_two_gateways_of_one_deployment_fetch_each_id_once(
             "each id is looked up once across both gateways"
         )
         assert len(upstream.calls) <= 10
-        assert await a.wait_idle(5) and await b.wait_idle(5)  # saved, then announced
+        assert await a.wait_idle(5) and await b.wait_idle(5)  # announced, then saved
         # Each gateway learnt the other's users from its announcements, without a store read.
         found = len(looked_up) - 2  # 97 and 194 do not exist
         await until(lambda: len(a.memory) == len(b.memory) == found)
@@ -202,8 +222,9 @@ async def test_an_eviction_on_one_gateway_reaches_the_others_memory(
     a, b = await two_gateways(tmp_path, upstream, deployment)
     try:
         await a.lookup([5])
-        assert await a.wait_idle(5)  # saved, then announced
-        await until(lambda: len(b.memory) == 1)  # b learnt the user from a's announcement
+        assert await a.wait_idle(5)  # announced, then saved
+        await b.lookup([5])  # b's clients asked for it too: b holds it
+        assert len(b.memory) == 1
         assert await b.admin.evict(5)
         await until(lambda: len(a.memory) == 0)
         await a.lookup([5])
