@@ -31,6 +31,10 @@ class BatchQueue:
     batch then takes that lane's ids first and fills up from the others (a call costs the
     same with 1 id or 100), waiting at most `window_s` for more only while it is not full:
     a batch window that never adds latency to a full batch or to an idle gateway's first id.
+
+    `maxsize` bounds the ids of clients and refreshes. Crawl jobs' ids are not counted in
+    it and always fit: the job runner bounds them (UPSTREAM_CONCURRENCY - 1 chunks), and a
+    queue full of clients' misses must not keep a job that is owed its share out of line.
     """
 
     def __init__(self, maxsize: int) -> None:
@@ -40,11 +44,10 @@ class BatchQueue:
         self._ready = asyncio.Event()
         self.changed = asyncio.Event()
         """Set whenever an id is queued (the planner clears it before it looks)."""
-        self._freed = asyncio.Event()
 
     def put_nowait(self, user_id: int, priority: int) -> None:
-        """Queue an id; raises asyncio.QueueFull when there is no room."""
-        if self._size >= self.maxsize:
+        """Queue an id; raises asyncio.QueueFull when there is no room (never for a job's)."""
+        if priority != PRIORITY_JOB and self.room <= 0:
             raise asyncio.QueueFull
         self._lanes[priority].append(user_id)
         self._size += 1
@@ -53,8 +56,8 @@ class BatchQueue:
 
     @property
     def room(self) -> int:
-        """How many more ids fit."""
-        return self.maxsize - self._size
+        """How many more ids of clients or refreshes fit (a job's ids take none of it)."""
+        return self.maxsize - self._size + len(self._lanes[PRIORITY_JOB])
 
     def qsize(self, priority: int | None = None) -> int:
         """Ids queued (in one lane, when given)."""
@@ -64,19 +67,12 @@ class BatchQueue:
         """The budget lanes with ids queued."""
         return {BUDGET_LANE[p] for p, lane in enumerate(self._lanes) if lane}
 
-    async def wait_room(self, room: int) -> None:
-        """Wait until at least `room` more ids fit."""
-        while self.room < room:
-            self._freed.clear()
-            await self._freed.wait()
-
     def clear(self) -> None:
         """Drop every queued id."""
         for lane in self._lanes:
             lane.clear()
         self._size = 0
         self._ready.clear()
-        self._freed.set()
 
     async def gather(
         self,
@@ -112,7 +108,6 @@ class BatchQueue:
             while lane and len(batch) < size:
                 user_id = lane.popleft()
                 self._size -= 1
-                self._freed.set()
                 if accept(user_id):
                     batch.append(user_id)
         if not self._size:

@@ -268,7 +268,6 @@ class JobRunner:
                 done.append(Item(need.pop(uid).seq, uid, FOUND))
         if not need:
             return done, 0, None
-        await self._room(len(need))
         fetches = gateway.enlist(list(need), stored)
         futures = {f.future for f in fetches.values() if f is not None}
         if futures:
@@ -301,8 +300,3 @@ class JobRunner:
         for item in done:
             progress.attempts.pop(item.seq, None)
         return done, calls, error
-
-    async def _room(self, count: int) -> None:
-        """Wait until the queue has room for the chunk and a client's request besides (the
-        budget is the planner's: the chunk waits for it in the job lane)."""
-        await self.gateway.queue.wait_room(count + self.settings.max_users_per_request)

@@ -28,10 +28,10 @@ from app.gateway.budget import (
     Window,
     budget_windows,
 )
-from bench.budget import busiest
 from tests.support.apps import make_settings
 from tests.support.clock import FakeClock
 from tests.support.procs import RedisServer
+from tests.support.simulation import busiest
 
 MINUTE = Window("minute", 5, 60.0)
 HOUR = Window("hour", 8, 3600.0)
