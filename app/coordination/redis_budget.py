@@ -134,6 +134,17 @@ REFUND = """
 for k = 1, #KEYS do redis.call('ZREM', KEYS[k], ARGV[1]) end
 return 1
 """
+# KEYS: log, then the lane logs. ARGV: ticket, now rounded up in ms (-1: Redis' TIME). The
+# call is being sent: it moves to now if that is later (GT), and only if it is there (XX).
+STAMP = """
+local at = tonumber(ARGV[2])
+if at < 0 then
+  local t = redis.call('TIME')
+  at = tonumber(t[1]) * 1000 + math.ceil(tonumber(t[2]) / 1000)
+end
+for k = 1, #KEYS do redis.call('ZADD', KEYS[k], 'XX', 'GT', at, ARGV[1]) end
+return at
+"""
 # KEYS: paused, log, lane logs. ARGV: keep ms, pause until (ms, 0: none), then triples of
 # (time ms, lane index, ticket): calls made while Redis was away. Logged under their
 # tickets, so charging twice changes nothing.
@@ -188,13 +199,14 @@ class RedisBudget:
         self._seen_processes = self._min_processes
         self._script = redis.register_script(BUDGET)
         self._refund = redis.register_script(REFUND)
+        self._stamp = redis.register_script(STAMP)
         self._charge = redis.register_script(CHARGE)
         self._pause = redis.register_script(PAUSE)
         tag = f"{{{prefix}:budget}}"
         self._keys = [f"{tag}:paused", f"{tag}:log", *(f"{tag}:lane:{lane}" for lane in LANES)]
         self._window_args: list[int] = []
         for window in self._limits:
-            self._window_args += [window.period_ms, window.limit]
+            self._window_args += [window.span_ms, window.limit]
         self._token = secrets.token_hex(6)
         self._seq = count(1)
         self._local: LocalBudget | None = None
@@ -229,14 +241,23 @@ class RedisBudget:
         return Grant(asks[granted - 1].lane, ticket, tuple(w / 1000 for w in waits), held)
 
     async def refund(self, ticket: str) -> None:
-        if not ticket.startswith(f"{self._token}:"):
-            if self._local is not None:  # granted by the fallback
-                await self._local.refund(ticket)
-            return
-        if self._usable():
+        if self._local is not None and self._local.log.remove(ticket) is not None:
+            return  # granted by the fallback, still in its log
+        if self._usable():  # in Redis (a fallback's call too, once charged there)
             try:
                 await bounded(self._refund(keys=self._keys[1:], args=[ticket]), self.timeout_s)
             except RedisError as exc:  # the call stays logged: the budget only looks fuller
+                self._down(exc)
+
+    async def stamp(self, ticket: str) -> None:
+        if self._local is not None and ticket.startswith(self._local.token):
+            await self._local.stamp(ticket)  # a fallback's call: its log
+            return
+        if self._usable():
+            try:
+                args: list[int | str] = [ticket, self._now_arg()[1]]
+                await bounded(self._stamp(keys=self._keys[1:], args=args), self.timeout_s)
+            except RedisError as exc:  # logged at its grant: the margin has to cover it
                 self._down(exc)
 
     async def pause(self, seconds: float) -> None:
@@ -271,6 +292,7 @@ class RedisBudget:
                 w.name,
                 w.limit,
                 w.period_s,
+                w.margin_s,
                 used,
                 max(0, w.limit - used),
                 max(0, wait - elapsed_ms) / 1000,
@@ -328,7 +350,7 @@ class RedisBudget:
         """Redis answers again: charge it the calls made meanwhile, and any 429's pause."""
         local = self._local
         assert local is not None
-        args: list[int | str] = [max(w.period_ms for w in self._limits)]
+        args: list[int | str] = [max(w.span_ms for w in self._limits)]
         paused_until = local.log.paused_until_ms
         now_ms = floor_ms(self._now())
         args.append(paused_until + self._offset_ms if paused_until > now_ms else 0)

@@ -120,7 +120,7 @@ class Planner:
         self.share_ppm = round(settings.job_share * 1_000_000)
         # The tightest sustained rate the reserve leaves: min over windows of left / period.
         left, period = min(
-            ((w.limit - r, w.period_ms) for w, r in zip(windows, self.reserve, strict=True)),
+            ((w.limit - r, w.span_ms) for w, r in zip(windows, self.reserve, strict=True)),
             key=lambda pair: pair[0] / pair[1],
         )
         self.pacer = Pacer(left, period, settings.upstream_burst)

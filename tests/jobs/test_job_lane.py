@@ -109,7 +109,8 @@ def test_with_the_defaults_clients_get_fifty_calls_in_the_first_minute(tmp_path:
     first = times[0]
     assert sum(1 for t in times if t < first + 60) == 50, "the old budget held them to 16.5"
     assert len(times) == 60 and busiest(times, 60.0) == 50
-    assert 60.0 <= max(sim.miss_waits) <= 61.0, "the 10 left wait for the first to leave"
+    # The 10 left wait for the first call to leave the minute and its 1 s margin.
+    assert 61.0 <= max(sim.miss_waits) <= 62.0
 
 
 def test_a_crawl_is_paced_to_the_hour_and_keeps_the_reserve(tmp_path: Path) -> None:

@@ -27,6 +27,7 @@ from app.config import Settings
 from app.errors import Overloaded
 from app.gateway import Gateway
 from app.gateway.batching import PRIORITY_REFRESH
+from app.gateway.coordinator import Coordinator
 from app.jobs import runner as job_runner
 from app.jobs import webhook as job_webhook
 from app.jobs.model import Job, new_job_id
@@ -104,13 +105,17 @@ class Tracked:
 @dataclass
 class CountingFreelancer:
     """Freelancer's users API as the simulation's upstream: every call's (virtual) time and
-    ids, counted where Freelancer would count them."""
+    ids, counted where Freelancer would count them: `trip_s()` seconds after the gateway
+    sent it (0 unless set)."""
 
     latency_s: float = 0.1
+    trip_s: Callable[[], float] | None = None
     calls: list[tuple[float, tuple[int, ...]]] = field(default_factory=list)
 
     async def handle(self, request: httpx.Request) -> httpx.Response:
         ids = tuple(int(v) for k, v in request.url.params.multi_items() if k == "users[]")
+        if self.trip_s is not None:
+            await asyncio.sleep(self.trip_s())
         self.calls.append((asyncio.get_running_loop().time(), ids))
         await asyncio.sleep(self.latency_s)
         users = {
@@ -179,8 +184,15 @@ class Simulation:
 
 
 @asynccontextmanager
-async def simulation(folder: Path, **overrides: Any) -> AsyncIterator[Simulation]:
-    """The gateway and its job runner on the running `VirtualTimeLoop`'s clock. The job
+async def simulation(
+    folder: Path,
+    *,
+    freelancer: CountingFreelancer | None = None,
+    coordinator: Coordinator | None = None,
+    **overrides: Any,
+) -> AsyncIterator[Simulation]:
+    """The gateway and its job runner on the running `VirtualTimeLoop`'s clock, calling
+    `freelancer` (a new `CountingFreelancer` by default), settings overridden by name. The job
     runner's and the callbacks' idle polls are the product's (`IDLE_POLL_S`), not the
     in-process tests' 50 ms: simulated hours of 50 ms polls are hours of real store reads."""
     loop = asyncio.get_running_loop()
@@ -189,13 +201,17 @@ async def simulation(folder: Path, **overrides: Any) -> AsyncIterator[Simulation
         patch.object(job_runner, "POLL_S", IDLE_POLL_S),
         patch.object(job_webhook, "POLL_S", IDLE_POLL_S),
     ):
-        async with _simulation(loop, folder, **overrides) as sim:
+        async with _simulation(loop, folder, freelancer, coordinator, overrides) as sim:
             yield sim
 
 
 @asynccontextmanager
 async def _simulation(
-    loop: VirtualTimeLoop, folder: Path, **overrides: Any
+    loop: VirtualTimeLoop,
+    folder: Path,
+    freelancer: CountingFreelancer | None,
+    coordinator: Coordinator | None,
+    overrides: dict[str, Any],
 ) -> AsyncIterator[Simulation]:
     values: dict[str, Any] = {
         "freelancer_api_base": API,
@@ -208,7 +224,7 @@ async def _simulation(
     }
     settings = Settings(_env_file=None, **(values | overrides))
     store: Any = Tracked(SqliteUserStore(settings.sqlite_path), loop)
-    freelancer = CountingFreelancer()
+    freelancer = freelancer or CountingFreelancer()
 
     def wall() -> float:
         return WALL_START + loop.time()
@@ -218,6 +234,7 @@ async def _simulation(
             settings=settings,
             store=store,
             upstream=FreelancerClient(http, base_url=API, clock=wall),
+            coordinator=coordinator,
             clock=wall,
         )
         await gateway.start()

@@ -9,12 +9,14 @@ from pydantic import BaseModel, Field
 
 class BudgetWindow(BaseModel):
     """One of Freelancer's limits, from the log of calls (every process's): calls allowed
-    per period, used in the last period, left, and when a client's miss may call next."""
+    per period, used in the last period (and margin), left, and when a client's miss may
+    call next."""
 
     name: str = Field(examples=["minute"])
     limit: int
-    period_s: float
-    used: int = Field(description="Calls in the last period_s")
+    period_s: float = Field(description="Freelancer's period")
+    margin_s: float = Field(description="UPSTREAM_WINDOW_MARGIN_S: counted on top of the period")
+    used: int = Field(description="Calls in the last period_s + margin_s")
     remaining: int = Field(description="limit - used")
     next_call_in_s: float = Field(description="Seconds until a client's miss may call (0: now)")
 
