@@ -5,12 +5,15 @@
 ticket). Replies are integers only: Redis truncates a Lua number, so no float is sent back.
 """
 
-# KEYS: paused, log, then one log per lane (LANES order). ARGV: now rounded down and up in
-# ms (-1: Redis' TIME, so the processes' clocks never matter; tests pass their own), spend
-# (1/0), ticket, window count n, n x (period ms, limit), ask count, per ask: its lane's
-# index (1-based) and n ceilings. Returns integers only: {granted ask (0: none), now,
-# pause left, n x used, n x ms until a miss may call, per ask its wait and what holds it
-# (0 nothing, -1 the pause, i window i), per lane its calls in the longest window}.
+# KEYS: paused, log, one log per lane (LANES order), epoch. ARGV: now rounded down and up
+# in ms (-1: Redis' TIME, so the processes' clocks never matter; tests pass their own),
+# spend (1/0), ticket, window count n, n x (span ms, limit), ask count, per ask: its lane's
+# index (1-based) and n ceilings; then the epoch the caller last saw (0: none) and one to
+# set if there is none. Returns integers only: {granted ask (0: none), now, pause left,
+# n x used, n x ms until a miss may call, per ask its wait and what holds it (0 nothing,
+# -1 the pause, i window i), per lane its calls in the longest window, the epoch}; or
+# {-1, now, epoch} without looking at the log when the epoch is not the caller's: the log
+# was lost (a restart with nothing on disk, a failover) and the callers must charge theirs.
 BUDGET = """
 local now, at = tonumber(ARGV[1]), tonumber(ARGV[2])
 if now < 0 then
@@ -19,6 +22,14 @@ if now < 0 then
   now = s * 1000 + math.floor(us / 1000)
   at = s * 1000 + math.ceil(us / 1000)
 end
+local epoch = redis.call('GET', KEYS[#KEYS])
+if not epoch then
+  epoch = ARGV[#ARGV]
+  redis.call('SET', KEYS[#KEYS], epoch)
+end
+epoch = tonumber(epoch)
+local seen = tonumber(ARGV[#ARGV - 1])
+if seen ~= 0 and seen ~= epoch then return {-1, now, epoch} end
 local spend, ticket, nwin = tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5])
 local periods, limits, keep = {}, {}, 0
 for i = 1, nwin do
@@ -26,7 +37,7 @@ for i = 1, nwin do
   if periods[i] > keep then keep = periods[i] end
 end
 local expired = string.format('%d', now - keep)
-for k = 2, #KEYS do redis.call('ZREMRANGEBYSCORE', KEYS[k], '-inf', expired) end
+for k = 2, #KEYS - 1 do redis.call('ZREMRANGEBYSCORE', KEYS[k], '-inf', expired) end
 local total = redis.call('ZCARD', KEYS[2])
 local used = {}
 local function count_windows()
@@ -72,7 +83,8 @@ for i = 1, nwin do reply[#reply + 1] = used[i] end
 for i = 1, nwin do reply[#reply + 1] = math.max(paused, window_wait(i, limits[i])) end
 for a = 1, nask do reply[#reply + 1] = waits[a] end
 for a = 1, nask do reply[#reply + 1] = holders[a] end
-for k = 3, #KEYS do reply[#reply + 1] = redis.call('ZCARD', KEYS[k]) end
+for k = 3, #KEYS - 1 do reply[#reply + 1] = redis.call('ZCARD', KEYS[k]) end
+reply[#reply + 1] = epoch
 return reply
 """
 # KEYS: log, then the lane logs. ARGV: ticket. A granted call that was not made.
@@ -91,19 +103,28 @@ end
 for k = 1, #KEYS do redis.call('ZADD', KEYS[k], 'XX', 'GT', at, ARGV[1]) end
 return at
 """
-# KEYS: paused, log, lane logs. ARGV: keep ms, pause until (ms, 0: none), then triples of
-# (time ms, lane index, ticket): calls made while Redis was away. Logged under their
-# tickets, so charging twice changes nothing.
+# KEYS: paused, log, lane logs. ARGV: keep ms, pause until (ms, 0: none), now in ms (-1:
+# Redis' TIME), the count r of tickets to take out, r tickets, then triples of (time ms,
+# lane index, ticket). The calls a process made while Redis was away (or all its calls
+# of the longest window, after the log was lost) go in under their tickets, so charging
+# twice changes nothing; the tickets taken out are its spends whose answer never came
+# (Redis frozen): Redis ran them when it woke, for calls that were never made.
 CHARGE = """
-local keep, until_ms = tonumber(ARGV[1]), tonumber(ARGV[2])
-for i = 3, #ARGV, 3 do
+local keep, until_ms, now = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+if now < 0 then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local gone = tonumber(ARGV[4])
+for i = 5, 4 + gone do
+  for k = 2, #KEYS do redis.call('ZREM', KEYS[k], ARGV[i]) end
+end
+for i = 5 + gone, #ARGV, 3 do
   for _, key in ipairs({KEYS[2], KEYS[2 + tonumber(ARGV[i + 1])]}) do
     redis.call('ZADD', key, ARGV[i], ARGV[i + 2])
     redis.call('PEXPIRE', key, keep + 1000)
   end
 end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 if until_ms > now and until_ms > tonumber(redis.call('GET', KEYS[1]) or '0') then
   redis.call('SET', KEYS[1], string.format('%d', until_ms), 'PX', until_ms - now + 1000)
 end
