@@ -130,6 +130,7 @@ async def test_health_queue_stats_and_metrics_answer(
                 "next_call_in_s": 0.0,
             },
         ],
+        "budget_waiting": [],
     }
     queue = (await running.client.get("/api/queue")).json()
     assert queue == {

@@ -38,7 +38,11 @@ async def test_a_job_bursts_then_paces_to_the_hour_and_a_client_still_calls_at_o
     health = (await running.client.get("/")).json()
     hour = next(w for w in health["budget"] if w["name"] == "hour")
     assert (hour["limit"], hour["used"], hour["remaining"]) == (20, 7, 13)
-    assert running.gateway.planner.waiting()[0].waits_for == "pace"
+    [waiting] = health["budget_waiting"]  # GET / says which lane waits, for what, how long
+    assert (waiting["lane"], waiting["waits_for"]) == ("jobs", "pace")
+    assert 100 < waiting["in_s"] <= 212
+    stats = (await running.client.get("/api/stats")).json()
+    assert [(w["lane"], w["waits_for"]) for w in stats["budget_waiting"]] == [("jobs", "pace")]
 
 
 async def test_a_waiting_client_does_not_queue_behind_a_job(

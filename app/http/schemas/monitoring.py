@@ -21,6 +21,19 @@ class BudgetWindow(BaseModel):
     next_call_in_s: float = Field(description="Seconds until a client's miss may call (0: now)")
 
 
+class LaneWaiting(BaseModel):
+    """A budget lane with ids queued that is not calling now, and why (the planner's view)."""
+
+    lane: Literal["misses", "jobs", "refreshes"]
+    waits_for: str = Field(
+        description='"minute" or "hour" (that window is full, or holds the reserve a '
+        'background lane leaves to clients), "pace" (jobs and refreshes keep to the hourly '
+        'rate), "pause" (Freelancer said 429), or "behind <lane>" (that lane took the call)',
+        examples=["minute"],
+    )
+    in_s: float = Field(description="Seconds until it may call, as far as is known now")
+
+
 class JobStats(BaseModel):
     """Crawl jobs: how many in each status, and what the runner did since start."""
 
@@ -47,6 +60,7 @@ class Health(BaseModel):
     )
     processes: int = Field(description="Processes of the deployment seen alive lately")
     budget: list[BudgetWindow] = Field(description="Freelancer's minute and hour windows")
+    budget_waiting: list[LaneWaiting] = Field(description="Lanes waiting for the budget, and why")
 
 
 class QueueInfo(BaseModel):
@@ -101,4 +115,5 @@ class Stats(BaseModel):
     worker_restarts: int
     keys: list[KeyUsage] = Field(description="Usage per client")
     budget: list[BudgetWindow] = Field(description="Freelancer's minute and hour windows")
+    budget_waiting: list[LaneWaiting] = Field(description="Lanes waiting for the budget, and why")
     jobs: JobStats | None = Field(description="Crawl jobs; null while the runner is down")
