@@ -92,15 +92,18 @@ REFUND = """
 for k = 1, #KEYS do redis.call('ZREM', KEYS[k], ARGV[1]) end
 return 1
 """
-# KEYS: log, then the lane logs. ARGV: ticket, now rounded up in ms (-1: Redis' TIME). The
-# call is being sent: it moves to now if that is later (GT), and only if it is there (XX).
+# KEYS: log, then the lane logs. ARGV: ticket, now rounded up in ms (-1: Redis' TIME), its
+# lane's index (1-based). The call is being sent: it moves to now if that is later (GT), or
+# is logged again if it was granted so long ago that it left the log.
 STAMP = """
 local at = tonumber(ARGV[2])
 if at < 0 then
   local t = redis.call('TIME')
   at = tonumber(t[1]) * 1000 + math.ceil(tonumber(t[2]) / 1000)
 end
-for k = 1, #KEYS do redis.call('ZADD', KEYS[k], 'XX', 'GT', at, ARGV[1]) end
+for _, key in ipairs({KEYS[1], KEYS[1 + tonumber(ARGV[3])]}) do
+  redis.call('ZADD', key, 'GT', at, ARGV[1])
+end
 return at
 """
 # KEYS: paused, log, lane logs. ARGV: keep ms, pause until (ms, 0: none), now in ms (-1:

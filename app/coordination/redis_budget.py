@@ -162,16 +162,17 @@ class RedisBudget:
             except RedisError as exc:  # the call stays logged: the budget only looks fuller
                 self._down(exc)
 
-    async def stamp(self, ticket: str) -> None:
+    async def stamp(self, ticket: str, lane: str) -> None:
         if self._local is not None and ticket.startswith(self._local.token):
-            await self._local.stamp(ticket)  # a fallback's call: its log
-            self._mine.restamp(ticket, self._redis_ms())
+            await self._local.stamp(ticket, lane)  # a fallback's call: its log
+            self._mine.restamp(ticket, lane, self._redis_ms())
             return
         if self._usable():
             try:
-                args: list[int | str] = [ticket, self._now_arg()[1]]
-                at = await bounded(self._stamp(keys=self._keys[1:], args=args), self.timeout_s)
-                self._mine.restamp(ticket, int(at))
+                args: list[int | str] = [ticket, self._now_arg()[1], LANES.index(lane) + 1]
+                keys = self._keys[1:]
+                at = await bounded(self._stamp(keys=keys, args=args), self.timeout_s)
+                self._mine.restamp(ticket, lane, int(at))
             except RedisError as exc:  # logged at its grant: the margin has to cover it
                 self._down(exc)
 

@@ -72,8 +72,9 @@ class Budget(Protocol):
     async def refund(self, ticket: str) -> None:
         """A granted call was not made: take it out of the log."""
 
-    async def stamp(self, ticket: str) -> None:
-        """The granted call is being sent now: log it at this instant (never earlier)."""
+    async def stamp(self, ticket: str, lane: str) -> None:
+        """The call granted to `lane` is being sent now: log it at this instant (never
+        earlier; again, if it was granted so long ago that it left the log)."""
 
     async def pause(self, seconds: float) -> None:
         """Freelancer answered 429: no caller sends anything for `seconds`."""
@@ -148,8 +149,8 @@ class LocalBudget:
     async def refund(self, ticket: str) -> None:
         self.log.remove(ticket)
 
-    async def stamp(self, ticket: str) -> None:
-        self.log.restamp(ticket, ceil_ms(self._clock()))
+    async def stamp(self, ticket: str, lane: str) -> None:
+        self.log.restamp(ticket, lane, ceil_ms(self._clock()))
 
     async def pause(self, seconds: float) -> None:
         until = floor_ms(self._clock()) + ceil_ms(seconds)

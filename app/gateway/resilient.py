@@ -77,7 +77,7 @@ class ResilientUpstream:
                 await self.budget.refund(ticket)
                 raise UpstreamCircuitOpen("Freelancer is failing; not calling it for a while")
             # Logged from now, not from its grant (see app.gateway.budget: the margin).
-            await self.budget.stamp(ticket)
+            await self.budget.stamp(ticket, lane)
             ticket = None  # spent: a retry spends again
             self.stats.upstream_calls += 1
             self.stats.upstream_ids_requested += len(user_ids)

@@ -180,15 +180,16 @@ class CallLog:
                 return lane
         return None
 
-    def restamp(self, ticket: str, at_ms: int) -> None:
-        """Move a call to `at_ms` when that is later than where it is (it was sent then)."""
+    def restamp(self, ticket: str, lane: str, at_ms: int) -> None:
+        """The call was sent at `at_ms`: move it there when that is later than where it is,
+        or log it again if it was granted so long ago that it left the log."""
         for index in range(len(self.tickets) - 1, -1, -1):
             if self.tickets[index] == ticket:
-                if self.times[index] < at_ms:
-                    lane = self.lanes[index]
-                    del self.times[index], self.lanes[index], self.tickets[index]
-                    self.add(at_ms, lane, ticket)
-                return
+                if self.times[index] >= at_ms:
+                    return
+                del self.times[index], self.lanes[index], self.tickets[index]
+                break
+        self.add(at_ms, lane, ticket)
 
     def lane_calls(self) -> dict[str, int]:
         """Calls per lane in the log (after a `read`, the longest window's)."""

@@ -188,7 +188,7 @@ async def test_a_call_counts_from_when_it_is_sent_and_a_margin_widens_the_window
     ticket = await spend(budget)
     assert ticket is not None
     clock.advance(2.0)
-    await budget.stamp(ticket)  # granted at 1000, sent at 1002
+    await budget.stamp(ticket, MISSES)  # granted at 1000, sent at 1002
     clock.advance(58.0)
     grant = await budget.try_spend([Ask(MISSES)])
     assert grant.ticket is None and grant.waits_s[0] == pytest.approx(2.5), "1002 + 60 + 0.5"
