@@ -60,6 +60,19 @@ async def test_a_queue_full_of_clients_ids_still_takes_a_jobs_and_its_ids_take_n
     queue.put_nowait(4, PRIORITY_MISS)
 
 
+async def test_refreshes_fill_at_most_half_the_queue_and_clients_keep_the_rest() -> None:
+    queue = BatchQueue(10)
+    for uid in range(5):
+        queue.put_nowait(uid, PRIORITY_REFRESH if uid % 2 else PRIORITY_SWEEP)
+    assert queue.room_for(PRIORITY_REFRESH) == 0 and queue.room_for(PRIORITY_SWEEP) == 0
+    with pytest.raises(asyncio.QueueFull):
+        queue.put_nowait(5, PRIORITY_REFRESH)
+    assert queue.room_for(PRIORITY_MISS) == queue.room == 5
+    for uid in range(10, 15):
+        queue.put_nowait(uid, PRIORITY_MISS)
+    assert queue.room_for(PRIORITY_MISS) == 0 and queue.room_for(PRIORITY_JOB) > 0
+
+
 async def test_the_sweep_spends_as_a_refresh_and_lanes_waiting_says_so() -> None:
     queue = BatchQueue(100)
     assert queue.lanes_waiting() == set()

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from unittest.mock import patch
 
 import httpx
@@ -27,6 +27,7 @@ from app.config import Settings
 from app.errors import Overloaded
 from app.gateway import Gateway
 from app.gateway.batching import PRIORITY_REFRESH
+from app.gateway.budget import Ask, Budget, Grant, LocalBudget, budget_windows
 from app.gateway.coordinator import Coordinator
 from app.jobs import runner as job_runner
 from app.jobs import webhook as job_webhook
@@ -138,11 +139,39 @@ def lane_of(user_id: int) -> str:
     return "jobs" if user_id >= JOB_IDS else "misses"
 
 
+class RecordingBudget:
+    """The gateway's `LocalBudget`, remembering the lane of every call it granted and was
+    not given back: which lane each call was spent for (a batch may carry other lanes'
+    ids besides its own, so the ids at Freelancer's door do not tell)."""
+
+    def __init__(self, inner: LocalBudget) -> None:
+        self.inner = inner
+        self.granted: dict[str, tuple[float, str]] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def try_spend(self, asks: Sequence[Ask]) -> Grant:
+        grant = await self.inner.try_spend(asks)
+        if grant.ticket is not None and grant.lane is not None:
+            self.granted[grant.ticket] = (asyncio.get_running_loop().time(), grant.lane)
+        return grant
+
+    async def refund(self, ticket: str) -> None:
+        self.granted.pop(ticket, None)
+        await self.inner.refund(ticket)
+
+    def spent(self) -> list[tuple[float, str]]:
+        """(time granted, lane) of every call spent, in time order."""
+        return sorted(self.granted.values())
+
+
 @dataclass
 class Simulation:
     gateway: Gateway
     runner: JobRunner
     freelancer: CountingFreelancer
+    budget: RecordingBudget
     miss_waits: list[float] = field(default_factory=list)
     shed: int = 0
 
@@ -229,8 +258,10 @@ async def _simulation(
     def wall() -> float:
         return WALL_START + loop.time()
 
+    budget = RecordingBudget(LocalBudget(budget_windows(settings), clock=loop.time))
     async with httpx.AsyncClient(transport=httpx.MockTransport(freelancer.handle)) as http:
         gateway = Gateway(
+            budget=cast(Budget, budget),
             settings=settings,
             store=store,
             upstream=FreelancerClient(http, base_url=API, clock=wall),
@@ -242,7 +273,7 @@ async def _simulation(
         runner = JobRunner(gateway, jobs, clock=wall)
         await runner.start()
         try:
-            yield Simulation(gateway, runner, freelancer)
+            yield Simulation(gateway, runner, freelancer, budget)
         finally:
             await runner.stop()
             await gateway.stop()
