@@ -75,9 +75,11 @@ check: $(STAMP)
 simulator: $(STAMP)
 	$(BIN)/python -m app.simulator --port 9000
 
-## bench: performance targets, then a 5-minute soak (app + simulator on loopback; needs wrk)
+## bench: performance targets, the budget's lanes over simulated hours (a minute), then a
+##        5-minute soak (app + simulator on loopback; needs wrk); each exits 1 on a miss
 bench: $(STAMP) wrk
 	$(BIN)/python -m bench
+	$(BIN)/python -m bench.budget
 	$(BIN)/python -m bench.soak
 
 ## soak: only the soak (SOAK_SECONDS=300)

@@ -80,6 +80,8 @@ class Settings(BaseSettings):
     upstream_reserve_per_hour: int = Field(200, ge=0)
     # Calls jobs and refreshes may send back to back before their pace holds them.
     upstream_burst: int = Field(10, ge=1)
+    # Added to each window's period: a call reaches Freelancer after it is logged.
+    upstream_window_margin_s: float = Field(1.0, ge=0, le=30)
     simulator_latency_ms: float = Field(100.0, ge=0)
 
     # Batching and bounds

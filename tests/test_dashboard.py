@@ -21,7 +21,7 @@ from starlette.types import ASGIApp, Message
 
 from app.dashboard import hub as dashboard
 from app.dashboard.hub import DashboardHub
-from app.dashboard.sampler import POINT_FIELDS, CallWindow, JobsNow, RateSampler, percentile
+from app.dashboard.sampler import POINT_FIELDS, JobsNow, RateSampler, percentile
 from app.errors import StoreUnavailable
 from app.http.state import services_of
 from app.jobs import runner as job_runner
@@ -49,8 +49,6 @@ SAMPLE_FIELDS = {
     "upstream_errors_total",
     "upstream_calls_last_minute",
     "upstream_calls_last_hour",
-    "upstream_minute_covered_s",
-    "upstream_hour_covered_s",
     "latency_p50_ms",
     "latency_p95_ms",
     "latency_samples",
@@ -59,6 +57,7 @@ SAMPLE_FIELDS = {
     "throttled",
     "throttle_wait_s",
     "budget",
+    "budget_waiting",
     "store",
     "store_size",
     "memory_size",
@@ -277,10 +276,11 @@ async def test_events_are_well_formed_and_counters_move_after_a_lookup(
     assert set(first["budget"][0]) == {
         "name",
         "period_s",
+        "margin_s",
         "limit",
-        "remaining",
         "used",
-        "covered_s",
+        "remaining",
+        "next_call_in_s",
     }
 
     await running.lookup(1, 2, 3)
@@ -439,18 +439,71 @@ async def test_latencies_are_kept_out_of_api_stats(
     assert stats["upstream_calls"] == 1
 
 
-def test_percentiles_and_call_windows() -> None:
+def test_percentiles() -> None:
     assert percentile([], 0.5) is None
     values = [float(v) for v in range(1, 101)]
     assert percentile(values, 0.50) == 50.0
     assert percentile(values, 0.95) == 95.0
     assert percentile([3.0], 0.95) == 3.0
-    window = CallWindow(60)
-    window.add(1.0, 5, 1.0)
-    window.add(2.0, 1, 1.0)
-    assert (window.calls, window.covered_s) == (6, 2.0)
-    window.add(61.5, 2, 1.0)  # the span ending at 1.0 is older than the minute
-    assert (window.calls, window.covered_s) == (3, 2.0)
+
+
+async def test_the_budget_shown_is_the_logs_calls_made_while_no_dashboard_was_open(
+    start_app: StartApp, freelancer: FakeFreelancer
+) -> None:
+    """The page once counted only the calls it saw ("per hour covers the last 0 s")."""
+    running = await start_app(upstream_rate_per_min=3, upstream_reserve_per_min=1)
+    for uid in (1, 2, 3):  # three calls, the minute's whole limit, before any dashboard
+        await running.lookup(uid)
+    metrics = (await running.client.get("/metrics")).text  # no dashboard needed either
+    assert 'gateway_budget_used{window="minute"} 3.0' in metrics
+    assert 'gateway_budget_remaining{window="minute"} 0.0' in metrics
+    next_call = re.search(r'gateway_budget_next_call_in_seconds\{window="minute"\} (\S+)', metrics)
+    assert next_call is not None and 59 < float(next_call.group(1)) <= 61
+    stream = await Stream(running.app).open()
+    sample = await stream.sample()
+    minute = next(w for w in sample["budget"] if w["name"] == "minute")
+    assert (minute["limit"], minute["used"], minute["remaining"]) == (3, 3, 0)
+    assert 59 < minute["next_call_in_s"] <= 61, "until the first call leaves the minute"
+    assert (sample["upstream_calls_last_minute"], sample["upstream_calls_last_hour"]) == (3, 3)
+    await stream.disconnect()
+
+
+async def test_the_jobs_panel_lists_jobs_waiting_for_the_budget_and_what_they_wait_for(
+    start_app: StartApp, freelancer: FakeFreelancer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """12 jobs behind an exhausted minute (the issue's 44 said "No active jobs"): the counts
+    move while the runner waits, the list shows 10 and how many more, and each job says
+    what it waits for: the minute window (its chunks are in line) or other jobs."""
+    monkeypatch.setattr(job_runner, "STATUS_EVERY_S", 0.1)
+    running = await start_app(
+        upstream_rate_per_min=3, upstream_reserve_per_min=1, upstream_concurrency=2
+    )
+    for n in range(12):
+        body = {"user_ids": list(range(n * 1000 + 1, n * 1000 + 301)), "label": f"j{n}"}
+        assert (await running.client.post("/api/jobs", json=body)).status_code == 202
+    stream = await Stream(running.app).open()
+
+    def waiting(s: dict[str, Any]) -> bool:
+        jobs = s["jobs"]
+        statuses = jobs["by_status"]
+        return (
+            statuses.get("pending", 0) + statuses.get("running", 0) == 12
+            and jobs["active"] is not None
+            and any(j["waiting_for"] == "minute" for j in jobs["active"])
+        )
+
+    jobs = (await stream.sample_where(waiting, within_s=10))["jobs"]
+    assert jobs["active_total"] == 12 and len(jobs["active"]) == 10
+    held = [j for j in jobs["active"] if j["waiting_for"] == "minute"]
+    assert len(held) == 1, "one chunk in line (UPSTREAM_CONCURRENCY - 1), held by the minute"
+    assert 50 < held[0]["waiting_in_s"] <= 61
+    assert all(j["waiting_for"] == "other jobs" for j in jobs["active"] if j not in held)
+    health = (await running.client.get("/")).json()
+    assert health["budget_waiting"][0]["lane"] == "jobs"
+    assert health["budget_waiting"][0]["waits_for"] == "minute"
+    metrics = (await running.client.get("/metrics")).text
+    assert 'gateway_budget_lane_waiting_seconds{lane="jobs",waits_for="minute"}' in metrics
+    await stream.disconnect()
 
 
 async def test_samples_carry_active_jobs_and_their_counts(
@@ -462,7 +515,9 @@ async def test_samples_carry_active_jobs_and_their_counts(
     monkeypatch.setattr(job_runner, "STATUS_EVERY_S", 0.0)  # counts each runner round
     running = await start_app()
     stream = await Stream(running.app).open()
-    assert (await stream.sample())["jobs"]["active"] == []
+    assert (await stream.sample_where(lambda s: s["jobs"]["active"] is not None))["jobs"][
+        "active"
+    ] == []
     freelancer.gate = asyncio.Event()  # fetches block: the job stays active
     submitted = await running.client.post("/api/jobs", json={"user_ids": [1, 2, 3], "label": "x"})
     assert submitted.status_code == 202
@@ -512,8 +567,18 @@ async def test_job_ids_done_per_second_over_the_sample_interval(
     running = await start_app()
     sampler = RateSampler(clock=iter([10.0, 12.0, 13.0]).__next__)
     first = sampler.sample(running.gateway, store_size=None, jobs=JobsNow({"running": 1}, 100))
-    assert first["jobs"] == {"by_status": {"running": 1}, "ids_done_per_s": None, "active": []}
+    assert first["jobs"] == {
+        "by_status": {"running": 1},
+        "ids_done_per_s": None,
+        "active": [],
+        "active_total": None,
+    }
     active = [{"job_id": "j", "done": 30, "total": 40}]
-    second = sampler.sample(running.gateway, store_size=None, jobs=JobsNow({}, 130, active))
-    assert second["jobs"] == {"by_status": {}, "ids_done_per_s": 15.0, "active": active}
+    second = sampler.sample(running.gateway, store_size=None, jobs=JobsNow({}, 130, active, 1))
+    assert second["jobs"] == {
+        "by_status": {},
+        "ids_done_per_s": 15.0,
+        "active": active,
+        "active_total": 1,
+    }
     assert sampler.sample(running.gateway, store_size=None)["jobs"] is None

@@ -115,6 +115,7 @@ async def test_health_queue_stats_and_metrics_answer(
                 "name": "minute",
                 "limit": 60_000,
                 "period_s": 60,
+                "margin_s": 1.0,
                 "used": 1,
                 "remaining": 59_999,
                 "next_call_in_s": 0.0,
@@ -123,11 +124,13 @@ async def test_health_queue_stats_and_metrics_answer(
                 "name": "hour",
                 "limit": 3_600_000,
                 "period_s": 3600,
+                "margin_s": 1.0,
                 "used": 1,
                 "remaining": 3_599_999,
                 "next_call_in_s": 0.0,
             },
         ],
+        "budget_waiting": [],
     }
     queue = (await running.client.get("/api/queue")).json()
     assert queue == {

@@ -2,8 +2,9 @@
 
 Keys (one hash tag, so one Redis Cluster slot): `{p:budget}:log`, every call of the
 longest window as a sorted set (score: the call's time in whole ms, rounded up; member:
-its ticket), `{p:budget}:lane:<lane>` the same calls by lane (for the lanes' shares), and
-`{p:budget}:paused`, the ms until which a 429 stops everyone.
+its ticket), `{p:budget}:lane:<lane>` the same calls by lane (for the lanes' shares),
+`{p:budget}:paused`, the ms until which a 429 stops everyone, and `{p:budget}:epoch`,
+which changes when the log was lost. The scripts are `app.coordination.budget_scripts`.
 
 What holds across processes, and how:
 
@@ -27,6 +28,15 @@ What holds across processes, and how:
   read the log lately (the gateway reads it every `SYNC_S`); calls made by others in the
   seconds between a process's last read and the outage, or by processes that still reach
   Redis while this one cannot, can take a window over by at most that process's share.
+  A spend Redis never answered (frozen, not gone) may still run when it wakes: its ticket
+  is taken out again when the fallback's calls are charged.
+- **When Redis comes back empty** (restarted with nothing on disk, as the compose file
+  runs it, or failed over to a replica that had not caught up), the log of the last hour
+  is gone. `{p:budget}:epoch` tells: the script sets a new one when there is none, and a
+  process that saw another answers "lost" instead of spending. Each process keeps its own
+  calls of the longest window (`_mine`) and charges them again; it then spends its share
+  for `GRACE_S`, as when Redis is away, while every other process notices (each reads the
+  log within `SYNC_S`) and charges its own.
 """
 
 from __future__ import annotations
@@ -35,12 +45,14 @@ import logging
 import math
 import secrets
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from itertools import count
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from app.coordination.budget_scripts import BUDGET, CHARGE, PAUSE, REFUND, STAMP
 from app.coordination.client import RETRY_AFTER_FAILURE_S, bounded
 from app.gateway.budget import (
     LANES,
@@ -53,116 +65,15 @@ from app.gateway.budget import (
     ceil_ms,
     floor_ms,
 )
+from app.gateway.windows import CallLog
 
 log = logging.getLogger("app.coordination")
 
 SYNC_S = 2.0
 """How often a gateway reads the shared log while idle (monitoring, and the fallback's start)."""
-
-# KEYS: paused, log, then one log per lane (LANES order). ARGV: now rounded down and up in
-# ms (-1: Redis' TIME, so the processes' clocks never matter; tests pass their own), spend
-# (1/0), ticket, window count n, n x (period ms, limit), ask count, per ask: its lane's
-# index (1-based) and n ceilings. Returns integers only: {granted ask (0: none), now,
-# pause left, n x used, n x ms until a miss may call, per ask its wait and what holds it
-# (0 nothing, -1 the pause, i window i), per lane its calls in the longest window}.
-BUDGET = """
-local now, at = tonumber(ARGV[1]), tonumber(ARGV[2])
-if now < 0 then
-  local t = redis.call('TIME')
-  local s, us = tonumber(t[1]), tonumber(t[2])
-  now = s * 1000 + math.floor(us / 1000)
-  at = s * 1000 + math.ceil(us / 1000)
-end
-local spend, ticket, nwin = tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5])
-local periods, limits, keep = {}, {}, 0
-for i = 1, nwin do
-  periods[i], limits[i] = tonumber(ARGV[4 + i * 2]), tonumber(ARGV[5 + i * 2])
-  if periods[i] > keep then keep = periods[i] end
-end
-local expired = string.format('%d', now - keep)
-for k = 2, #KEYS do redis.call('ZREMRANGEBYSCORE', KEYS[k], '-inf', expired) end
-local total = redis.call('ZCARD', KEYS[2])
-local used = {}
-local function count_windows()
-  for i = 1, nwin do
-    used[i] = redis.call('ZCOUNT', KEYS[2], string.format('(%d', now - periods[i]), '+inf')
-  end
-end
-count_windows()
-local paused = math.max(0, tonumber(redis.call('GET', KEYS[1]) or '0') - now)
-local function window_wait(i, ceiling)
-  if used[i] < ceiling then return 0 end
-  if ceiling <= 0 then return periods[i] end
-  local oldest = redis.call('ZRANGE', KEYS[2], total - ceiling, total - ceiling, 'WITHSCORES')
-  return math.max(1, tonumber(oldest[2]) + periods[i] - now)
-end
-local pos = 7 + nwin * 2
-local nask = tonumber(ARGV[pos - 1])
-local granted, waits, holders = 0, {}, {}
-for a = 1, nask do
-  local lane = tonumber(ARGV[pos])
-  local wait, holder = paused, 0
-  if paused > 0 then holder = -1 end
-  for i = 1, nwin do
-    local w = window_wait(i, tonumber(ARGV[pos + i]))
-    if w > wait then wait, holder = w, i end
-  end
-  pos = pos + 1 + nwin
-  waits[a], holders[a] = wait, holder
-  if wait == 0 and spend == 1 then
-    granted = a
-    for _, key in ipairs({KEYS[2], KEYS[2 + lane]}) do
-      redis.call('ZADD', key, at, ticket)
-      redis.call('PEXPIRE', key, keep + 1000)
-    end
-    total = total + 1
-    count_windows()
-    for b = a + 1, nask do waits[b], holders[b] = 0, 0 end
-    break
-  end
-end
-local reply = {granted, now, paused}
-for i = 1, nwin do reply[#reply + 1] = used[i] end
-for i = 1, nwin do reply[#reply + 1] = math.max(paused, window_wait(i, limits[i])) end
-for a = 1, nask do reply[#reply + 1] = waits[a] end
-for a = 1, nask do reply[#reply + 1] = holders[a] end
-for k = 3, #KEYS do reply[#reply + 1] = redis.call('ZCARD', KEYS[k]) end
-return reply
-"""
-# KEYS: log, then the lane logs. ARGV: ticket. A granted call that was not made.
-REFUND = """
-for k = 1, #KEYS do redis.call('ZREM', KEYS[k], ARGV[1]) end
-return 1
-"""
-# KEYS: paused, log, lane logs. ARGV: keep ms, pause until (ms, 0: none), then triples of
-# (time ms, lane index, ticket): calls made while Redis was away. Logged under their
-# tickets, so charging twice changes nothing.
-CHARGE = """
-local keep, until_ms = tonumber(ARGV[1]), tonumber(ARGV[2])
-for i = 3, #ARGV, 3 do
-  for _, key in ipairs({KEYS[2], KEYS[2 + tonumber(ARGV[i + 1])]}) do
-    redis.call('ZADD', key, ARGV[i], ARGV[i + 2])
-    redis.call('PEXPIRE', key, keep + 1000)
-  end
-end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-if until_ms > now and until_ms > tonumber(redis.call('GET', KEYS[1]) or '0') then
-  redis.call('SET', KEYS[1], string.format('%d', until_ms), 'PX', until_ms - now + 1000)
-end
-return 1
-"""
-# KEYS: pause. ARGV: ms, now in ms (-1: the server's). Nobody calls before now + ms; a
-# later pause wins.
-PAUSE = """
-local now = tonumber(ARGV[2])
-if now < 0 then local t = redis.call('TIME') now = t[1] * 1000 + math.floor(t[2] / 1000) end
-local until_ms = now + tonumber(ARGV[1])
-if until_ms > tonumber(redis.call('GET', KEYS[1]) or '0') then
-  redis.call('SET', KEYS[1], string.format('%d', until_ms), 'PX', tonumber(ARGV[1]) + 1000)
-end
-return until_ms
-"""
+GRACE_S = 2 * SYNC_S
+"""After the shared log was lost, how long a process spends its share before it trusts the
+log again: every other process reads it (and charges its own calls) within SYNC_S."""
 
 
 class RedisBudget:
@@ -188,13 +99,22 @@ class RedisBudget:
         self._seen_processes = self._min_processes
         self._script = redis.register_script(BUDGET)
         self._refund = redis.register_script(REFUND)
+        self._stamp = redis.register_script(STAMP)
         self._charge = redis.register_script(CHARGE)
         self._pause = redis.register_script(PAUSE)
         tag = f"{{{prefix}:budget}}"
         self._keys = [f"{tag}:paused", f"{tag}:log", *(f"{tag}:lane:{lane}" for lane in LANES)]
+        self._epoch_key = f"{tag}:epoch"
+        self._epoch = 0
+        """The shared log's epoch last seen (0: none yet): a new one means the log was lost."""
+        self._mine = CallLog(self._limits)
+        """This process's own calls of the longest window, on Redis' clock: charged again
+        when the shared log was lost."""
+        self._unanswered: deque[str] = deque(maxlen=1000)
+        """Tickets of spends Redis never answered: it may run them when it wakes (frozen)."""
         self._window_args: list[int] = []
         for window in self._limits:
-            self._window_args += [window.period_ms, window.limit]
+            self._window_args += [window.span_ms, window.limit]
         self._token = secrets.token_hex(6)
         self._seq = count(1)
         self._local: LocalBudget | None = None
@@ -218,7 +138,10 @@ class RedisBudget:
         ticket = f"{self._token}:{next(self._seq)}"
         reply = await self._ask(asks, ticket, spend=True)
         if reply is None:
-            return self._fallback().spend_now(asks)
+            grant = self._fallback().spend_now(asks)
+            if grant.lane is not None and grant.ticket is not None:
+                self._mine.add(self._redis_ms(), grant.lane, grant.ticket)
+            return grant
         granted, n, a = reply[0], len(self._limits), len(asks)
         waits = reply[3 + 2 * n : 3 + 2 * n + a]
         holders = reply[3 + 2 * n + a : 3 + 2 * n + 2 * a]
@@ -226,17 +149,31 @@ class RedisBudget:
         held = tuple(None if h == 0 else "pause" if h < 0 else names[h - 1] for h in holders)
         if not granted:
             return Grant(None, None, tuple(w / 1000 for w in waits), held)
+        self._mine.add(reply[1] + 1, asks[granted - 1].lane, ticket)  # at most 1 ms late
         return Grant(asks[granted - 1].lane, ticket, tuple(w / 1000 for w in waits), held)
 
     async def refund(self, ticket: str) -> None:
-        if not ticket.startswith(f"{self._token}:"):
-            if self._local is not None:  # granted by the fallback
-                await self._local.refund(ticket)
-            return
-        if self._usable():
+        self._mine.remove(ticket)
+        if self._local is not None and self._local.log.remove(ticket) is not None:
+            return  # granted by the fallback, still in its log
+        if self._usable():  # in Redis (a fallback's call too, once charged there)
             try:
                 await bounded(self._refund(keys=self._keys[1:], args=[ticket]), self.timeout_s)
             except RedisError as exc:  # the call stays logged: the budget only looks fuller
+                self._down(exc)
+
+    async def stamp(self, ticket: str, lane: str) -> None:
+        if self._local is not None and ticket.startswith(self._local.token):
+            await self._local.stamp(ticket, lane)  # a fallback's call: its log
+            self._mine.restamp(ticket, lane, self._redis_ms())
+            return
+        if self._usable():
+            try:
+                args: list[int | str] = [ticket, self._now_arg()[1], LANES.index(lane) + 1]
+                keys = self._keys[1:]
+                at = await bounded(self._stamp(keys=keys, args=args), self.timeout_s)
+                self._mine.restamp(ticket, lane, int(at))
+            except RedisError as exc:  # logged at its grant: the margin has to cover it
                 self._down(exc)
 
     async def pause(self, seconds: float) -> None:
@@ -271,6 +208,7 @@ class RedisBudget:
                 w.name,
                 w.limit,
                 w.period_s,
+                w.margin_s,
                 used,
                 max(0, w.limit - used),
                 max(0, wait - elapsed_ms) / 1000,
@@ -305,40 +243,76 @@ class RedisBudget:
             args.append(LANES.index(ask.lane) + 1)
             reserve = ask.reserve or (0,) * len(self._limits)
             args += [w.limit - r for w, r in zip(self._limits, reserve, strict=True)]
+        args += [self._epoch, secrets.randbits(52) + 1]
+        keys = [*self._keys, self._epoch_key]
         try:
-            if self._local is not None:
-                await self._recover()
+            if self._local is not None or self._unanswered:
+                await self._charge_local()  # before the script: its answer counts them
             sent_ms = floor_ms(self._now())
-            answer = await bounded(self._script(keys=self._keys, args=args), self.timeout_s)
+            answer = await bounded(self._script(keys=keys, args=args), self.timeout_s)
         except RedisError as exc:
+            if spend:  # Redis may run it yet (frozen, not gone): taken out when it is back
+                self._unanswered.append(ticket)
             self._down(exc)
             return None
         reply = [int(v) for v in answer]
-        n = len(self._limits)
         self._offset_ms = reply[1] - sent_ms
+        if reply[0] < 0:
+            await self._log_lost(reply[2])
+            return None
+        n = len(self._limits)
         self._paused_ms = reply[2]
         self._used = reply[3 : 3 + n]
         self._miss_waits_ms = reply[3 + n : 3 + 2 * n]
-        self._lanes = dict(zip(LANES, reply[len(reply) - len(LANES) :], strict=True))
+        self._lanes = dict(zip(LANES, reply[-1 - len(LANES) : -1], strict=True))
+        self._epoch = reply[-1]
         self._read_at = self._now()
         self._seen_processes = max(self._min_processes, self._processes())
+        self._mine.read(reply[1])  # forget own calls older than the longest window
+        if self._local is not None:
+            self._local = None
+            log.info("shared budget reachable again: the calls made meanwhile are charged to it")
         return reply
 
-    async def _recover(self) -> None:
-        """Redis answers again: charge it the calls made meanwhile, and any 429's pause."""
-        local = self._local
-        assert local is not None
-        args: list[int | str] = [max(w.period_ms for w in self._limits)]
-        paused_until = local.log.paused_until_ms
-        now_ms = floor_ms(self._now())
-        args.append(paused_until + self._offset_ms if paused_until > now_ms else 0)
-        calls = zip(local.log.times, local.log.lanes, local.log.tickets, strict=True)
+    async def _charge_local(self) -> None:
+        """Charge Redis the calls the fallback made and any 429's pause; take out the
+        spends it never answered. Kept until the budget script answers: charging twice
+        changes nothing, and a failure falls back to the same log."""
+        calls: list[tuple[int, str, str]] = []
+        pause_until = 0
+        if self._local is not None:
+            local = self._local.log
+            found = zip(local.times, local.lanes, local.tickets, strict=True)
+            calls = [(at + self._offset_ms, lane, t) for at, lane, t in found if lane != SEEDED]
+            pause_until = local.paused_until_ms + self._offset_ms
+        await self._charge_calls(calls, pause_until)
+        self._unanswered.clear()
+
+    async def _charge_calls(self, calls: Sequence[tuple[int, str, str]], pause_until: int) -> None:
+        args: list[int | str] = [max(w.span_ms for w in self._limits), pause_until]
+        args += [self._now_arg()[0], len(self._unanswered), *self._unanswered]
         for at_ms, lane, ticket in calls:
-            if lane != SEEDED:
-                args += [at_ms + self._offset_ms, LANES.index(lane) + 1, ticket]
+            args += [at_ms, LANES.index(lane) + 1, ticket]
         await bounded(self._charge(keys=self._keys, args=args), self.timeout_s)
-        self._local = None
-        log.info("shared budget reachable again: the calls made meanwhile are charged to it")
+
+    async def _log_lost(self, epoch: int) -> None:
+        """The shared log is new (Redis restarted with nothing on disk, or failed over):
+        charge it this process's calls of the longest window and the pause it knew, then
+        spend its share for a while, as when Redis is away, while the others do the same."""
+        mine = zip(self._mine.times, self._mine.lanes, self._mine.tickets, strict=True)
+        pause_until = floor_ms(self._read_at) + self._paused_ms + self._offset_ms
+        try:
+            await self._charge_calls(list(mine), pause_until)
+        except RedisError as exc:
+            self._down(exc)
+            return
+        self._epoch = epoch
+        log.warning(
+            "the shared budget's log was lost (Redis restarted empty?): this process's"
+            " calls are charged to it again; it spends its share for %.1f s",
+            GRACE_S,
+        )
+        self._down(None, for_s=GRACE_S + self.timeout_s)
 
     def _fallback(self) -> LocalBudget:
         """This process's share of each window while Redis is away (see the docstring)."""
@@ -363,7 +337,13 @@ class RedisBudget:
         now = self._clock()
         return [floor_ms(now), ceil_ms(now)]
 
-    def _down(self, exc: BaseException) -> None:
-        log.warning("shared budget unavailable (%s): this process spends its share", exc)
-        self._down_until = time.monotonic() + RETRY_AFTER_FAILURE_S
+    def _redis_ms(self) -> int:
+        """Now on Redis' clock (as of the last answer), rounded up."""
+        return ceil_ms(self._now()) + self._offset_ms
+
+    def _down(self, exc: BaseException | None, *, for_s: float | None = None) -> None:
+        if exc is not None and self._local is None:  # once an outage, not once a call
+            log.warning("shared budget unavailable (%s): this process spends its share", exc)
+        retry_s = RETRY_AFTER_FAILURE_S if for_s is None else for_s
+        self._down_until = time.monotonic() + retry_s
         self._fallback()

@@ -170,55 +170,42 @@
     renderJobs(s.jobs);
   }
 
+  // Each budget window from the budget's own log (every process's calls, whether or not a
+  // dashboard was open), and the lanes that wait for it and why.
+  const WAITS = { minute: "the minute window", hour: "the hour window", pace: "its pace", pause: "a 429 pause" };
   function renderBudget(s) {
-    const rows = s.budget.map((w) => ({
-      name: `per ${w.name}`,
-      used: w.used,
-      limit: w.limit,
-      remaining: w.remaining,
-      covered: w.covered_s,
-      period: w.period_s,
-    }));
-    if (!s.budget.some((w) => w.period_s === 3600)) {
-      rows.push({ name: "per hour", used: s.upstream_calls_last_hour, limit: null, covered: s.upstream_hour_covered_s, period: 3600 });
-    }
-    if (!s.budget.some((w) => w.period_s === 60)) {
-      rows.unshift({ name: "per minute", used: s.upstream_calls_last_minute, limit: null, covered: s.upstream_minute_covered_s, period: 60 });
-    }
     const box = $("budget");
     box.replaceChildren(
-      ...rows.map((row) => {
+      ...s.budget.map((w) => {
         const line = document.createElement("div");
         line.className = "window";
+        line.dataset.window = w.name;
         const name = document.createElement("span");
         name.className = "window-name";
-        name.textContent = row.name;
+        name.textContent = `per ${w.name}`;
         const meter = document.createElement("div");
         meter.className = "meter";
         const fill = document.createElement("div");
         fill.className = "meter-fill";
         meter.append(fill);
+        const share = w.limit ? Math.min(1, w.used / w.limit) : 0;
+        fill.style.width = `${(share * 100).toFixed(1)}%`;
+        if (share >= 1) fill.classList.add("full");
+        else if (share >= 0.8) fill.classList.add("high");
         const figures = document.createElement("span");
         figures.className = "window-figures";
-        if (row.limit) {
-          const share = Math.min(1, row.used / row.limit);
-          fill.style.width = `${(share * 100).toFixed(1)}%`;
-          if (share >= 1) fill.classList.add("full");
-          else if (share >= 0.8) fill.classList.add("high");
-          figures.textContent = `${fmtInt(row.used)} of ${fmtInt(row.limit)} calls · ${fmtInt(row.remaining)} available now`;
-        } else {
-          figures.textContent = `${fmtInt(row.used)} calls (no limit set)`;
-        }
+        const next = w.next_call_in_s > 0 ? ` · next call in ${fmtSpan(w.next_call_in_s)}` : "";
+        figures.textContent = `${fmtInt(w.used)} of ${fmtInt(w.limit)} calls used · ${fmtInt(w.remaining)} left${next}`;
         line.append(name, meter, figures);
         return line;
       }),
     );
-    const partial = rows.filter((r) => r.covered < r.period - 1);
-    $("budget-note").textContent = partial.length
-      ? `Calls are counted while a dashboard is open: ${partial
-          .map((r) => `${r.name} covers the last ${fmtSpan(r.covered)}`)
-          .join(", ")}.`
-      : "";
+    const waiting = s.budget_waiting || [];
+    $("budget-note").textContent = waiting.length
+      ? `Waiting: ${waiting
+          .map((w) => `${w.lane} for ${WAITS[w.waits_for] || w.waits_for}${w.in_s > 0 ? ` (${fmtSpan(w.in_s)})` : ""}`)
+          .join("; ")}.`
+      : "No lane is waiting for the budget.";
   }
 
   function cell(text, className) {
@@ -267,44 +254,60 @@
     body.replaceChildren(tr);
   }
 
-  // Crawl jobs: counts by status, ids/s, and the first few active jobs (null: no runner).
+  // Crawl jobs: counts by status, ids/s, and the first few active jobs (null: no runner),
+  // each with what it waits for (the budget's window, its pace, other jobs).
+  const JOB_WAITS = { ...WAITS, "other jobs": "other jobs' turn", "behind misses": "clients' misses" };
   function renderJobs(jobs) {
     const body = $("jobs-active");
     if (jobs == null) {
       setText("jobs-status", "no job runner");
       setText("jobs-ids-per-s", "–");
-      emptyRow(body, "No active jobs", 5);
+      emptyRow(body, "No active jobs", 6);
       return;
     }
     const names = Object.keys(jobs.by_status).sort((a, b) => STATUS_ORDER.indexOf(a) - STATUS_ORDER.indexOf(b));
     setText("jobs-status", names.length ? names.map((n) => `${fmtInt(jobs.by_status[n])} ${n}`).join(", ") : "no jobs");
     setText("jobs-ids-per-s", fmtRate(jobs.ids_done_per_s));
-    if (!jobs.active.length) {
-      emptyRow(body, "No active jobs", 5);
+    if (jobs.active == null) {
+      emptyRow(body, "Reading the jobs…", 6);
       return;
     }
-    body.replaceChildren(
-      ...jobs.active.map((job) => {
-        const name = cell(job.label ?? "(no label)");
-        const id = document.createElement("span");
-        id.className = "job-id";
-        id.textContent = job.job_id.slice(0, 12);
-        id.title = job.job_id;
-        name.append(id);
-        const meter = document.createElement("div");
-        meter.className = "meter";
-        const fill = document.createElement("div");
-        fill.className = "meter-fill";
-        fill.style.width = `${(job.total ? (100 * job.done) / job.total : 0).toFixed(1)}%`;
-        meter.append(fill);
-        const bar = document.createElement("td");
-        bar.append(meter);
-        const tr = document.createElement("tr");
-        tr.dataset.jobId = job.job_id;
-        tr.append(name, cell(job.status), bar, cell(`${fmtInt(job.done)} / ${fmtInt(job.total)}`, "num"), cell(fmtEta(job.eta_s), "num"));
-        return tr;
-      }),
-    );
+    if (!jobs.active.length) {
+      emptyRow(body, "No active jobs", 6);
+      return;
+    }
+    const rows = jobs.active.map((job) => {
+      const name = cell(job.label ?? "(no label)");
+      const id = document.createElement("span");
+      id.className = "job-id";
+      id.textContent = job.job_id.slice(0, 12);
+      id.title = job.job_id;
+      name.append(id);
+      const meter = document.createElement("div");
+      meter.className = "meter";
+      const fill = document.createElement("div");
+      fill.className = "meter-fill";
+      fill.style.width = `${(job.total ? (100 * job.done) / job.total : 0).toFixed(1)}%`;
+      meter.append(fill);
+      const bar = document.createElement("td");
+      bar.append(meter);
+      const waits = job.waiting_for == null
+        ? "–"
+        : `${JOB_WAITS[job.waiting_for] || job.waiting_for}${job.waiting_in_s > 0 ? ` (${fmtSpan(job.waiting_in_s)})` : ""}`;
+      const tr = document.createElement("tr");
+      tr.dataset.jobId = job.job_id;
+      tr.append(name, cell(job.status), bar, cell(`${fmtInt(job.done)} / ${fmtInt(job.total)}`, "num"), cell(waits, "waits"), cell(fmtEta(job.eta_s), "num"));
+      return tr;
+    });
+    const more = (jobs.active_total ?? jobs.active.length) - jobs.active.length;
+    if (more > 0) {
+      const tr = document.createElement("tr");
+      const td = cell(`and ${fmtInt(more)} more active`, "empty");
+      td.colSpan = 6;
+      tr.append(td);
+      rows.push(tr);
+    }
+    body.replaceChildren(...rows);
   }
 
   // ---- charts ------------------------------------------------------------------------

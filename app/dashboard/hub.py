@@ -30,7 +30,7 @@ TICK_S = 1.0
 """Seconds between samples (tests shorten it)."""
 STORE_COUNT_S = 5.0
 """Seconds between two counts of the store's users (a count may scan a large table)."""
-ACTIVE_JOBS_SHOWN = 5
+ACTIVE_JOBS_SHOWN = 10
 """Active jobs a sample lists (running first, then by priority and age)."""
 
 EncodeEvent = Callable[[str, str | None, str], bytes]
@@ -207,20 +207,25 @@ class DashboardHub:
         if self._jobs_task is None or self._jobs_task.done():
             self._jobs_task = asyncio.create_task(self._read_jobs(runner), name="dashboard-jobs")
         read = self._jobs_read
-        jobs = read[1] if read is not None and read[0] is runner else []
-        jobs = sorted(jobs, key=lambda job: (job.status != "running", job.rank, job.job_id))
-        active = [
-            {
-                "job_id": job.job_id,
-                "label": job.label,
-                "status": job.status,
-                "done": job.done,
-                "total": job.total,
-                "eta_s": runner.eta_s(job),
-            }
-            for job in jobs[:ACTIVE_JOBS_SHOWN]
-        ]
-        return JobsNow(by_status=runner.by_status, ids_done=runner.ids_done, active=active)
+        if read is None or read[0] is not runner:  # not read yet: unknown, not "none"
+            return JobsNow(by_status=runner.by_status, ids_done=runner.ids_done, active=None)
+        jobs = sorted(read[1], key=lambda job: (job.status != "running", job.rank, job.job_id))
+        active = []
+        for job in jobs[:ACTIVE_JOBS_SHOWN]:
+            waiting = runner.waiting_for(job)
+            active.append(
+                {
+                    "job_id": job.job_id,
+                    "label": job.label,
+                    "status": job.status,
+                    "done": job.done,
+                    "total": job.total,
+                    "eta_s": runner.eta_s(job),
+                    "waiting_for": waiting[0] if waiting else None,
+                    "waiting_in_s": waiting[1] if waiting else None,
+                }
+            )
+        return JobsNow(runner.by_status, runner.ids_done, active, active_total=len(jobs))
 
     async def _read_jobs(self, runner: JobRunner) -> None:
         try:

@@ -5,9 +5,8 @@ dashboard is open). It turns the cumulative counters of `GatewayStats` into rate
 interval since the previous sample, reads the gauges (queue, in flight, breaker, budget),
 and keeps the last HISTORY_S chart points. Nothing here awaits or starts a task.
 
-Upstream calls per window are counted from `stats.upstream_calls` deltas seen by this
-sampler: while no dashboard was open nothing was seen, so each window says how many of
-its seconds it covers (`covered_s`).
+The budget comes from the budget's own log (every process's calls in each window, whether
+or not a dashboard was open), with the lanes that wait for it and why (the planner's).
 
 Crawl jobs come in as `JobsNow` (gathered by the caller, which reads the job store): the
 sample's `jobs` object adds the rate of job ids done; it is null when no runner exists.
@@ -32,9 +31,6 @@ HISTORY_S = 600
 GAP_S = 5.0
 """A sample further than this from the previous one (no dashboard was open in between)
 starts afresh: its rates are null rather than averaged over the gap."""
-MAX_WINDOW_S = 3600.0
-"""The longest span upstream calls are counted over (a longer budget window counts its
-last hour only, and says so in `covered_s`)."""
 POINT_FIELDS = (
     "t",
     "requests_per_s",
@@ -57,8 +53,10 @@ class JobsNow:
     by_status: Mapping[str, int]
     ids_done: int
     """Job ids done since the runner started (cumulative)."""
-    active: Sequence[Mapping[str, Any]] = ()
-    """Up to a few active jobs, each ready for JSON."""
+    active: Sequence[Mapping[str, Any]] | None = ()
+    """Up to a few active jobs, each ready for JSON (None: the job store not read yet)."""
+    active_total: int | None = None
+    """Every active job (the list may show fewer); None: not read yet."""
 
 
 @dataclass(slots=True)
@@ -73,28 +71,6 @@ class _Totals:
     coalesced: int
     upstream_calls: int
     jobs_done: int
-
-
-class CallWindow:
-    """Upstream calls seen over the last `period_s`, and how much of it was observed."""
-
-    def __init__(self, period_s: float) -> None:
-        self.period_s = period_s
-        self.calls = 0
-        self.covered_s = 0.0
-        self._spans: deque[tuple[float, int, float]] = deque()  # (end, calls, seconds)
-
-    def add(self, end: float, calls: int, seconds: float) -> None:
-        """`calls` were made in the `seconds` that ended at `end` (monotonic)."""
-        self._spans.append((end, calls, seconds))
-        self.calls += calls
-        self.covered_s += seconds
-        start = end - self.period_s
-        while self._spans and self._spans[0][0] <= start:
-            _, old_calls, old_seconds = self._spans.popleft()
-            self.calls -= old_calls
-            self.covered_s -= old_seconds
-        self.covered_s = max(0.0, self.covered_s)
 
 
 def percentile(ordered: Sequence[float], fraction: float) -> float | None:
@@ -131,7 +107,6 @@ class RateSampler:
         self._clock = clock
         self._wall = wall
         self._last: _Totals | None = None
-        self._windows: dict[float, CallWindow] = {}
         self._key_requests: dict[str, int] = {}
 
     def sample(
@@ -164,16 +139,10 @@ class RateSampler:
 
         calls = totals.upstream_calls - last.upstream_calls
         windows = gateway.budget.windows()
-        periods = {60.0, MAX_WINDOW_S, *(min(w.period_s, MAX_WINDOW_S) for w in windows)}
-        for period in periods:
-            self._windows.setdefault(period, CallWindow(period))
-        for window in self._windows.values():
-            window.add(now, calls, seconds)
-
+        used = {w.name: w.used for w in windows}
         latencies = sorted(stats.upstream_latencies)
         hits = totals.hits - last.hits
         looked_up = hits + totals.misses - last.misses
-        minute, hour = self._windows[60.0], self._windows[MAX_WINDOW_S]
         sample: dict[str, Any] = {
             "seq": self.seq,
             "t": round(self._wall(), 3),
@@ -192,10 +161,8 @@ class RateSampler:
             "upstream_calls_per_s": _per_s(calls, seconds),
             "upstream_calls_total": totals.upstream_calls,
             "upstream_errors_total": stats.upstream_errors,
-            "upstream_calls_last_minute": minute.calls,
-            "upstream_calls_last_hour": hour.calls,
-            "upstream_minute_covered_s": round(minute.covered_s),
-            "upstream_hour_covered_s": round(hour.covered_s),
+            "upstream_calls_last_minute": used.get("minute"),
+            "upstream_calls_last_hour": used.get("hour"),
             "latency_p50_ms": _ms(percentile(latencies, 0.50)),
             "latency_p95_ms": _ms(percentile(latencies, 0.95)),
             "latency_samples": len(latencies),
@@ -207,12 +174,17 @@ class RateSampler:
                 {
                     "name": w.name,
                     "period_s": w.period_s,
+                    "margin_s": w.margin_s,
                     "limit": w.limit,
+                    "used": w.used,
                     "remaining": w.remaining,
-                    "used": self._windows[min(w.period_s, MAX_WINDOW_S)].calls,
-                    "covered_s": round(self._windows[min(w.period_s, MAX_WINDOW_S)].covered_s),
+                    "next_call_in_s": round(w.next_call_in_s, 1),
                 }
                 for w in windows
+            ],
+            "budget_waiting": [
+                {"lane": w.lane, "waits_for": w.waits_for, "in_s": round(w.in_s, 1)}
+                for w in gateway.planner.waiting()
             ],
             "store": gateway.store.kind,
             "store_size": store_size,
@@ -226,7 +198,8 @@ class RateSampler:
             sample["jobs"] = {
                 "by_status": dict(jobs.by_status),
                 "ids_done_per_s": _per_s(done, seconds),
-                "active": [dict(job) for job in jobs.active],
+                "active": None if jobs.active is None else [dict(job) for job in jobs.active],
+                "active_total": jobs.active_total,
             }
         self.points.append({name: sample[name] for name in POINT_FIELDS})
         return sample

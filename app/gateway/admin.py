@@ -57,7 +57,7 @@ class CacheAdmin:
     async def revalidate_older_than(self, age_s: float) -> int:
         """Queue refreshes of stored users fetched more than `age_s` ago, as room allows."""
         gateway = self.gateway
-        room = gateway.queue.room
+        room = gateway.queue.room_for(PRIORITY_SWEEP)
         if room <= 0:
             return 0
         try:

@@ -31,6 +31,13 @@ class BatchQueue:
     batch then takes that lane's ids first and fills up from the others (a call costs the
     same with 1 id or 100), waiting at most `window_s` for more only while it is not full:
     a batch window that never adds latency to a full batch or to an idle gateway's first id.
+
+    `maxsize` bounds the ids of clients and refreshes, and refreshes (stale hits,
+    revalidation, the sweep) may fill at most half of it: they are best effort (the stale
+    copy is served meanwhile; the next stale hit or sweep asks again), and a queue full of
+    them would answer clients 503. Crawl jobs' ids are not counted in it and always fit:
+    the job runner bounds them (UPSTREAM_CONCURRENCY - 1 chunks), and a queue full of
+    clients' misses must not keep a job that is owed its share out of line.
     """
 
     def __init__(self, maxsize: int) -> None:
@@ -40,11 +47,10 @@ class BatchQueue:
         self._ready = asyncio.Event()
         self.changed = asyncio.Event()
         """Set whenever an id is queued (the planner clears it before it looks)."""
-        self._freed = asyncio.Event()
 
     def put_nowait(self, user_id: int, priority: int) -> None:
-        """Queue an id; raises asyncio.QueueFull when there is no room."""
-        if self._size >= self.maxsize:
+        """Queue an id; raises asyncio.QueueFull when there is no room for its lane."""
+        if self.room_for(priority) <= 0:
             raise asyncio.QueueFull
         self._lanes[priority].append(user_id)
         self._size += 1
@@ -53,8 +59,17 @@ class BatchQueue:
 
     @property
     def room(self) -> int:
-        """How many more ids fit."""
-        return self.maxsize - self._size
+        """How many more ids of clients or refreshes fit (a job's ids take none of it)."""
+        return self.maxsize - self._size + len(self._lanes[PRIORITY_JOB])
+
+    def room_for(self, priority: int) -> int:
+        """How many more ids of this lane fit: a job's always; refreshes up to half."""
+        if priority == PRIORITY_JOB:
+            return self.maxsize
+        if priority in (PRIORITY_REFRESH, PRIORITY_SWEEP):
+            refreshes = len(self._lanes[PRIORITY_REFRESH]) + len(self._lanes[PRIORITY_SWEEP])
+            return min(self.room, max(1, self.maxsize // 2) - refreshes)
+        return self.room
 
     def qsize(self, priority: int | None = None) -> int:
         """Ids queued (in one lane, when given)."""
@@ -64,19 +79,12 @@ class BatchQueue:
         """The budget lanes with ids queued."""
         return {BUDGET_LANE[p] for p, lane in enumerate(self._lanes) if lane}
 
-    async def wait_room(self, room: int) -> None:
-        """Wait until at least `room` more ids fit."""
-        while self.room < room:
-            self._freed.clear()
-            await self._freed.wait()
-
     def clear(self) -> None:
         """Drop every queued id."""
         for lane in self._lanes:
             lane.clear()
         self._size = 0
         self._ready.clear()
-        self._freed.set()
 
     async def gather(
         self,
@@ -112,7 +120,6 @@ class BatchQueue:
             while lane and len(batch) < size:
                 user_id = lane.popleft()
                 self._size -= 1
-                self._freed.set()
                 if accept(user_id):
                     batch.append(user_id)
         if not self._size:

@@ -1,115 +1,62 @@
-"""The upstream budget: Freelancer's windows as exact sliding logs of call times, by lane.
+"""The upstream budget seam: spend a call for the first lane that fits, give it back, log
+it when it is sent, pause everyone on a 429, and say what is used and left per window.
 
-A `Window(name, limit, period_s)` allows a call at time t iff fewer than `limit` calls
-happened in (t - period, t]: that is how Freelancer counts, so never more than `limit`
-calls in any span of `period_s`, and no call held back while there is room. The log holds
-every call of the longest period, oldest first, each with its lane (misses, jobs,
-refreshes) and a ticket (a call granted for a batch that ends up empty is refunded).
-
-Time is whole milliseconds, rounded to the safe side: a call is logged at its time rounded
-up, and "now" is rounded down when the log is read, so a window can only look fuller than
-it is, by under 1 ms. Everything else is integer arithmetic (no float is ever read as
-"allowed"); `app.coordination.redis_budget` runs the same arithmetic in Redis.
-
-A caller asks with an `Ask`: its lane, and per window how many calls it must leave to
-others (its reserve; 0 for interactive misses). `try_spend` takes the first ask, in the
-caller's order, that every window has room for, or says how long each must wait. Which
-lane asks first, and how the background lanes pace themselves, is `app.gateway.planner`'s
-policy; this module only counts, exactly.
-
-`LocalBudget` keeps the log in this process (`bisect` over a list: hand-written because
-the `limits` package's moving window answers "may I" for one window and one caller,
-while a lane needs both windows checked together against its own reserve, the lanes'
-counts, and a refund).
+The windows' exact arithmetic (sliding logs in whole milliseconds, the margin, reserves)
+is `app.gateway.windows`. `LocalBudget` keeps one log in this process;
+`app.coordination.redis_budget.RedisBudget` shares one through Redis. Which lane asks
+first, and how the background lanes pace themselves, is `app.gateway.planner`'s policy.
 """
 
 from __future__ import annotations
 
-import asyncio
 import math
 import secrets
 import time
-from bisect import bisect_right
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from itertools import count
 from typing import Protocol
 
 from app.config import Settings
+from app.gateway.windows import (
+    JOBS,
+    LANES,
+    MISSES,
+    REFRESHES,
+    SEEDED,
+    Ask,
+    CallLog,
+    Grant,
+    Window,
+    WindowState,
+    ceil_ms,
+    floor_ms,
+)
 
-MISSES = "misses"
-JOBS = "jobs"
-REFRESHES = "refreshes"
-LANES = (MISSES, JOBS, REFRESHES)
-"""Interactive misses, crawl jobs, background refreshes (the sweep included)."""
-SEEDED = "seeded"
-"""Calls a fallback log starts with: what the shared log last said was used (no lane)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Window:
-    """At most `limit` calls in any `period_s` (a whole number of milliseconds)."""
-
-    name: str
-    limit: int
-    period_s: float
-
-    @property
-    def period_ms(self) -> int:
-        return round(self.period_s * 1000)
-
-
-@dataclass(frozen=True, slots=True)
-class WindowState:
-    """One window as monitoring shows it, from the log: the whole deployment's calls."""
-
-    name: str
-    limit: int
-    period_s: float
-    used: int
-    """Calls in the last `period_s`."""
-    remaining: int
-    """`limit - used` (never below 0)."""
-    next_call_in_s: float
-    """Seconds until an interactive miss may call (0.0: now)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Ask:
-    """A lane asking for one call; it leaves `reserve[i]` calls of window i to others."""
-
-    lane: str
-    reserve: tuple[int, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class Grant:
-    """What `try_spend` answered: the lane that spent a call (None: none could), its
-    ticket, and per ask the seconds until it could spend and what holds it."""
-
-    lane: str | None
-    ticket: str | None
-    waits_s: tuple[float, ...]
-    held_by: tuple[str | None, ...]
-    """Per ask: the window that holds it, "pause" (a 429), or None (it may go)."""
+__all__ = [
+    "JOBS",
+    "LANES",
+    "MISSES",
+    "REFRESHES",
+    "SEEDED",
+    "Ask",
+    "Budget",
+    "Grant",
+    "LocalBudget",
+    "Window",
+    "WindowState",
+    "budget_windows",
+    "ceil_ms",
+    "floor_ms",
+]
 
 
 def budget_windows(settings: Settings) -> list[Window]:
     """Freelancer's limits as windows (the shortest first); 50.5 a minute means 50."""
+    margin = settings.upstream_window_margin_s
     return [
-        Window("minute", math.floor(settings.upstream_rate_per_min), 60.0),
-        Window("hour", math.floor(settings.upstream_rate_per_hour), 3600.0),
+        Window("minute", math.floor(settings.upstream_rate_per_min), 60.0, margin),
+        Window("hour", math.floor(settings.upstream_rate_per_hour), 3600.0, margin),
     ]
-
-
-def floor_ms(seconds: float) -> int:
-    """`seconds` as whole milliseconds, rounded down (when reading the log)."""
-    return math.floor(seconds * 1000)
-
-
-def ceil_ms(seconds: float) -> int:
-    """`seconds` as whole milliseconds, rounded up (when logging a call, or a wait)."""
-    return math.ceil(seconds * 1000)
 
 
 class Budget(Protocol):
@@ -124,6 +71,10 @@ class Budget(Protocol):
 
     async def refund(self, ticket: str) -> None:
         """A granted call was not made: take it out of the log."""
+
+    async def stamp(self, ticket: str, lane: str) -> None:
+        """The call granted to `lane` is being sent now: log it at this instant (never
+        earlier; again, if it was granted so long ago that it left the log)."""
 
     async def pause(self, seconds: float) -> None:
         """Freelancer answered 429: no caller sends anything for `seconds`."""
@@ -148,135 +99,6 @@ class Budget(Protocol):
         """Bring `windows`, `lane_calls` and `wait_s` up to date without spending."""
 
 
-async def acquire(budget: Budget, ask: Ask, *, poll_s: float = 1.0) -> str:
-    """Wait until `ask` may spend a call, spend it, and return its ticket."""
-    while True:
-        grant = await budget.try_spend([ask])
-        if grant.ticket is not None:
-            return grant.ticket
-        await asyncio.sleep(min(max(grant.waits_s[0], 0.001), poll_s))
-
-
-@dataclass(slots=True)
-class Reading:
-    """The log read at one instant: per window calls used; the pause left (ms)."""
-
-    now_ms: int
-    used: list[int]
-    paused_ms: int
-
-
-class CallLog:
-    """The sliding log: call times (whole ms, rounded up), oldest first, with lane and ticket.
-
-    The same arithmetic as the Redis script (`app.coordination.redis_budget.BUDGET`), on lists.
-    """
-
-    def __init__(self, windows: Sequence[Window]) -> None:
-        if not windows:
-            raise ValueError("a budget needs at least one window")
-        self.limits = list(windows)
-        self.keep_ms = max(w.period_ms for w in windows)
-        self.times: list[int] = []
-        self.lanes: list[str] = []
-        self.tickets: list[str] = []
-        self.paused_until_ms = 0
-
-    def read(self, now_ms: int) -> Reading:
-        """Drop calls outside every window; count each window's calls at `now_ms`."""
-        gone = bisect_right(self.times, now_ms - self.keep_ms)
-        if gone:
-            del self.times[:gone], self.lanes[:gone], self.tickets[:gone]
-        total = len(self.times)
-        used = [total - bisect_right(self.times, now_ms - w.period_ms) for w in self.limits]
-        return Reading(now_ms, used, max(0, self.paused_until_ms - now_ms))
-
-    def window_wait_ms(self, reading: Reading, i: int, ceiling: int) -> int:
-        """Ms until window i holds fewer than `ceiling` calls (0: it does now)."""
-        used, window = reading.used[i], self.limits[i]
-        if used < ceiling:
-            return 0
-        if ceiling <= 0:  # no call at all for this lane in this window (for now)
-            return window.period_ms
-        # It has room once its (used - ceiling + 1)-th oldest call leaves: the call at
-        # index total - ceiling, which leaves `period` after it was made.
-        oldest = self.times[len(self.times) - ceiling]
-        return max(1, oldest + window.period_ms - reading.now_ms)
-
-    def wait_ms(self, reading: Reading, ceilings: Sequence[int]) -> tuple[int, str | None]:
-        """Ms until every window i holds fewer than `ceilings[i]` calls, and what holds it."""
-        wait, held = reading.paused_ms, "pause" if reading.paused_ms else None
-        for i, ceiling in enumerate(ceilings):
-            window_wait = self.window_wait_ms(reading, i, ceiling)
-            if window_wait > wait:
-                wait, held = window_wait, self.limits[i].name
-        return wait, held
-
-    def add(self, at_ms: int, lane: str, ticket: str) -> None:
-        """Log a call (kept in time order: a charged call may be older than the last)."""
-        index = bisect_right(self.times, at_ms)
-        self.times.insert(index, at_ms)
-        self.lanes.insert(index, lane)
-        self.tickets.insert(index, ticket)
-
-    def remove(self, ticket: str) -> bool:
-        """Take a refunded call out (it is usually the newest: search from the end)."""
-        for index in range(len(self.tickets) - 1, -1, -1):
-            if self.tickets[index] == ticket:
-                del self.times[index], self.lanes[index], self.tickets[index]
-                return True
-        return False
-
-    def lane_calls(self) -> dict[str, int]:
-        """Calls per lane in the log (after a `read`, the longest window's)."""
-        counts = dict.fromkeys(LANES, 0)
-        for lane in self.lanes:
-            if lane in counts:
-                counts[lane] += 1
-        return counts
-
-    def ceilings(self, ask: Ask, share: int = 1) -> list[int]:
-        """What `ask` may fill each window up to: its limit less its reserve (over `share`
-        processes, each gets the floor of its part)."""
-        reserve = ask.reserve or (0,) * len(self.limits)
-        return [(w.limit - r) // share for w, r in zip(self.limits, reserve, strict=True)]
-
-    def spend(
-        self, asks: Sequence[Ask], now_ms: int, at_ms: int, ticket: str, share: int = 1
-    ) -> tuple[Grant, Reading]:
-        """Log a call for the first ask that fits, else say how long each must wait."""
-        reading = self.read(now_ms)
-        waits: list[float] = []
-        holds: list[str | None] = []
-        for ask in asks:
-            wait, held = self.wait_ms(reading, self.ceilings(ask, share))
-            if wait == 0:
-                self.add(at_ms, ask.lane, ticket)
-                for i in range(len(reading.used)):
-                    reading.used[i] += 1
-                waits.append(0.0)
-                holds.append(None)
-                pad = len(asks) - len(waits)
-                grant = Grant(ask.lane, ticket, (*waits, *(0.0,) * pad), (*holds, *(None,) * pad))
-                return grant, reading
-            waits.append(wait / 1000)
-            holds.append(held)
-        return Grant(None, None, tuple(waits), tuple(holds)), reading
-
-    def states(self, reading: Reading, share: int = 1) -> list[WindowState]:
-        """Each window as monitoring shows it, at the reading's instant."""
-        states = []
-        for i, (window, used) in enumerate(zip(self.limits, reading.used, strict=True)):
-            limit = window.limit // share
-            wait = max(reading.paused_ms, self.window_wait_ms(reading, i, limit))
-            states.append(
-                WindowState(
-                    window.name, limit, window.period_s, used, max(0, limit - used), wait / 1000
-                )
-            )
-        return states
-
-
 class LocalBudget:
     """A `Budget` kept in this process: one `CallLog`, read and spent with no await."""
 
@@ -292,7 +114,8 @@ class LocalBudget:
         self._clock = clock
         self.share = share
         """Processes this budget is one part of (a fallback's share): each ceiling is divided."""
-        self._token = f"{token}-local" if token else secrets.token_hex(4)
+        self.token = f"{token}-local:" if token else f"{secrets.token_hex(4)}:"
+        """What this budget's tickets start with."""
         self._seq = count(1)
 
     @property
@@ -309,10 +132,10 @@ class LocalBudget:
             for _ in range(max(0, calls - placed)):
                 self.log.add(at_ms - shorter_ms, SEEDED, f"seed:{next(self._seq)}")
             placed = max(placed, calls)
-            shorter_ms = window.period_ms
+            shorter_ms = window.span_ms
 
     def new_ticket(self) -> str:
-        return f"{self._token}:{next(self._seq)}"
+        return f"{self.token}{next(self._seq)}"
 
     async def try_spend(self, asks: Sequence[Ask]) -> Grant:
         return self.spend_now(asks)
@@ -325,6 +148,9 @@ class LocalBudget:
 
     async def refund(self, ticket: str) -> None:
         self.log.remove(ticket)
+
+    async def stamp(self, ticket: str, lane: str) -> None:
+        self.log.restamp(ticket, lane, ceil_ms(self._clock()))
 
     async def pause(self, seconds: float) -> None:
         until = floor_ms(self._clock()) + ceil_ms(seconds)

@@ -244,7 +244,7 @@ class Gateway:
         if (
             self._closing
             or uid in self.inflight
-            or self.queue.room <= 0
+            or self.queue.room_for(priority) <= 0
             or self.breaker.rejecting
             or self.memory.failing.get(uid, now) is not None
         ):

@@ -6,9 +6,9 @@ this module's policy:
 - **misses** (a client waits) may fill every window to its limit, at once.
 - **jobs** (crawls) leave `UPSTREAM_RESERVE_PER_MIN` / `UPSTREAM_RESERVE_PER_HOUR` of
   each window to clients, and pace themselves to the sustained rate that leaves (the
-  tightest of `(limit - reserve) / period`; 800 an hour at the defaults), with at most
-  `UPSTREAM_BURST` calls back to back: a crawl spreads over the hour instead of spending
-  it in its first minutes.
+  tightest of `(limit - reserve) / (period + margin)`; 800 an hour at the defaults), with
+  at most `UPSTREAM_BURST` calls back to back: a crawl spreads over the hour instead of
+  spending it in its first minutes.
 - **refreshes** (stale hits, revalidation, the sweep) keep the same reserve and share the
   jobs' pace, and only get what misses and jobs leave: they ask last.
 - **owed jobs**: while clients' misses wait and jobs had less than `JOB_SHARE` of the calls
@@ -120,7 +120,7 @@ class Planner:
         self.share_ppm = round(settings.job_share * 1_000_000)
         # The tightest sustained rate the reserve leaves: min over windows of left / period.
         left, period = min(
-            ((w.limit - r, w.period_ms) for w, r in zip(windows, self.reserve, strict=True)),
+            ((w.limit - r, w.span_ms) for w, r in zip(windows, self.reserve, strict=True)),
             key=lambda pair: pair[0] / pair[1],
         )
         self.pacer = Pacer(left, period, settings.upstream_burst)

@@ -30,7 +30,8 @@ class ResilientUpstream:
     """An `Upstream` that wraps another, as httpx transports wrap transports.
 
     Each call spends one call of the budget in its batch's lane (the first is usually
-    spent by the worker before it gathered the batch: `ticket`), asks the breaker, and is
+    spent by the worker before it gathered the batch: `ticket`), asks the breaker, has the
+    budget log it at the moment it is sent (`stamp`), and is
     retried with backoff and jitter while the failure is retryable, each retry spending
     again in the same lane (a 429 pauses the whole budget instead of sleeping here).
     401/403 are not retried and set `auth_failed` until a call succeeds. Raises the last
@@ -68,12 +69,15 @@ class ResilientUpstream:
         attempt = 0
         while True:
             attempt += 1
-            if ticket is None and not self.breaker.rejecting:
+            if ticket is None:  # no call leaves without one: the breaker is asked after
+                if self.breaker.rejecting:
+                    raise UpstreamCircuitOpen("Freelancer is failing; not calling it for a while")
                 ticket = await self.planner.acquire(lane)
             if not self.breaker.allow_call():
-                if ticket is not None:
-                    await self.budget.refund(ticket)
+                await self.budget.refund(ticket)
                 raise UpstreamCircuitOpen("Freelancer is failing; not calling it for a while")
+            # Logged from now, not from its grant (see app.gateway.budget: the margin).
+            await self.budget.stamp(ticket, lane)
             ticket = None  # spent: a retry spends again
             self.stats.upstream_calls += 1
             self.stats.upstream_ids_requested += len(user_ids)

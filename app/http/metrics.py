@@ -90,15 +90,31 @@ class GatewayCollector(Collector):
         for name in ("ok", "throttled", "open"):
             state.add_metric([name], 1 if upstream_state == name else 0)
         yield state
-        windows = gateway.budget.windows()
-        for field, doc in (
-            ("limit", "Calls Freelancer allows per window."),
-            ("remaining", "Calls left in each window now (as of the last check)."),
-        ):
-            family = GaugeMetricFamily(f"gateway_budget_{field}", doc, labels=["window"])
-            for window in windows:
-                family.add_metric([window.name], getattr(window, field))
-            yield family
+        yield from budget_metrics(gateway)
+
+
+def budget_metrics(gateway: Gateway) -> Iterator[Metric]:
+    """Each budget window from the log (every process's calls, as of the last read: the
+    gateway reads a shared log every 2 s), and the lanes waiting for it."""
+    windows = gateway.budget.windows()
+    for field, name, doc in (
+        ("limit", "limit", "Calls Freelancer allows per window."),
+        ("used", "used", "Calls in the window's last period and margin, every process's."),
+        ("remaining", "remaining", "Calls left in each window now."),
+        ("next_call_in_s", "next_call_in_seconds", "Seconds until a client's miss may call."),
+    ):
+        family = GaugeMetricFamily(f"gateway_budget_{name}", doc, labels=["window"])
+        for window in windows:
+            family.add_metric([window.name], getattr(window, field))
+        yield family
+    waiting = GaugeMetricFamily(
+        "gateway_budget_lane_waiting_seconds",
+        "Lanes with ids queued that may not call yet: seconds to wait, by what holds them.",
+        labels=["lane", "waits_for"],
+    )
+    for lane in gateway.planner.waiting():
+        waiting.add_metric([lane.lane, lane.waits_for], lane.in_s)
+    yield waiting
 
 
 class JobCollector(Collector):

@@ -26,6 +26,7 @@ from typing import Any
 from app.clock import Clock
 from app.errors import StoreUnavailable
 from app.gateway import Gateway
+from app.gateway.budget import JOBS
 from app.gateway.cache import fetched_at, record_of
 from app.gateway.flight import cancel_all
 from app.gateway.planner import loop_clock
@@ -129,6 +130,7 @@ class JobRunner:
                 log.warning("jobs wait for the store: %s", exc)
                 await asyncio.sleep(POLL_S * 5)
         self._spawn(self.webhooks.run(), "job-webhooks")
+        self._spawn(self._keep_counting(), "job-counts")
         while True:
             moved = False
             try:
@@ -145,6 +147,27 @@ class JobRunner:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(POLL_S):
                         await self._wake.wait()
+
+    async def _keep_counting(self) -> None:
+        """Count jobs by status even while a round waits (its chunks for the budget, which
+        can take an hour): the counts `/api/stats` and the dashboard show must not freeze."""
+        while True:
+            await asyncio.sleep(max(STATUS_EVERY_S, POLL_S))
+            with contextlib.suppress(StoreUnavailable):
+                await self._count_statuses()
+
+    def waiting_for(self, job: Job) -> tuple[str, float | None] | None:
+        """What an active job waits for, and for how long when that is known: its chunks in
+        line for the budget (why the planner holds the job lane: "minute", "hour", "pace",
+        "pause", "behind misses"), or "other jobs" (no chunk of its in line: the job lane's
+        slots hold other jobs' chunks). None: not waiting (a chunk of it is being fetched)."""
+        if job.status not in ACTIVE:
+            return None
+        progress = self.progress.get(job.job_id)
+        if progress is None or not progress.chunks:
+            return "other jobs", None
+        held = next((w for w in self.gateway.planner.waiting() if w.lane == JOBS), None)
+        return None if held is None else (held.waits_for, held.in_s)
 
     async def _count_statuses(self) -> None:
         now = loop_clock()
@@ -282,7 +305,6 @@ class JobRunner:
                 done.append(Item(need.pop(uid).seq, uid, FOUND))
         if not need:
             return done, 0, None
-        await self._room(len(need))
         if await self.store.status(job.job_id) not in ACTIVE:  # cancelled while it waited
             return done, 0, None
         fetches = gateway.enlist(list(need), stored)
@@ -317,8 +339,3 @@ class JobRunner:
         for item in done:
             progress.attempts.pop(item.seq, None)
         return done, calls, error
-
-    async def _room(self, count: int) -> None:
-        """Wait until the queue has room for the chunk and a client's request besides (the
-        budget is the planner's: the chunk waits for it in the job lane)."""
-        await self.gateway.queue.wait_room(count + self.settings.max_users_per_request)

@@ -1,8 +1,12 @@
 """The embedded store: one SQLite file (WAL), one table keyed by user_id, through aiosqlite.
 
-Every read is one `execute_fetchall` (one trip to the connection's thread): a cursor left
-open across an await would hold a read snapshot, and a write on the same connection after
-another connection committed would then fail at once with "database is locked".
+Every statement runs in one trip to the connection's thread and leaves no cursor open
+(`execute_fetchall`, or a cursor closed by `async with`). A cursor dropped open would be
+reset by the garbage collector on the event loop's thread, racing the connection's thread
+when it runs the same cached statement ("bad parameter or other API misuse" under
+concurrent saves). And every read is one trip: a cursor left open across an await would
+hold a read snapshot, and a write on the same connection after another connection
+committed would then fail at once with "database is locked".
 """
 
 from __future__ import annotations

@@ -240,3 +240,40 @@ def test_sigterm_ends_open_streams_and_exits_cleanly(gateway_process: Process) -
     log = gateway_process.output()
     assert "timeout graceful shutdown exceeded" not in log, log
     assert not re.search(r"ERROR|Exception in ASGI", log), log
+
+
+def test_the_page_shows_the_budget_from_its_log_and_what_each_job_waits_for(
+    browser: Browser, tmp_path: Path, simulator: Process
+) -> None:
+    """A small budget the jobs soon wait for: two calls back to back, then their pace (one
+    call every 200 s). The page shows the calls used from the budget's log, the lane that
+    waits and why, and per job its wait: its pace, or other jobs' turn."""
+    budget = {
+        "UPSTREAM_RATE_PER_MIN": "5",
+        "UPSTREAM_RESERVE_PER_MIN": "1",
+        "UPSTREAM_RATE_PER_HOUR": "20",
+        "UPSTREAM_RESERVE_PER_HOUR": "2",
+        "UPSTREAM_BURST": "2",
+        "BATCH_SIZE": "10",
+        "SHUTDOWN_GRACE_S": "1",
+        "UPSTREAM_CONCURRENCY": "2",  # one chunk in line at a time
+    }
+    gateway_process = start_gateway(tmp_path, simulator, LOG_LEVEL="INFO", **budget)
+    gateway_process.start()
+    try:
+        with httpx.Client(base_url=gateway_process.url, timeout=10) as client:
+            for n in range(3):
+                ids = list(range(n * 1000 + 1, n * 1000 + 101))
+                submitted = client.post("/api/jobs", json={"user_ids": ids, "label": f"j{n}"})
+                assert submitted.status_code == 202, submitted.text
+        page, watch = open_dashboard(browser, gateway_process)
+        minute = page.locator('#budget .window[data-window="minute"]')
+        expect(minute).to_contain_text("2 of 5 calls used", timeout=10_000)
+        expect(page.locator("#budget-note")).to_contain_text("jobs for its pace", timeout=10_000)
+        waits = page.locator("#jobs-active tr td:nth-child(5)")
+        expect(waits.filter(has_text="its pace")).to_have_count(1, timeout=10_000)
+        expect(waits.filter(has_text="other jobs")).to_have_count(2)
+        assert_clean(watch)
+        page.close()
+    finally:
+        gateway_process.stop()

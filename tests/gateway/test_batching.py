@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from app.gateway.batching import (
     PRIORITY_JOB,
     PRIORITY_MISS,
@@ -44,6 +46,33 @@ async def test_a_jobs_batch_takes_job_ids_first() -> None:
     assert batch == [10, 11, 12, 100]
 
 
+async def test_a_queue_full_of_clients_ids_still_takes_a_jobs_and_its_ids_take_no_room() -> None:
+    queue = BatchQueue(2)
+    queue.put_nowait(1, PRIORITY_MISS)
+    queue.put_nowait(2, PRIORITY_REFRESH)
+    with pytest.raises(asyncio.QueueFull):
+        queue.put_nowait(3, PRIORITY_MISS)
+    queue.put_nowait(10, PRIORITY_JOB)  # a job owed its share is not kept out of line
+    assert queue.qsize() == 3 and queue.lanes_waiting() == {MISSES, JOBS, REFRESHES}
+    batch: list[int] = []
+    await queue.gather(batch, MISSES, 1, 0.0, take_all)
+    assert queue.room == 1, "the job's id took none of the clients' room"
+    queue.put_nowait(4, PRIORITY_MISS)
+
+
+async def test_refreshes_fill_at_most_half_the_queue_and_clients_keep_the_rest() -> None:
+    queue = BatchQueue(10)
+    for uid in range(5):
+        queue.put_nowait(uid, PRIORITY_REFRESH if uid % 2 else PRIORITY_SWEEP)
+    assert queue.room_for(PRIORITY_REFRESH) == 0 and queue.room_for(PRIORITY_SWEEP) == 0
+    with pytest.raises(asyncio.QueueFull):
+        queue.put_nowait(5, PRIORITY_REFRESH)
+    assert queue.room_for(PRIORITY_MISS) == queue.room == 5
+    for uid in range(10, 15):
+        queue.put_nowait(uid, PRIORITY_MISS)
+    assert queue.room_for(PRIORITY_MISS) == 0 and queue.room_for(PRIORITY_JOB) > 0
+
+
 async def test_the_sweep_spends_as_a_refresh_and_lanes_waiting_says_so() -> None:
     queue = BatchQueue(100)
     assert queue.lanes_waiting() == set()
@@ -56,15 +85,8 @@ async def test_the_sweep_spends_as_a_refresh_and_lanes_waiting_says_so() -> None
     assert batch == [7]
 
 
-async def test_an_empty_queue_gives_an_empty_batch_at_once_and_room_is_awaited() -> None:
+async def test_an_empty_queue_gives_an_empty_batch_at_once() -> None:
     queue = BatchQueue(2)
     batch: list[int] = []
     await asyncio.wait_for(queue.gather(batch, MISSES, 10, 5.0, take_all), 1)
     assert batch == []
-    queue.put_nowait(1, PRIORITY_JOB)
-    queue.put_nowait(2, PRIORITY_JOB)
-    waiting = asyncio.create_task(queue.wait_room(1))
-    await asyncio.sleep(0)
-    assert not waiting.done()
-    await queue.gather(batch, JOBS, 1, 0.0, take_all)
-    await asyncio.wait_for(waiting, 1)

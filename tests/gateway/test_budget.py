@@ -28,10 +28,10 @@ from app.gateway.budget import (
     Window,
     budget_windows,
 )
-from bench.budget import busiest
 from tests.support.apps import make_settings
 from tests.support.clock import FakeClock
 from tests.support.procs import RedisServer
+from tests.support.simulation import busiest
 
 MINUTE = Window("minute", 5, 60.0)
 HOUR = Window("hour", 8, 3600.0)
@@ -164,6 +164,42 @@ async def test_a_refunded_call_leaves_the_log(make_budget: MakeBudget) -> None:
     assert await spend(budget) is not None
 
 
+async def test_a_refund_frees_the_one_call_it_took_once_and_nothing_else(
+    make_budget: MakeBudget,
+) -> None:
+    clock = FakeClock()
+    budget = make_budget([Window("minute", 2, 60.0)], clock)
+    first, second = await spend(budget), await spend(budget)
+    assert first is not None and second is not None and await spend(budget) is None
+    await budget.refund(first)
+    await budget.refund(first)  # twice: still one call freed
+    await budget.refund("someone-else:7")  # a ticket it never gave: nothing
+    third = await spend(budget)
+    assert third is not None and await spend(budget) is None
+    await budget.refresh()
+    assert [(w.used, w.remaining) for w in budget.windows()] == [(2, 0)]
+
+
+async def test_a_call_counts_from_when_it_is_sent_and_a_margin_widens_the_window(
+    make_budget: MakeBudget,
+) -> None:
+    clock = FakeClock(1000.0)
+    budget = make_budget([Window("minute", 1, 60.0, 0.5)], clock)
+    ticket = await spend(budget)
+    assert ticket is not None
+    clock.advance(2.0)
+    await budget.stamp(ticket, MISSES)  # granted at 1000, sent at 1002
+    clock.advance(58.0)
+    grant = await budget.try_spend([Ask(MISSES)])
+    assert grant.ticket is None and grant.waits_s[0] == pytest.approx(2.5), "1002 + 60 + 0.5"
+    clock.advance(2.499)
+    assert await spend(budget) is None
+    clock.advance(0.001)
+    assert await spend(budget) is not None
+    await budget.refresh()
+    assert [(w.period_s, w.margin_s, w.used) for w in budget.windows()] == [(60.0, 0.5, 1)]
+
+
 async def test_a_429_pauses_every_caller_and_shows_in_every_window(
     make_budget: MakeBudget,
 ) -> None:
@@ -204,9 +240,16 @@ async def test_two_processes_sharing_eleven_a_minute_never_make_twelve(
     assert len(calls) >= 33, "and the limit is used, minute after minute"
 
 
-def test_the_settings_give_a_minute_and_an_hour_window_of_whole_calls(tmp_path: Path) -> None:
+def test_the_settings_give_a_minute_and_an_hour_window_of_whole_calls_and_a_margin(
+    tmp_path: Path,
+) -> None:
     settings = make_settings(tmp_path, upstream_rate_per_min=50.5, upstream_rate_per_hour=1000)
-    assert budget_windows(settings) == [Window("minute", 50, 60.0), Window("hour", 1000, 3600.0)]
+    assert budget_windows(settings) == [
+        Window("minute", 50, 60.0, 1.0),
+        Window("hour", 1000, 3600.0, 1.0),
+    ]
+    settings = make_settings(tmp_path, upstream_window_margin_s=0.25)
+    assert [w.span_ms for w in budget_windows(settings)] == [60_250, 3_600_250]
 
 
 def test_a_reserve_as_large_as_its_window_is_refused_with_the_settings_named(

@@ -5,8 +5,10 @@ Time is a `FakeClock` the tests step, passed to the app as its wall clock.
 
 from __future__ import annotations
 
+import asyncio
+
 from app.domain import UserRecord
-from tests.support.apps import Running, StartApp
+from tests.support.apps import Running, StartApp, until
 from tests.support.clock import FakeClock
 from tests.support.freelancer import FakeFreelancer, error_response
 
@@ -222,3 +224,24 @@ async def test_revalidate_refuses_what_is_not_a_number_of_seconds(
         assert response.status_code == 422, body
     accepted = await running.client.post("/api/cache/revalidate", json={"older_than_s": 5})
     assert accepted.status_code == 202
+
+
+async def test_refreshes_never_fill_the_queue_a_clients_miss_needs(
+    start_app: StartApp, freelancer: FakeFreelancer
+) -> None:
+    """Revalidations while Freelancer is slow: they take at most half of QUEUE_MAX, so a
+    client's new ids still fit (they were answered 503 'overloaded' when refreshes filled it)."""
+    running = await start_app(queue_max=200, upstream_concurrency=1)
+    freelancer.gate = asyncio.Event()
+    queued = []
+    for first in (1_000, 2_000, 3_000):
+        body = {"user_ids": list(range(first, first + 100))}
+        response = await running.client.post("/api/cache/revalidate", json=body)
+        queued.append(response.json()["queued"])
+        await until(lambda: bool(freelancer.calls))  # the first 100 are in the air
+    assert queued == [100, 100, 0], "half the queue (100), the rest left to clients"
+    lookup = asyncio.create_task(running.client.post("/api/users", json={"user_ids": [7, 8]}))
+    await until(lambda: running.gateway.queue.qsize() == 102)
+    freelancer.gate.set()
+    answer = await lookup
+    assert answer.status_code == 200 and answer.json()["total_count"] == 2

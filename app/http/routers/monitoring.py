@@ -10,7 +10,14 @@ from app.gateway import Gateway
 from app.gateway import health as gateway_health
 from app.http.dependencies import GatewayDep, ServicesDep
 from app.http.schemas.common import ErrorResponse
-from app.http.schemas.monitoring import BudgetWindow, Health, JobStats, QueueInfo, Stats
+from app.http.schemas.monitoring import (
+    BudgetWindow,
+    Health,
+    JobStats,
+    LaneWaiting,
+    QueueInfo,
+    Stats,
+)
 from app.jobs.runner import JobRunner
 
 router = APIRouter(tags=["monitoring"])
@@ -32,6 +39,7 @@ async def health(services: ServicesDep, gateway: GatewayDep) -> Health:
         coordination=gateway.coordinator.kind,
         processes=gateway.coordinator.live_processes,
         budget=await budget_windows(gateway, ask=False),
+        budget_waiting=budget_waiting(gateway),
     )
 
 
@@ -85,6 +93,7 @@ async def stats(services: ServicesDep, gateway: GatewayDep) -> Stats:
         upstream_state=gateway_health.upstream_state(gateway),
         keys=services.limits.snapshot(),
         budget=await budget_windows(gateway),
+        budget_waiting=budget_waiting(gateway),
         jobs=job_stats(services.runner),
         **gateway.stats.snapshot(),
     )
@@ -96,6 +105,12 @@ async def budget_windows(gateway: Gateway, *, ask: bool = True) -> list[BudgetWi
     if ask:
         await gateway.budget.refresh()
     return [BudgetWindow.model_validate(w, from_attributes=True) for w in gateway.budget.windows()]
+
+
+def budget_waiting(gateway: Gateway) -> list[LaneWaiting]:
+    """The lanes waiting for the budget, and why (the planner's last decision, aged)."""
+    waiting = gateway.planner.waiting()
+    return [LaneWaiting.model_validate(w, from_attributes=True) for w in waiting]
 
 
 def job_stats(runner: JobRunner | None) -> JobStats | None:

@@ -9,14 +9,29 @@ from pydantic import BaseModel, Field
 
 class BudgetWindow(BaseModel):
     """One of Freelancer's limits, from the log of calls (every process's): calls allowed
-    per period, used in the last period, left, and when a client's miss may call next."""
+    per period, used in the last period (and margin), left, and when a client's miss may
+    call next."""
 
     name: str = Field(examples=["minute"])
     limit: int
-    period_s: float
-    used: int = Field(description="Calls in the last period_s")
+    period_s: float = Field(description="Freelancer's period")
+    margin_s: float = Field(description="UPSTREAM_WINDOW_MARGIN_S: counted on top of the period")
+    used: int = Field(description="Calls in the last period_s + margin_s")
     remaining: int = Field(description="limit - used")
     next_call_in_s: float = Field(description="Seconds until a client's miss may call (0: now)")
+
+
+class LaneWaiting(BaseModel):
+    """A budget lane with ids queued that is not calling now, and why (the planner's view)."""
+
+    lane: Literal["misses", "jobs", "refreshes"]
+    waits_for: str = Field(
+        description='"minute" or "hour" (that window is full, or holds the reserve a '
+        'background lane leaves to clients), "pace" (jobs and refreshes keep to the hourly '
+        'rate), "pause" (Freelancer said 429), or "behind <lane>" (that lane took the call)',
+        examples=["minute"],
+    )
+    in_s: float = Field(description="Seconds until it may call, as far as is known now")
 
 
 class JobStats(BaseModel):
@@ -45,6 +60,7 @@ class Health(BaseModel):
     )
     processes: int = Field(description="Processes of the deployment seen alive lately")
     budget: list[BudgetWindow] = Field(description="Freelancer's minute and hour windows")
+    budget_waiting: list[LaneWaiting] = Field(description="Lanes waiting for the budget, and why")
 
 
 class QueueInfo(BaseModel):
@@ -99,4 +115,5 @@ class Stats(BaseModel):
     worker_restarts: int
     keys: list[KeyUsage] = Field(description="Usage per client")
     budget: list[BudgetWindow] = Field(description="Freelancer's minute and hour windows")
+    budget_waiting: list[LaneWaiting] = Field(description="Lanes waiting for the budget, and why")
     jobs: JobStats | None = Field(description="Crawl jobs; null while the runner is down")
