@@ -34,6 +34,7 @@ from app.http.schemas.common import ErrorResponse
 from app.http.schemas.jobs import (
     CALLBACK_PATTERN,
     CSV_PATTERN,
+    MAX_SEQ,
     RESULT_COLUMNS,
     TEXT_PATTERN,
     Deleted,
@@ -47,6 +48,7 @@ from app.http.schemas.jobs import (
     result_item,
     result_row,
 )
+from app.http.schemas.users import MAX_AGE_S
 from app.jobs import service
 from app.jobs.model import FAILED, FOUND, NOT_FOUND, Item, Job, job_view
 from app.jobs.runner import JobRunner
@@ -110,7 +112,7 @@ async def submit(
     client: CrawlClient,
     label: Annotated[str | None, Query(max_length=200)] = None,
     priority: Literal["high", "normal", "low"] = "normal",
-    max_age_s: Annotated[float | None, Query(ge=0)] = None,
+    max_age_s: Annotated[float | None, Query(ge=0, le=MAX_AGE_S)] = None,
     callback_url: Annotated[str | None, Query(max_length=2000, pattern=CALLBACK_PATTERN)] = None,
 ) -> Response:
     """Fetch many ids in the background (`crawl`): `{"user_ids": [...]}` (up to
@@ -251,7 +253,9 @@ async def results(
     runner: RunnerDep,
     gateway: GatewayDep,
     client: ReadClient,
-    cursor: Annotated[int, Query(ge=-1, description="next_cursor of the previous page")] = -1,
+    cursor: Annotated[
+        int, Query(ge=-1, le=MAX_SEQ, description="next_cursor of the previous page")
+    ] = -1,
     limit: Annotated[int, Query(ge=1, le=10_000)] = PAGE,
     include: Literal["missing"] | None = None,
     format: Literal["json", "ndjson", "csv"] | None = None,

@@ -20,9 +20,12 @@ from app.config import Settings
 from app.domain import UserRecord
 from app.errors import InvalidRequest
 from app.http.schemas.common import load_json, one_of
-from app.http.schemas.users import UserId
+from app.http.schemas.users import MAX_AGE_S, MAX_USER_ID, UserId
 from app.jobs.model import Item, Priority
 
+MAX_SEQ = MAX_USER_ID
+"""The largest result cursor (an item's `seq`) a request may name: it fits every store's
+64-bit integers (a larger one made SQLite raise OverflowError: a 500)."""
 RESULT_COLUMNS = ("user_id", "status", "reason", *UserRecord._fields[1:])
 """The CSV header: the item, then the user as the store keeps it."""
 
@@ -55,6 +58,7 @@ class JobOptions(BaseModel):
     max_age_s: float | None = Field(
         None,
         ge=0,
+        le=MAX_AGE_S,
         strict=True,
         description="Ids cached more recently than this count as done without a call "
         "(default CACHE_TTL_S; 0 fetches every id).",
