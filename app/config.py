@@ -45,6 +45,11 @@ class Settings(BaseSettings):
     api_keys: SecretStr | None = None
     api_keys_file: Path | None = None
     auth_disabled: bool = False
+    # Open mode (no keys) serves this machine's pages only: loopback Host names, plus these.
+    allowed_hosts: str | None = None
+    # Proxies whose X-Forwarded-For / Forwarded headers name the client (comma-separated
+    # addresses or networks; uvicorn's own setting, which `python -m app` passes on).
+    forwarded_allow_ips: str | None = None
     metrics_require_key: bool = False
     rate_limit_per_min: int = Field(600, ge=1)
     rate_limit_ids_per_min: int = Field(6000, ge=1)

@@ -121,6 +121,8 @@ def create_app(
         limits=limits,
         metrics_require_key=settings.metrics_require_key,
         access_log=settings.access_log,
+        allowed_hosts=tuple((settings.allowed_hosts or "").split(",")),
+        trust_forwarded=bool((settings.forwarded_allow_ips or "").strip()),
     )
     customize_openapi(app, max_ids=settings.max_users_per_request, keys_on=not keys.open)
     return app

@@ -31,6 +31,7 @@ SCOPE: Scope = {
     "path": "/api/users",
     "client": ("127.0.0.1", 50000),
     "headers": [
+        (b"host", b"127.0.0.1:8000"),
         (b"content-type", b"application/json"),
         (b"content-length", b"%d" % len(BODY)),
         (b"x-api-key", KEY.encode()),

@@ -77,7 +77,9 @@ async def test_a_streamed_body_over_the_limit_gets_413(
         for _ in range(10):
             yield b" " * 500
 
-    response = await running.client.post("/api/users", content=chunks())
+    response = await running.client.post(
+        "/api/users", content=chunks(), headers={"content-type": "application/json"}
+    )
     assert response.status_code == 413
 
 

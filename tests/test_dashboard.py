@@ -104,9 +104,9 @@ class Stream:
             "raw_path": b"/api/events",
             "root_path": "",
             "query_string": b"",
-            "headers": [(b"host", b"gateway.test"), (b"accept", b"text/event-stream")],
+            "headers": [(b"host", b"localhost"), (b"accept", b"text/event-stream")],
             "client": ("127.0.0.1", 50000),
-            "server": ("gateway.test", 80),
+            "server": ("localhost", 80),
         }
         requested = False
 

@@ -59,7 +59,9 @@ async def test_a_sane_request_id_is_echoed_and_an_odd_one_replaced(
     first = (await running.client.get("/healthz")).headers["X-Request-ID"]
     second = (await running.client.get("/healthz")).headers["X-Request-ID"]
     assert first != second
-    errors = await running.client.post("/api/users", content=b"nope")
+    errors = await running.client.post(
+        "/api/users", content=b"nope", headers={"content-type": "application/json"}
+    )
     assert errors.status_code == 400 and errors.headers["X-Request-ID"]
 
 

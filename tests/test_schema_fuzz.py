@@ -15,6 +15,7 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, Phase, settings
 from schemathesis.checks import CHECKS, load_all_checks
+from schemathesis.core.failures import AcceptedNegativeData
 from schemathesis.openapi.checks import RejectedPositiveData, UseAfterFree
 
 from app.config import Settings
@@ -51,6 +52,7 @@ with pytest.MonkeyPatch.context() as _env:
             key_misses_per_min=100_000_000,
             job_max_range=1000,  # the jobs fuzzing submits are crawled in the background
             webhook_secret="fuzz-secret",
+            allowed_hosts="testserver",  # the host name Schemathesis' ASGI client sends
         )
     )
 # A body over MAX_BODY_BYTES is rejected with 413 before it is parsed: a rejection too.
@@ -66,7 +68,7 @@ schema = schemathesis.openapi.from_asgi("/openapi.json", APP, config=CONFIG)
 def filter_failure(
     context: HookContext, failure: Failure, case: OpenApiCase, response: Response
 ) -> bool:
-    """Accept two findings. The first is on the deprecated path only (it goes in the next
+    """Accept three findings. The first is on the deprecated path only (it goes in the next
     release).
 
     `DELETE /api/users/{id}` evicts the user from the cache, it does not delete the
@@ -74,6 +76,14 @@ def filter_failure(
     why eviction moved to `DELETE /api/cache/users/{id}`, which use_after_free leaves be.
     """
     if isinstance(failure, UseAfterFree) and failure.free.startswith("DELETE /api/users/"):
+        return False
+    # A text body "violating" its string type with an integer is sent as that integer's
+    # digits: one id a line, a valid body.
+    if (
+        isinstance(failure, AcceptedNegativeData)
+        and case.media_type in ("text/plain", "text/csv")
+        and isinstance(case.body, int)
+    ):
         return False
     # An id_range's order and size are rules JSON Schema cannot state (the description does).
     return not (

@@ -17,6 +17,10 @@ ACCESS_ERRORS = {
     "401": "No API key was sent",
     "403": "An unknown key, or a key whose role is below the call's",
 }
+OPEN_MODE_REFUSAL = (
+    "Without API keys: a request whose Host is not this machine (nor in ALLOWED_HOSTS), "
+    "or one a page from another origin sent"
+)
 RATE_HEADERS = {
     name: {"schema": {"type": "string"}, "description": description}
     for name, description in (
@@ -46,11 +50,12 @@ def customize_openapi(app: FastAPI, *, max_ids: int, keys_on: bool) -> None:
                 }
                 if keys_on:
                     operation["security"] = [{"ApiKey": []}, {"Bearer": []}]
-                    for code, description in ACCESS_ERRORS.items():
-                        responses[code] = {
-                            "description": description,
-                            "content": {"application/json": {"schema": ERROR_SCHEMA}},
-                        }
+                errors = ACCESS_ERRORS if keys_on else {"403": OPEN_MODE_REFUSAL}
+                for code, description in errors.items():
+                    responses[code] = {
+                        "description": description,
+                        "content": {"application/json": {"schema": ERROR_SCHEMA}},
+                    }
         if keys_on:
             schema.setdefault("components", {})["securitySchemes"] = SECURITY_SCHEMES
         return schema

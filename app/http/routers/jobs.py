@@ -30,7 +30,7 @@ from app.http.dependencies import (
     RunnerDep,
     log_audit,
 )
-from app.http.schemas.common import ErrorResponse
+from app.http.schemas.common import ErrorResponse, is_json, media_type
 from app.http.schemas.jobs import (
     CALLBACK_PATTERN,
     CSV_PATTERN,
@@ -122,10 +122,10 @@ async def submit(
     the job and its `Location`; the job runs within Freelancer's minute and hour budget."""
     settings = runner.settings
     body = await request.body()
-    kind = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+    kind = media_type(request.headers.get("content-type"))
     ids: list[int] | range
     options: JobOptions
-    if kind == "application/json":
+    if is_json(kind):
         options, ids = parse_json(body, settings)
     elif kind in ("text/plain", "text/csv"):
         try:
@@ -137,7 +137,8 @@ async def submit(
         ids = parse_text(body, settings, csv=kind == "text/csv")
     else:
         raise UnsupportedMediaType(
-            f"send the ids as application/json, text/plain or text/csv, not {kind!r}"
+            "send the ids as application/json, text/plain or text/csv (Content-Type), "
+            f"not {repr(kind[:60]) if kind else 'none'}"
         )
     job = await service.create(
         runner,
