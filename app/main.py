@@ -23,10 +23,11 @@ from app.errors import ConfigError
 from app.gateway import Gateway
 from app.gateway.budget import Budget, budget_windows
 from app.gateway.coordinator import Coordinator
-from app.http.auth import KeyRing, check_protected_mode, load_keys
+from app.http.auth import KeyRing, load_keys
 from app.http.client_limits import ClientLimits
 from app.http.docs import install_docs
 from app.http.errors import install_error_handlers
+from app.http.local_only import LocalOnly, check_protected_mode, watch_listeners
 from app.http.metrics import JobCollector, KeyUsageCollector, RequestMetrics, create_registry
 from app.http.middleware import GatewayMiddleware
 from app.http.openapi import customize_openapi
@@ -65,7 +66,7 @@ def create_app(
     """
     settings = settings or Settings()
     keys = KeyRing(load_keys(settings))
-    check_protected_mode(settings, keys)
+    check_protected_mode(settings, open_=keys.open)
 
     def processes() -> int:
         gateway = services.gateway
@@ -121,7 +122,9 @@ def create_app(
         limits=limits,
         metrics_require_key=settings.metrics_require_key,
         access_log=settings.access_log,
-        allowed_hosts=tuple((settings.allowed_hosts or "").split(",")),
+        local_only=LocalOnly(
+            (settings.allowed_hosts or "").split(","), protect=not settings.auth_disabled
+        ),
         trust_forwarded=bool((settings.forwarded_allow_ips or "").strip()),
     )
     customize_openapi(app, max_ids=settings.max_users_per_request, keys_on=not keys.open)
@@ -155,12 +158,16 @@ async def _running(
         )
     if services.keys.open:
         log.warning(
-            "no API_KEYS: the service is open to anyone who can reach %s (every caller "
-            "may evict users and spend the Freelancer budget)",
-            settings.host,
+            "no API_KEYS: every caller may evict users and spend the Freelancer budget; "
+            "served only %sto Host names of this machine%s and to the gateway's own pages",
+            "" if settings.auth_disabled else "on loopback addresses, ",
+            " and ALLOWED_HOSTS" if settings.allowed_hosts else "",
         )
     async with AsyncExitStack() as stack:
         stack.enter_context(masking(_secret_values(settings)))
+        if services.keys.open and not settings.auth_disabled:
+            watch = asyncio.create_task(watch_listeners(), name="protected-mode-watch")
+            stack.callback(watch.cancel)
         store = store or create_store(settings)
         http = await stack.enter_async_context(create_http_client(settings, transport))
         coordinator, budget = _coordination(settings)

@@ -11,7 +11,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.errors import ConfigError
-from app.http.auth import KeyRing, check_protected_mode, load_keys, parse_keys
+from app.http.auth import load_keys, parse_keys
+from app.http.local_only import check_protected_mode
 from tests.support.apps import Running, StartApp, make_settings
 from tests.support.clock import FakeClock
 from tests.support.freelancer import FakeFreelancer
@@ -213,15 +214,13 @@ def test_keys_come_from_a_file_too(tmp_path: Any) -> None:
 
 
 def test_open_on_a_reachable_address_is_refused_unless_meant(tmp_path: Any) -> None:
-    open_ring = KeyRing([])
     with pytest.raises(ConfigError) as refused:
-        check_protected_mode(make_settings(tmp_path, host="0.0.0.0"), open_ring)
+        check_protected_mode(make_settings(tmp_path, host="0.0.0.0"), open_=True)
     assert "API_KEYS" in str(refused.value) and "AUTH_DISABLED" in str(refused.value)
-    check_protected_mode(make_settings(tmp_path, host="0.0.0.0", auth_disabled=True), open_ring)
-    check_protected_mode(make_settings(tmp_path, host="127.0.0.1"), open_ring)
-    check_protected_mode(make_settings(tmp_path, host="::1"), open_ring)
-    keyed = KeyRing(load_keys(make_settings(tmp_path, api_keys=KEYS)))
-    check_protected_mode(make_settings(tmp_path, host="0.0.0.0"), keyed)
+    check_protected_mode(make_settings(tmp_path, host="0.0.0.0", auth_disabled=True), open_=True)
+    check_protected_mode(make_settings(tmp_path, host="127.0.0.1"), open_=True)
+    check_protected_mode(make_settings(tmp_path, host="::1"), open_=True)
+    check_protected_mode(make_settings(tmp_path, host="0.0.0.0"), open_=False)
 
 
 async def test_without_keys_the_service_is_open_and_says_so(

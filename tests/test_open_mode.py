@@ -185,3 +185,22 @@ async def test_with_keys_the_key_authenticates_whatever_the_host_or_origin(
         "/api/users", json={"user_ids": [1]}, headers={"Host": "gateway.example.com"}
     )
     assert missing.status_code == 401
+
+
+async def test_a_request_on_a_reachable_socket_is_refused_unless_auth_is_disabled(
+    start_app: StartApp, freelancer: FakeFreelancer
+) -> None:
+    """Protected mode: the socket a request came in on (`scope["server"]`) decides, not the
+    HOST setting (the in-process client names the server after the URL it was given)."""
+    running = await start_app(allowed_hosts="10.1.2.3")
+    refused = await running.client.get("http://10.1.2.3:8000/api/stats")
+    assert refused.status_code == 403
+    detail = refused.json()["detail"]
+    assert "10.1.2.3:8000" in detail and "API_KEYS" in detail and "AUTH_DISABLED" in detail
+    posted = await running.client.post("http://10.1.2.3:8000/api/users", json={"user_ids": [1]})
+    assert posted.status_code == 403
+    assert freelancer.calls == []
+    for url in ("http://127.0.0.1:8000/api/stats", "http://[::ffff:127.0.0.1]:8000/api/stats"):
+        assert (await running.client.get(url)).status_code == 200, url
+    meant = await start_app(allowed_hosts="10.1.2.3", auth_disabled=True)
+    assert (await meant.client.get("http://10.1.2.3:8000/api/stats")).status_code == 200

@@ -2,8 +2,8 @@
 
 Pure ASGI (no BaseHTTPMiddleware, which costs a task per request), and one layer for all
 of it: the headers are read in one pass, a declared Content-Length is checked before
-anything is read, an open gateway refuses requests from other hosts' pages
-(`app.http.auth.LocalOnly`), and a request is counted in plain lists in place, exported
+anything is read, an open gateway refuses what does not come from this machine
+(`app.http.local_only`), and a request is counted in plain lists in place, exported
 to Prometheus only when scraped.
 """
 
@@ -18,9 +18,10 @@ from secrets import token_hex
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.errors import GatewayError, PayloadTooLarge
-from app.http.auth import Client, KeyRing, LocalOnly
+from app.http.auth import Client, KeyRing
 from app.http.client_limits import ClientLimits
 from app.http.errors import error_response
+from app.http.local_only import LocalOnly
 from app.http.metrics import RequestMetrics
 from app.logs import request_id
 
@@ -60,7 +61,7 @@ class GatewayMiddleware:
         limits: ClientLimits,
         metrics_require_key: bool = False,
         access_log: bool = False,
-        allowed_hosts: tuple[str, ...] = (),
+        local_only: LocalOnly | None = None,
         trust_forwarded: bool = False,
     ) -> None:
         self.app = app
@@ -71,7 +72,7 @@ class GatewayMiddleware:
         self.limits = limits
         self.metrics_require_key = metrics_require_key
         self.access_log = access_log
-        self.local_only = LocalOnly(allowed_hosts) if keys.open else None
+        self.local_only = local_only if keys.open else None
         # Without trusted proxies, a client that says it was forwarded is not believed: a
         # server that trusts the header anyway (plain uvicorn trusts loopback) would let
         # every request pick its own name, and so its own limits.
@@ -117,13 +118,21 @@ class GatewayMiddleware:
             if length is not None and (not length.isdigit() or int(length) > limit):
                 raise _too_large(limit)
             local = self.local_only
-            # A Host judged before, and no sign of a page behind the request: nothing to ask.
-            if local is not None and (
-                origin is not None or fetch_site is not None or host not in local.seen
-            ):
-                refused = local.refusal(scope["method"], path, host, origin, fetch_site)
-                if refused is not None:
-                    raise refused
+            if local is not None:
+                server = scope.get("server")
+                if type(server) is list:  # some servers send a list: ASGI allows either
+                    server = tuple(server)
+                # A socket and Host judged before, and no sign of a page behind the
+                # request: nothing to ask.
+                if (
+                    origin is not None
+                    or fetch_site is not None
+                    or host not in local.seen
+                    or server not in local.seen
+                ):
+                    refused = local.refusal(scope["method"], path, server, host, origin, fetch_site)
+                    if refused is not None:
+                        raise refused
             if path.startswith("/api/") or (path == "/metrics" and self.metrics_require_key):
                 if forwarded and not self.trust_forwarded:
                     address = "forwarded"
