@@ -72,7 +72,7 @@ def create_app(
         gateway = services.gateway
         return gateway.coordinator.live_processes if gateway is not None else 1
 
-    limits = ClientLimits(settings, processes)
+    limits = ClientLimits(settings, processes, key_names=keys.names)
     request_metrics = RequestMetrics()
     services = Services(
         settings=settings,

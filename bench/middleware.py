@@ -70,6 +70,7 @@ def stacks() -> dict[str, Callable[[ASGIApp], ASGIApp]]:
     # Limits no run reaches: what is measured is the cost of counting, not of refusing.
     settings = Settings(_env_file=None, rate_limit_per_min=10**9, rate_limit_ids_per_min=10**9)
     keyed = settings.model_copy(update={"api_keys": SecretStr(f"bench:{KEY}:read")})
+    ring = KeyRing(load_keys(keyed))
     return {
         "open (request id, body limit, metrics)": lambda app: GatewayMiddleware(
             app,
@@ -82,8 +83,8 @@ def stacks() -> dict[str, Callable[[ASGIApp], ASGIApp]]:
             app,
             max_bytes=64 * 1024,
             metrics=RequestMetrics(),
-            keys=KeyRing(load_keys(keyed)),
-            limits=ClientLimits(keyed),
+            keys=ring,
+            limits=ClientLimits(keyed, key_names=ring.names),
         ),
     }
 

@@ -269,3 +269,66 @@ async def test_single_user_reads_count_against_the_same_quota(
     assert over.json()["reason"] == "quota"
     assert "KEY_MISSES_PER_MIN" in over.json()["detail"]
     assert freelancer.lookups == {30: 1}
+
+
+async def from_address(running: Running, address: str, path: str = "/api/stats") -> int:
+    """One request from `address`, as the server would report its peer."""
+    transport = httpx.ASGITransport(app=running.app, client=(address, 40000))
+    async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
+        return (await client.get(path)).status_code
+
+
+async def test_a_client_cannot_pick_its_name_with_forwarded_headers(
+    start_app: StartApp, freelancer: FakeFreelancer, limits_clock: FakeClock
+) -> None:
+    """Open mode names a client by its address. Without FORWARDED_ALLOW_IPS, requests
+    that say they were forwarded are one client, whatever they say (the server, if it
+    believed the header, would have made each a client of its own)."""
+    running = await start_app(rate_limit_per_min=20)
+    statuses = []
+    for n in range(30):
+        for header in ("X-Forwarded-For", "Forwarded"):
+            value = f"10.0.0.{n}" if header == "X-Forwarded-For" else f"for=10.0.1.{n}"
+            transport = httpx.ASGITransport(app=running.app, client=(f"10.9.0.{n}", 40000))
+            async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as c:
+                response = await c.get("/api/queue", headers={header: value})
+            statuses.append(response.status_code)
+    assert statuses.count(200) == 20 and statuses.count(429) == 40
+    names = {row["name"] for row in (await running.client.get("/api/stats")).json()["keys"]}
+    assert "ip:forwarded" in names and not any("10.0." in name for name in names)
+
+
+async def test_clients_named_by_address_are_bounded_and_idle_ones_leave(
+    start_app: StartApp, freelancer: FakeFreelancer, limits_clock: FakeClock
+) -> None:
+    running = await start_app()
+    for n in range(300):
+        assert await from_address(running, f"10.1.{n // 250}.{n % 250}") == 200
+    rows = (await running.client.get("/api/stats")).json()["keys"]
+    assert len(rows) <= 256 + 2, "at most 256 address clients, the caller, and ip:*"
+    assert sum(row["requests"] for row in rows) == 301, "nothing counted is lost"
+    limits = running.app.state.services.limits
+    assert len(limits._credit) <= 2 * 258
+    text = (await running.client.get("/metrics")).text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    labels = {s.labels["key"]: s.value for s in families["gateway_key_requests"].samples}
+    assert labels == {"ip:*": 301}, "one label for every address: no caller adds series"
+    # Idle for two windows, they leave; their counts stay in ip:*.
+    limits_clock.advance(121)
+    assert await from_address(running, "10.2.0.1") == 200
+    rows = (await running.client.get("/api/stats")).json()["keys"]
+    by_name = {row["name"]: row["requests"] for row in rows}
+    assert set(by_name) == {"ip:10.2.0.1", "ip:127.0.0.1", "ip:*"}
+    assert sum(by_name.values()) == 303
+
+
+async def test_metrics_label_key_names_only(
+    start_app: StartApp, freelancer: FakeFreelancer
+) -> None:
+    running = await start_app(api_keys=KEYS)
+    await lookup(running, [1], key(READ))
+    await lookup(running, [1], key("not-a-key-0123456789abcdef"))
+    text = (await running.client.get("/metrics")).text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    labels = {s.labels["key"] for s in families["gateway_key_requests"].samples}
+    assert labels == {"reader"}

@@ -95,6 +95,7 @@ class KeyRing:
     def __init__(self, keys: list[ApiKey]) -> None:
         self._by_digest = {key.digest: key for key in keys}
         self.open = not keys
+        self.names = frozenset(key.name for key in keys)
 
     def identify(self, headers: list[tuple[bytes, bytes]], address: str) -> Client:
         """The caller of a request with these ASGI headers; Unauthorized or Forbidden."""

@@ -137,13 +137,14 @@ def create_registry(
 
 
 class KeyUsageCollector(Collector):
-    """Per-client usage under `gateway_key_`, labelled by the key's name (never the key)."""
+    """Per-client usage under `gateway_key_`, labelled by the key's name (never the key), or
+    `ip:*` for every client named by its address."""
 
     def __init__(self, limits: ClientLimits) -> None:
         self._limits = limits
 
     def collect(self) -> Iterator[Metric]:
-        usage = self._limits.snapshot()
+        usage = self._limits.by_label()
         for field, doc in (
             ("requests", "API requests by client."),
             ("ids", "Ids looked up by client."),
