@@ -332,3 +332,21 @@ async def test_metrics_label_key_names_only(
     families = {f.name: f for f in text_string_to_metric_families(text)}
     labels = {s.labels["key"] for s in families["gateway_key_requests"].samples}
     assert labels == {"reader"}
+
+
+async def test_request_metrics_take_no_label_from_the_caller(
+    start_app: StartApp, freelancer: FakeFreelancer
+) -> None:
+    """The method is the client's to choose: any method beyond HTTP's is counted as
+    `other`, and a path no route matches as `unmatched`."""
+    running = await start_app()
+    for n in range(20):
+        await running.client.request(f"X{n}", "/api/users")
+        await running.client.get(f"/nope/{n}")
+    text = (await running.client.get("/metrics")).text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    samples = families["gateway_http_request_duration_seconds"].samples
+    methods = {s.labels["method"] for s in samples}
+    routes = {s.labels["route"] for s in samples}
+    assert methods <= {"GET", "POST", "other"}, methods
+    assert not any(route.startswith("/nope") for route in routes)

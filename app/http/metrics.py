@@ -158,6 +158,7 @@ class KeyUsageCollector(Collector):
             yield family
 
 
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -173,6 +174,8 @@ class RequestMetrics(Collector):
 
     def observe(self, method: str, route: str, status: int, seconds: float) -> None:
         """Count one request."""
+        if method not in METHODS:  # the client picks it: no label of its choosing
+            method = "other"
         key = (method, route, status)
         series = self._series.get(key)
         if series is None:
