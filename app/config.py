@@ -96,6 +96,7 @@ class Settings(BaseSettings):
     job_max_attempts: int = Field(3, ge=1)
     webhook_secret: SecretStr | None = None
     webhook_timeout_s: float = Field(5.0, gt=0)
+    webhook_allow_private: bool = False
 
     # The `python -m app jobs` command line: which gateway it talks to, with which key.
     gateway_url: str = "http://127.0.0.1:8000"

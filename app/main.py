@@ -127,7 +127,12 @@ def create_app(
         ),
         trust_forwarded=bool((settings.forwarded_allow_ips or "").strip()),
     )
-    customize_openapi(app, max_ids=settings.max_users_per_request, keys_on=not keys.open)
+    customize_openapi(
+        app,
+        max_ids=settings.max_users_per_request,
+        keys_on=not keys.open,
+        callbacks_on=settings.webhook_secret is not None,
+    )
     return app
 
 

@@ -52,6 +52,7 @@ with pytest.MonkeyPatch.context() as _env:
             key_misses_per_min=100_000_000,
             job_max_range=1000,  # the jobs fuzzing submits are crawled in the background
             webhook_secret="fuzz-secret",
+            webhook_allow_private=True,  # callbacks go to a closed loopback port (below)
             # Schemathesis' ASGI client names its server and Host `testserver`, no socket.
             allowed_hosts="testserver",
             auth_disabled=True,

@@ -31,13 +31,25 @@ RATE_HEADERS = {
 }
 
 
-def customize_openapi(app: FastAPI, *, max_ids: int, keys_on: bool) -> None:
-    """Make the schema say MAX_USERS_PER_REQUEST, and (with keys) how to send one."""
+CALLBACKS_OFF = {
+    "type": "null",
+    "description": "Callbacks are off on this gateway: WEBHOOK_SECRET, which signs them, is "
+    "not set.",
+}
+
+
+def customize_openapi(
+    app: FastAPI, *, max_ids: int, keys_on: bool, callbacks_on: bool = True
+) -> None:
+    """Make the schema say MAX_USERS_PER_REQUEST, (with keys) how to send one, and (without
+    WEBHOOK_SECRET) that a job takes no callback."""
     build = app.openapi
 
     def openapi() -> dict[str, Any]:
         schema = build()
         schema["paths"]["/api/users"]["post"]["requestBody"] = users_request_schema(max_ids)
+        if not callbacks_on:
+            _no_callbacks(schema["paths"]["/api/jobs"]["post"])
         for path, operations in schema["paths"].items():
             if not path.startswith("/api/"):
                 continue
@@ -61,3 +73,14 @@ def customize_openapi(app: FastAPI, *, max_ids: int, keys_on: bool) -> None:
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _no_callbacks(operation: dict[str, Any]) -> None:
+    """A submission's `callback_url` can only be null, and its query parameter is gone."""
+    operation["parameters"] = [
+        p for p in operation.get("parameters", []) if p.get("name") != "callback_url"
+    ]
+    body = operation["requestBody"]["content"]["application/json"]["schema"]
+    for holder in (body, *body.get("oneOf", [])):
+        if "callback_url" in holder.get("properties", {}):
+            holder["properties"]["callback_url"] = CALLBACKS_OFF

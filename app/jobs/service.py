@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from app.errors import InvalidRequest, JobConflict, JobNotFound
+from app.jobs.callback_url import check_submitted
 from app.jobs.model import ACTIVE, FINISHED, Job, new_job_id
 from app.jobs.runner import JobRunner
 
@@ -35,10 +36,12 @@ async def create(
 ) -> Job:
     """A new pending job over `user_ids` (a list, or a range written as the job advances)."""
     settings = runner.settings
-    if callback_url and settings.webhook_secret is None:
-        raise InvalidRequest(
-            "callback_url needs WEBHOOK_SECRET set on the gateway: callbacks are signed with it"
-        )
+    if callback_url is not None:
+        if settings.webhook_secret is None:
+            raise InvalidRequest(
+                "callback_url needs WEBHOOK_SECRET set on the gateway: callbacks are signed with it"
+            )
+        await check_submitted(callback_url, allow_private=settings.webhook_allow_private)
     now = runner.clock()
     is_range = isinstance(user_ids, range)
     job = Job(

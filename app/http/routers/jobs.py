@@ -93,8 +93,16 @@ SUBMIT_BODY = {
 }
 
 
-def view(runner: JobRunner, job: Job) -> dict[str, Any]:
-    return job_view(job, runner.eta_s(job))
+def view(runner: JobRunner, job: Job, client: Client) -> dict[str, Any]:
+    """The job as `client` may see it: where its callback goes, and how the last attempt
+    failed, only for the job's own key and admins (an error like "connection refused" from
+    an address would tell anyone else what listens there)."""
+    shown = job_view(job, runner.eta_s(job))
+    if job.owner != client.name and client.role != "admin":
+        shown["callback_url"] = None
+        if shown["webhook"] is not None:
+            shown["webhook"]["last_error"] = None
+    return shown
 
 
 @router.post(
@@ -151,7 +159,7 @@ async def submit(
     )
     log_audit(client, "job_submit", job.total)
     return Response(
-        orjson.dumps(view(runner, job)),
+        orjson.dumps(view(runner, job, client)),
         status_code=202,
         media_type="application/json",
         headers={"Location": f"/api/jobs/{job.job_id}"},
@@ -175,7 +183,7 @@ async def list_jobs(
     """Jobs, newest first (`read`); `next_cursor` pages to older ones."""
     jobs = await runner.store.list_jobs(status=status, limit=limit, before=cursor)
     return {
-        "jobs": [view(runner, job) for job in jobs],
+        "jobs": [view(runner, job, client) for job in jobs],
         "next_cursor": jobs[-1].job_id if len(jobs) == limit else None,
     }
 
@@ -189,7 +197,7 @@ async def list_jobs(
 )
 async def get_job(job_id: JobId, runner: RunnerDep, client: ReadClient) -> dict[str, Any]:
     """Status, counts, progress and ETA (`read`)."""
-    return view(runner, await service.get(runner, job_id=job_id))
+    return view(runner, await service.get(runner, job_id=job_id), client)
 
 
 @router.post(
@@ -204,7 +212,7 @@ async def cancel_job(job_id: JobId, runner: RunnerDep, client: ReadClient) -> di
     job = own(await service.get(runner, job_id=job_id), client)
     job = await service.cancel(runner, job=job)
     log_audit(client, "job_cancel", job.total)
-    return view(runner, job)
+    return view(runner, job, client)
 
 
 @router.post(
@@ -220,7 +228,7 @@ async def retry_failed(job_id: JobId, runner: RunnerDep, client: ReadClient) -> 
     job = own(await service.get(runner, job_id=job_id), client)
     job, retried = await service.retry_failed(runner, job=job)
     log_audit(client, "job_retry_failed", retried)
-    return view(runner, job)
+    return view(runner, job, client)
 
 
 @router.delete(
