@@ -27,7 +27,7 @@ from app.clock import Clock
 from app.config import Settings
 from app.errors import StoreUnavailable
 from app.jobs.callback_url import CallbackRefused, checked_address, parse, pinned
-from app.jobs.model import Job, job_view
+from app.jobs.model import FINISHED, Job, job_view
 from app.jobs.store import JobStore
 
 log = logging.getLogger("app.jobs")
@@ -121,7 +121,10 @@ class Webhooks:
                 error,
                 "; giving up" if give_up else f"; next in {wait:.0f} s",
             )
-        await self.store.update(job.job_id, changes)
+        # Only while the job is still finished: a retry-failed that reopened it meanwhile
+        # reset its callback, and this outcome must not write the old one back.
+        if not await self.store.update(job.job_id, changes, only_if=FINISHED):
+            log.info("job %s changed while its callback was sent: outcome not kept", job.job_id)
         return error is None
 
     async def attempt(self, url: str, body: bytes, headers: dict[str, str]) -> str | None:

@@ -21,8 +21,8 @@ import pytest
 from app.jobs import callback_url
 from app.jobs.model import Job
 from app.jobs.webhook import Webhooks, sign
-from tests.support.apps import Running, StartApp
-from tests.support.freelancer import FakeFreelancer
+from tests.support.apps import Running, StartApp, until
+from tests.support.freelancer import FakeFreelancer, error_response
 from tests.support.jobs import submit, wait_for
 
 SECRET = "whsec-test-0123456789"
@@ -35,6 +35,8 @@ class Receiver:
     answers: list[int] = field(default_factory=list)
     received: list[tuple[dict[str, str], bytes]] = field(default_factory=list)
     url: str = ""
+    hold: threading.Event | None = None
+    """When set, each POST is answered only once this is set (at most 10 s)."""
 
 
 @pytest.fixture
@@ -45,6 +47,8 @@ def receiver() -> Iterator[Receiver]:
         def do_POST(self) -> None:
             body = self.rfile.read(int(self.headers["Content-Length"]))
             state.received.append((dict(self.headers), body))
+            if state.hold is not None:
+                state.hold.wait(10)
             status = state.answers.pop(0) if state.answers else 200
             self.send_response(status)
             if status in (301, 302, 307):
@@ -401,3 +405,50 @@ async def test_without_a_secret_the_schema_says_a_job_takes_no_callback(
     schema = (await with_secret.client.get("/openapi.json")).json()
     names = {p["name"] for p in schema["paths"]["/api/jobs"]["post"]["parameters"]}
     assert "callback_url" in names
+
+
+async def test_a_callback_outcome_does_not_undo_a_retry_that_reset_it(
+    start_app: StartApp,
+    freelancer: FakeFreelancer,
+    receiver: Receiver,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The job's callback is on its way when its failed ids are retried (which resets the
+    callback): the attempt's outcome, saved after, must not write the old state back."""
+    running = await start_app(
+        webhook_secret=SECRET, webhook_allow_private=True, job_max_attempts=1,
+        error_ttl_s=0, breaker_failures=100, upstream_max_attempts=1,
+    )  # fmt: skip
+    store = running.runner.store
+    saved: list[bool] = []
+    update = store.update
+
+    async def watched(job_id: str, changes: Any, **kwargs: Any) -> bool:
+        changed = await update(job_id, changes, **kwargs)
+        if changes.get("webhook_attempts"):  # an attempt's outcome
+            saved.append(changed)
+        return changed
+
+    monkeypatch.setattr(store, "update", watched)
+    receiver.hold = threading.Event()
+    freelancer.always = error_response(500)
+    job = await submit(running, {"user_ids": [1, 2, 3], "callback_url": receiver.url})
+    url = f"/api/jobs/{job['job_id']}"
+    assert (await wait_for(running, job["job_id"]))["failed"] == 3
+    await until(lambda: len(receiver.received) == 1)  # the attempt is waiting for its answer
+    freelancer.always = None
+    freelancer.gate = asyncio.Event()  # the retried ids stay in flight meanwhile
+    retried = await running.client.post(f"{url}/retry-failed")
+    assert retried.status_code == 202 and retried.json()["webhook"] is None
+    receiver.hold.set()  # the old attempt gets its 200 and saves its outcome
+    await until(lambda: len(saved) == 1)
+    assert saved == [False], "the outcome was not written over the reset"
+    reset = (await running.client.get(url)).json()
+    assert reset["webhook"] is None and reset["status"] in ("pending", "running")
+    freelancer.gate.set()
+    done = await wait_for(running, job["job_id"])
+    assert (done["status"], done["found"]) == ("completed", 3)
+    delivered = await webhook_of(running, job["job_id"])
+    assert delivered["webhook"]["attempts"] == 1
+    await until(lambda: len(receiver.received) == 2)
+    assert orjson.loads(receiver.received[-1][1])["found"] == 3
