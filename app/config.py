@@ -94,6 +94,7 @@ class Settings(BaseSettings):
     job_max_range: int = Field(10_000_000, ge=1)
     job_max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     job_max_attempts: int = Field(3, ge=1)
+    csv_formula_guard: bool = True
     webhook_secret: SecretStr | None = None
     webhook_timeout_s: float = Field(5.0, gt=0)
     webhook_allow_private: bool = False

@@ -132,6 +132,7 @@ def create_app(
         max_ids=settings.max_users_per_request,
         keys_on=not keys.open,
         callbacks_on=settings.webhook_secret is not None,
+        job_max_ids=settings.job_max_ids,
     )
     return app
 

@@ -39,7 +39,12 @@ CALLBACKS_OFF = {
 
 
 def customize_openapi(
-    app: FastAPI, *, max_ids: int, keys_on: bool, callbacks_on: bool = True
+    app: FastAPI,
+    *,
+    max_ids: int,
+    keys_on: bool,
+    callbacks_on: bool = True,
+    job_max_ids: int | None = None,
 ) -> None:
     """Make the schema say MAX_USERS_PER_REQUEST, (with keys) how to send one, and (without
     WEBHOOK_SECRET) that a job takes no callback."""
@@ -48,8 +53,15 @@ def customize_openapi(
     def openapi() -> dict[str, Any]:
         schema = build()
         schema["paths"]["/api/users"]["post"]["requestBody"] = users_request_schema(max_ids)
+        submit = schema["paths"]["/api/jobs"]["post"]
         if not callbacks_on:
-            _no_callbacks(schema["paths"]["/api/jobs"]["post"])
+            _no_callbacks(submit)
+        if job_max_ids is not None:
+            body = submit["requestBody"]["content"]["application/json"]["schema"]
+            for holder in (body, *body.get("oneOf", [])):
+                listed = holder.get("properties", {}).get("user_ids")
+                if listed is not None and listed.get("type") == "array":
+                    listed["maxItems"] = job_max_ids
         for path, operations in schema["paths"].items():
             if not path.startswith("/api/"):
                 continue

@@ -6,10 +6,12 @@ cancel and retry-failed need the job's own key or `admin`; delete needs `admin`.
 
 from __future__ import annotations
 
+import asyncio
 import csv
+import functools
 import io
 from collections.abc import AsyncIterator, Callable, Collection
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import orjson
 from fastapi import APIRouter, Path, Query, Request, Response
@@ -57,6 +59,9 @@ router = APIRouter(prefix="/api/jobs", tags=["jobs"])
 
 PAGE = 1000
 """Items read from the store at a time while streaming results."""
+INLINE_BODY_BYTES = 64 * 1024
+"""Bodies up to this size are parsed on the event loop (a thread costs more than they do)."""
+Parsed = TypeVar("Parsed")
 JobId = Annotated[str, Path(max_length=64, description="The id POST /api/jobs answered")]
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (404, 409, 413, 415, 422, 503)
@@ -134,7 +139,7 @@ async def submit(
     ids: list[int] | range
     options: JobOptions
     if is_json(kind):
-        options, ids = parse_json(body, settings)
+        options, ids = await off_the_loop(body, parse_json, body, settings)
     elif kind in ("text/plain", "text/csv"):
         try:
             options = JobOptions(
@@ -142,7 +147,7 @@ async def submit(
             )
         except ValidationError as exc:
             raise InvalidRequest(f"query: {exc.errors()[0]['msg']}") from None
-        ids = parse_text(body, settings, csv=kind == "text/csv")
+        ids = await off_the_loop(body, parse_text, body, settings, csv=kind == "text/csv")
     else:
         raise UnsupportedMediaType(
             "send the ids as application/json, text/plain or text/csv (Content-Type), "
@@ -223,11 +228,16 @@ async def cancel_job(job_id: JobId, runner: RunnerDep, client: ReadClient) -> di
     summary="Retry a job's failed ids",
     operation_id="retry_failed",
 )
-async def retry_failed(job_id: JobId, runner: RunnerDep, client: ReadClient) -> dict[str, Any]:
-    """Put a finished job's failed ids back to be fetched (its own key, or `admin`)."""
+async def retry_failed(
+    job_id: JobId, runner: RunnerDep, client: ReadClient, response: Response
+) -> dict[str, Any]:
+    """Fetch a finished job's failed ids again (its own key, or `admin`): a completed or
+    failed job takes them up itself; a cancelled job's go into a new job with its options
+    (the answer and `Location` name the job that fetches them)."""
     job = own(await service.get(runner, job_id=job_id), client)
     job, retried = await service.retry_failed(runner, job=job)
     log_audit(client, "job_retry_failed", retried)
+    response.headers["Location"] = f"/api/jobs/{job.job_id}"
     return view(runner, job, client)
 
 
@@ -287,7 +297,11 @@ async def results(
             "next_cursor": str(items[-1].seq) if len(items) == limit else None,
         }
         return Response(orjson.dumps(page), media_type="application/json")
-    render = _csv_page if chosen == "csv" else _ndjson_page
+    render = (
+        functools.partial(_csv_page, guard=runner.settings.csv_formula_guard)
+        if chosen == "csv"
+        else _ndjson_page
+    )
     media = "text/csv; charset=utf-8" if chosen == "csv" else "application/x-ndjson"
     name = f"job-{job_id}.{chosen}"
     return StreamingResponse(
@@ -295,6 +309,16 @@ async def results(
         media_type=media,
         headers={"Content-Disposition": f'attachment; filename="{name}"'},
     )
+
+
+async def off_the_loop(
+    body: bytes, parse: Callable[..., Parsed], *args: Any, **kwargs: Any
+) -> Parsed:
+    """`parse(*args, **kwargs)`, in a worker thread when `body` is large: a 4 MiB body
+    takes a second or more to parse, and the event loop serves every other request."""
+    if len(body) <= INLINE_BODY_BYTES:
+        return parse(*args, **kwargs)
+    return await asyncio.to_thread(parse, *args, **kwargs)
 
 
 def own(job: Job, client: Client) -> Job:
@@ -334,8 +358,8 @@ def _ndjson_page(items: list[Item], users: dict[int, UserRecord]) -> bytes:
     return b"".join(orjson.dumps(result_item(i, users.get(i.user_id))) + b"\n" for i in items)
 
 
-def _csv_page(items: list[Item], users: dict[int, UserRecord]) -> bytes:
-    return _csv(result_row(i, users.get(i.user_id)) for i in items)
+def _csv_page(items: list[Item], users: dict[int, UserRecord], *, guard: bool) -> bytes:
+    return _csv(result_row(i, users.get(i.user_id), guard=guard) for i in items)
 
 
 def _csv(rows: Any) -> bytes:

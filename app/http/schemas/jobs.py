@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NoReturn
 
 from fastapi.exceptions import RequestValidationError
 from pydantic import (
@@ -183,6 +183,9 @@ def parse_json(body: bytes, settings: Settings) -> tuple[JobRequest, list[int] |
     data = load_json(body, status_code=422) if body else None
     if not isinstance(data, dict):
         raise InvalidRequest('the body must be a JSON object like {"user_ids": [1, 2, 3]}')
+    listed = data.get("user_ids")
+    if isinstance(listed, list) and len(listed) > settings.job_max_ids:
+        too_many(len(listed), settings)  # before each of them is validated
     try:
         request = JobRequest.model_validate(data)
     except ValidationError as exc:
@@ -200,19 +203,26 @@ def parse_json(body: bytes, settings: Settings) -> tuple[JobRequest, list[int] |
 
 
 def parse_text(body: bytes, settings: Settings, *, csv: bool) -> list[int]:
-    """Ids one per line, as TEXT_PATTERN / CSV_PATTERN say (the schema states the same)."""
+    """Ids one per line, as TEXT_PATTERN / CSV_PATTERN say (the schema states the same).
+
+    A byte-order mark (Excel and Notepad write one) is dropped. Reading stops at the id
+    past JOB_MAX_IDS: two million lines of `1` are refused after the first 100 001.
+    """
     try:
-        text = body.decode("utf-8")
+        text = body.decode("utf-8-sig")
     except UnicodeDecodeError:
         raise InvalidRequest("the body is not UTF-8 text") from None
     row = CSV_ROW if csv else TEXT_ROW
     lines = text.split("\n")
     header = csv and re.match("[A-Za-z_]", lines[0]) is not None
     ids: list[int] = []
+    most = settings.job_max_ids
     for number, raw in enumerate(lines[header:], 1 + header):
         line = raw.removesuffix("\r")
         if row.fullmatch(line):
             ids.append(int(line.split(",", 1)[0].strip(' \t"')))
+            if len(ids) > most:
+                too_many(f"more than {most}", settings)
         elif not SKIP.fullmatch(line):
             raise InvalidRequest(
                 f"line {number}: each line must be an id (1 to 15 digits, no leading zero)"
@@ -226,11 +236,15 @@ def parse_text(body: bytes, settings: Settings, *, csv: bool) -> list[int]:
 def check_ids(ids: list[int], settings: Settings) -> list[int]:
     """The ids without repeats, within JOB_MAX_IDS."""
     if len(ids) > settings.job_max_ids:
-        raise InvalidRequest(
-            f"a job holds at most JOB_MAX_IDS={settings.job_max_ids} ids (got {len(ids)}); "
-            "use id_range for contiguous ids"
-        )
+        too_many(len(ids), settings)
     return list(dict.fromkeys(ids))
+
+
+def too_many(count: int | str, settings: Settings) -> NoReturn:
+    raise InvalidRequest(
+        f"a job holds at most JOB_MAX_IDS={settings.job_max_ids} ids (got {count}); "
+        "use id_range for contiguous ids"
+    )
 
 
 def result_item(item: Item, user: UserRecord | None) -> dict[str, Any]:
@@ -244,10 +258,23 @@ def result_item(item: Item, user: UserRecord | None) -> dict[str, Any]:
     }
 
 
-def result_row(item: Item, user: UserRecord | None) -> list[Any]:
-    """One item of a job's results as a CSV row (RESULT_COLUMNS)."""
+def result_row(item: Item, user: UserRecord | None, *, guard: bool = True) -> list[Any]:
+    """One item of a job's results as a CSV row (RESULT_COLUMNS); with `guard`, a text
+    cell a spreadsheet would run as a formula starts with `'` (CSV_FORMULA_GUARD)."""
     data = result_item(item, None)
     public = user.public() if user is not None else {}
-    return [data["user_id"], data["status"], data["reason"] or ""] + [
+    row = [data["user_id"], data["status"], data["reason"] or ""] + [
         "" if public.get(name) is None else public[name] for name in RESULT_COLUMNS[3:]
     ]
+    return [defused(cell) for cell in row] if guard else row
+
+
+# OWASP's list: what Excel, LibreOffice and Google Sheets read as the start of a formula.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def defused(cell: Any) -> Any:
+    """A text cell that would start a formula, with a leading `'`; any other cell as is."""
+    if isinstance(cell, str) and cell.startswith(FORMULA_STARTS):
+        return "'" + cell
+    return cell
