@@ -51,6 +51,7 @@ class Settings(BaseSettings):
     # addresses or networks; uvicorn's own setting, which `python -m app` passes on).
     forwarded_allow_ips: str | None = None
     metrics_require_key: bool = False
+    events_max_streams_per_key: int = Field(5, ge=1)
     rate_limit_per_min: int = Field(600, ge=1)
     rate_limit_ids_per_min: int = Field(6000, ge=1)
     key_misses_per_min: int = Field(300, ge=1)

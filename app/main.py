@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from types import FrameType
 from typing import Any
+from urllib.parse import unquote
 
 import httpx
 from fastapi import FastAPI
@@ -266,14 +267,26 @@ def _coordination(settings: Settings) -> tuple[Coordinator | None, Budget | None
 
 
 def _secret_values(settings: Settings) -> list[str | None]:
-    """What must never be logged: the token, the MongoDB URL's password."""
+    """What must never be logged: the token, and the MongoDB and Redis URLs' passwords as
+    written and decoded (a driver may quote either)."""
     values: list[str | None] = []
     if settings.freelancer_oauth_token is not None:
         values.append(settings.freelancer_oauth_token.get_secret_value())
     for url in (settings.mongodb_url, settings.redis_url):
         if url is not None:
-            values.append(httpx.URL(url.get_secret_value()).password)
+            values += url_passwords(url.get_secret_value())
     return values
+
+
+def url_passwords(url: str) -> list[str]:
+    """The password in a URL's user information, as written and percent-decoded. Read by
+    hand: a MongoDB URL may name several hosts, which URL parsers refuse."""
+    _, sep, rest = url.partition("://")
+    userinfo = rest.split("/", 1)[0].rpartition("@")[0] if sep else ""
+    _, has_password, password = userinfo.partition(":")
+    if not has_password or not password:
+        return []
+    return list(dict.fromkeys((password, unquote(password))))
 
 
 def __getattr__(name: str) -> Any:

@@ -10,8 +10,9 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from app.config import Settings
 from app.errors import ConfigError
-from app.http.auth import load_keys, parse_keys
+from app.http.auth import KeyRing, load_keys, parse_keys
 from app.http.local_only import check_protected_mode
 from tests.support.apps import Running, StartApp, make_settings
 from tests.support.clock import FakeClock
@@ -187,7 +188,7 @@ async def test_metrics_show_usage_by_key_name_and_never_a_key(
 
 
 def test_key_entries_are_parsed_with_roles_and_checked() -> None:
-    keys = parse_keys(f"# the team\n{KEYS}\nnightly:{'n' * 20}:crawl  # cron", source="API_KEYS")
+    keys = parse_keys(f"{KEYS}\nnightly:{'n' * 20}:crawl", source="API_KEYS")
     assert [(k.name, k.role) for k in keys] == [
         ("reader", "read"),
         ("crawler", "crawl"),
@@ -350,3 +351,35 @@ async def test_request_metrics_take_no_label_from_the_caller(
     routes = {s.labels["route"] for s in samples}
     assert methods <= {"GET", "POST", "other"}, methods
     assert not any(route.startswith("/nope") for route in routes)
+
+
+def test_a_hash_inside_a_key_is_part_of_it(tmp_path: Any) -> None:
+    """Only a `#` that starts a line of API_KEYS_FILE starts a comment: a key may hold one."""
+    secret = "abc#def-0123456789xyz"
+    keys = parse_keys(f"ops:{secret}:admin", source="API_KEYS")
+    assert [(k.name, k.role) for k in keys] == [("ops", "admin")]
+    ring = KeyRing(keys)
+    assert ring.identify([(b"x-api-key", secret.encode())], "127.0.0.1").role == "admin"
+    path = tmp_path / "keys"
+    path.write_text(f"# operators\n  # the night shift\nops:{secret}:admin\n")
+    settings = make_settings(tmp_path, api_keys_file=path)
+    assert [(k.name, k.role) for k in load_keys(settings)] == [("ops", "admin")]
+    # A comment after an entry is not one: it is refused, not silently cut off.
+    with pytest.raises(ConfigError, match="role"):
+        parse_keys(f"ops:{secret}:admin  # ops team", source="API_KEYS")
+
+
+def test_a_hash_in_a_key_survives_the_env_file(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What .env.template tells operators: quote a key that holds ` #` (a space, then #),
+    which python-dotenv would read as the start of a comment; a bare `#` needs nothing."""
+    env = tmp_path / "keys.env"
+    env.write_text(
+        "API_KEYS=ops:abc#def-0123456789xyz:admin\nGATEWAY_API_KEY='abc #def-0123456789xyz'\n"
+    )
+    monkeypatch.setitem(Settings.model_config, "env_file", str(env))
+    settings = Settings()
+    assert settings.api_keys is not None and settings.gateway_api_key is not None
+    assert settings.api_keys.get_secret_value() == "ops:abc#def-0123456789xyz:admin"
+    assert settings.gateway_api_key.get_secret_value() == "abc #def-0123456789xyz"

@@ -48,12 +48,17 @@ class ApiKey:
     digest: bytes
 
 
-def parse_keys(text: str, *, source: str) -> list[ApiKey]:
-    """Entries `name:key[:role]`, separated by commas or lines; `#` starts a comment."""
+def parse_keys(text: str, *, source: str, comments: bool = False) -> list[ApiKey]:
+    """Entries `name:key[:role]`, separated by commas or lines. With `comments` (a keys
+    file), a line whose first character (after blanks) is `#` is a comment; a `#` anywhere
+    else is part of the entry, so a key may hold one."""
     keys: list[ApiKey] = []
     names: set[str] = set()
-    for raw in text.replace(",", "\n").splitlines():
-        entry = raw.split("#", 1)[0].strip()
+    lines = text.splitlines()
+    if comments:
+        lines = [line for line in lines if not line.lstrip().startswith("#")]
+    for raw in ",".join(lines).split(","):
+        entry = raw.strip()
         if not entry:
             continue
         parts = entry.split(":")
@@ -83,7 +88,7 @@ def load_keys(settings: Settings) -> list[ApiKey]:
             text = path.read_text(encoding="utf-8")
         except OSError as exc:
             raise ConfigError(f"API_KEYS_FILE: cannot read {path}: {exc.strerror}") from exc
-        keys += parse_keys(text, source="API_KEYS_FILE")
+        keys += parse_keys(text, source="API_KEYS_FILE", comments=True)
     if len({key.name for key in keys}) != len(keys):
         raise ConfigError("API_KEYS and API_KEYS_FILE name the same key twice")
     return keys
