@@ -101,17 +101,17 @@ class ClientLimits:
         usage = self._keyed.get(name)
         if usage is not None:
             return usage
+        usage = self._addresses.get(name)
+        now = time.monotonic()
+        if usage is not None:
+            self._addresses.move_to_end(name)
+            usage.seen = now
+            return usage
         if name in self._key_names:
             usage = self._keyed[name] = Usage()
             return usage
-        now = time.monotonic()
-        usage = self._addresses.get(name)
-        if usage is None:
-            usage = self._addresses[name] = Usage(seen=now)
-            self._expire(now)
-        else:
-            self._addresses.move_to_end(name)
-            usage.seen = now
+        usage = self._addresses[name] = Usage(seen=now)
+        self._expire(now)
         return usage
 
     def _expire(self, now: float) -> None:
