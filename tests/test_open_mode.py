@@ -76,7 +76,16 @@ async def test_origin_null_and_a_same_site_page_are_foreign_too(
 
 @pytest.mark.parametrize(
     "host",
-    ["rebind.evil.example", "rebind.evil.example:8000", "0.0.0.0:8000", "localhost.evil.example"],
+    [
+        "rebind.evil.example",
+        "rebind.evil.example:8000",
+        "0.0.0.0:8000",
+        "localhost.evil.example",
+        "localhost:8000@evil.example",
+        "[::1",
+        "127.1",
+        "2130706433",
+    ],
 )
 async def test_a_rebound_name_is_refused_everywhere_but_the_probes(
     start_app: StartApp, freelancer: FakeFreelancer, host: str

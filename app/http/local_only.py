@@ -132,8 +132,8 @@ class LocalOnly:
         except UnicodeDecodeError:
             return False
         if text.startswith("["):
-            name, _, rest = text[1:].partition("]")
-            if rest and not rest.startswith(":"):
+            name, closed, rest = text[1:].partition("]")
+            if not closed or (rest and not rest.startswith(":")):
                 return False
             port = rest[1:]
         else:

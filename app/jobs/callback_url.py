@@ -38,16 +38,21 @@ def parse(url: str) -> httpx.URL:
         raise CallbackRefused(f"not a URL httpx can send ({exc})") from None
     if parsed.scheme not in ("http", "https") or not parsed.host:
         raise CallbackRefused("must be an http or https URL with a host")
+    if parsed.port is not None and not 0 < parsed.port < 65536:
+        raise CallbackRefused(f"its port must be 1 to 65535, not {parsed.port}")
     return parsed
 
 
 def forbidden(address: IPAddress) -> bool:
-    """True for an address a callback may not reach: anything but a public unicast one."""
-    embedded = getattr(address, "ipv4_mapped", None)
-    if embedded is None and address in NAT64:
-        embedded = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
-    if embedded is not None:
-        return forbidden(embedded)
+    """True for an address a callback may not reach: anything but a public unicast one,
+    an IPv4 address inside an IPv6 one (mapped, NAT64, 6to4, Teredo) judged as itself."""
+    if isinstance(address, ipaddress.IPv6Address):
+        teredo = address.teredo
+        embedded = address.ipv4_mapped or address.sixtofour or (teredo and teredo[1])
+        if embedded is None and address in NAT64:
+            embedded = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+        if embedded:
+            return forbidden(embedded)
     return (
         not address.is_global
         or address.is_private

@@ -172,6 +172,9 @@ async def webhook_of(running: Running, job_id: str, **headers: str) -> dict[str,
         "http://[::ffff:127.0.0.1]/",
         "http://[fe80::1]/",
         "http://[fd00::1]/",
+        "http://[2002:7f00:1::]/",  # 6to4 around 127.0.0.1
+        "http://[2001:0:4136:e378:8000:63bf:80ff:fffe]/",  # Teredo around 127.0.0.1
+        "http://[64:ff9b::a00:1]/",  # NAT64 around 10.0.0.1
         "https://inside.test/hook",  # a name that resolves to a private address
         "https://half.test/hook",  # one public address and one private
     ],
@@ -197,6 +200,8 @@ async def test_callbacks_to_addresses_that_are_not_public_are_refused(
         ("http://example.com:abc/", "port"),
         ("http://nowhere.test/", "does not resolve"),
         ("ftp://example.com/", "http or https"),
+        ("http://93.184.216.34:0/", "port"),
+        ("http://93.184.216.34:65536/", "port"),
     ],
 )
 async def test_callback_urls_that_cannot_be_sent_are_refused(
