@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import itertools
 import re
 from typing import Annotated, Any, Literal, NoReturn
 
@@ -213,12 +215,16 @@ def parse_text(body: bytes, settings: Settings, *, csv: bool) -> list[int]:
     except UnicodeDecodeError:
         raise InvalidRequest("the body is not UTF-8 text") from None
     row = CSV_ROW if csv else TEXT_ROW
-    lines = text.split("\n")
-    header = csv and re.match("[A-Za-z_]", lines[0]) is not None
+    # Line by line, never one list of them all: building that list of four million blank
+    # lines is one C call that would hold the interpreter (and the event loop) for a while.
+    lines = io.StringIO(text, newline="\n")
+    first = lines.readline()
+    header = csv and re.match("[A-Za-z_]", first) is not None
     ids: list[int] = []
     most = settings.job_max_ids
-    for number, raw in enumerate(lines[header:], 1 + header):
-        line = raw.removesuffix("\r")
+    rows = lines if header else itertools.chain([first], lines)
+    for number, raw in enumerate(rows, 1 + header):
+        line = raw.removesuffix("\n").removesuffix("\r")
         if row.fullmatch(line):
             ids.append(int(line.split(",", 1)[0].strip(' \t"')))
             if len(ids) > most:
