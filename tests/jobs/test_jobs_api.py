@@ -396,9 +396,10 @@ async def test_a_huge_list_is_refused_without_holding_up_the_event_loop(
     assert response.status_code == 422, response.text[:200]
     detail = response.json()["detail"]
     assert "JOB_MAX_IDS=100000" in detail or "no ids" in detail
-    # Parsed off the event loop: other requests are answered meanwhile (it held the loop
-    # for 1-2 s before).
-    assert watch.worst < 0.3, f"the event loop stalled {watch.worst:.2f} s"
+    # Parsed off the event loop: other requests are answered meanwhile. It held the loop
+    # for 1.1 to 4 s before; 0.1 to 0.2 s is typical now, the rest of the bound is for a
+    # machine under load.
+    assert watch.worst < 0.5, f"the event loop stalled {watch.worst:.2f} s"
 
 
 async def test_a_json_list_over_the_limit_is_refused_before_it_is_validated(
