@@ -8,6 +8,9 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
+import shutil
+import ssl
+import subprocess
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -15,6 +18,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+import httpx
 import orjson
 import pytest
 
@@ -457,3 +461,70 @@ async def test_a_callback_outcome_does_not_undo_a_retry_that_reset_it(
     assert delivered["webhook"]["attempts"] == 1
     await until(lambda: len(receiver.received) == 2)
     assert orjson.loads(receiver.received[-1][1])["found"] == 3
+
+
+@pytest.fixture
+def tls_names(tmp_path: Any) -> dict[str, Any]:
+    """Self-signed certificates for `hooks.test` and `other.test` (openssl's command line)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    made: dict[str, Any] = {}
+    for name in ("hooks.test", "other.test"):
+        cert, key = tmp_path / f"{name}.pem", tmp_path / f"{name}.key"
+        subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+             "-keyout", str(key), "-out", str(cert), "-subj", f"/CN={name}",
+             "-addext", f"subjectAltName=DNS:{name}"],
+            check=True, capture_output=True, timeout=60,
+        )  # fmt: skip
+        made[name] = (cert, key)
+    return made
+
+
+async def test_an_https_callback_checks_the_urls_name_while_connecting_to_the_checked_address(
+    start_app: StartApp,
+    freelancer: FakeFreelancer,
+    names: Names,
+    tls_names: dict[str, Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The attempt connects to the address it resolved, and TLS still names the URL's
+    host (SNI) and checks the certificate against it: a receiver whose certificate is
+    for another name is a failed attempt."""
+    trusted = ssl.create_default_context()
+    for cert, _ in tls_names.values():
+        trusted.load_verify_locations(cafile=str(cert))
+    client = httpx.AsyncClient
+
+    def trusting(*args: Any, **kwargs: Any) -> httpx.AsyncClient:
+        kwargs.setdefault("verify", trusted)
+        return client(*args, **kwargs)
+
+    monkeypatch.setattr(httpx, "AsyncClient", trusting)
+    seen: list[str | None] = []
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        request = await reader.readuntil(b"\r\n\r\n")
+        length = int(request.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+        await reader.readexactly(length)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        await writer.drain()
+
+    results = {}
+    for served in ("hooks.test", "other.test"):
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(*map(str, tls_names[served]))
+        context.sni_callback = lambda _sock, name, _context: seen.append(name)
+        server = await asyncio.start_server(answer, "127.0.0.1", 0, ssl=context)
+        port = server.sockets[0].getsockname()[1]
+        async with server:
+            names.answers = {"hooks.test": [["127.0.0.1"]]}
+            running = await start_app(webhook_secret=SECRET, webhook_allow_private=True)
+            job = await submit(
+                running, {"user_ids": [1], "callback_url": f"https://hooks.test:{port}/h"}
+            )
+            results[served] = (await webhook_of(running, job["job_id"]))["webhook"]
+    assert results["hooks.test"] == {"state": "delivered", "attempts": 1, "last_error": None}
+    assert seen[0] == "hooks.test", "the TLS server name is the URL's, not the address"
+    assert results["other.test"]["state"] == "pending"
+    assert "CERTIFICATE_VERIFY_FAILED" in results["other.test"]["last_error"]
