@@ -96,16 +96,18 @@ class ClientLimits:
             item = self._items[(name, share)] = RateLimitItemPerMinute(amount, namespace=name)
         return item
 
-    def usage(self, name: str) -> Usage:
-        """The client's counters (a new client's, if it has none yet)."""
+    def usage(self, name: str, now: float | None = None) -> Usage:
+        """The client's counters (a new client's, if it has none yet); `now` is
+        time.monotonic(), when the caller has it."""
         usage = self._keyed.get(name)
         if usage is not None:
             return usage
         usage = self._addresses.get(name)
-        now = time.monotonic()
+        now = time.monotonic() if now is None else now
         if usage is not None:
-            self._addresses.move_to_end(name)
-            usage.seen = now
+            if now - usage.seen >= 1.0:  # least recently seen first, to the second
+                self._addresses.move_to_end(name)
+                usage.seen = now
             return usage
         if name in self._key_names:
             usage = self._keyed[name] = Usage()
@@ -128,21 +130,23 @@ class ClientLimits:
 
     async def admit(self, client: Client) -> None:
         """Count a request; TooManyRequests when the client is past its requests a minute."""
-        usage = self.usage(client.name)
+        now = time.monotonic()
+        usage = self.usage(client.name, now)
         usage.requests += 1
-        if not await self._take(client, "requests", 1):
+        if not await self._take(client, "requests", 1, now):
             usage.refused += 1
             await self._refuse(client, "requests")
 
     async def admit_ids(self, client: Client, count: int) -> None:
         """Count `count` ids looked up; TooManyRequests past the ids a minute."""
-        usage = self.usage(client.name)
+        now = time.monotonic()
+        usage = self.usage(client.name, now)
         usage.ids += count
-        if not await self._take(client, "ids", count):
+        if not await self._take(client, "ids", count, now):
             usage.refused += 1
             await self._refuse(client, "ids")
 
-    async def _take(self, client: Client, name: str, cost: int) -> bool:
+    async def _take(self, client: Client, name: str, cost: int, now: float) -> bool:
         """Spend `cost` of a limit, from credit taken earlier when there is some.
 
         Asking the limiter on every request cost the hot path a fifth of its throughput
@@ -152,7 +156,6 @@ class ClientLimits:
         """
         key = (client.name, name)
         credit = self._credit.get(key)
-        now = time.monotonic()
         if credit is not None and credit[0] >= cost and now - credit[1] < WINDOW_S:
             credit[0] -= cost
             return True
