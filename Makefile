@@ -13,7 +13,7 @@ PIP_TOOLS_VERSION := 7.6.2
 PIP_COMPILE := $(BIN)/pip-compile --quiet --generate-hashes --allow-unsafe --all-build-deps \
 	--strip-extras --no-emit-index-url --no-emit-find-links
 
-.PHONY: run test test-fast lint typecheck check bench soak wrk simulator clean lock system-packages
+.PHONY: run test test-fast lint typecheck check bench soak fuzz wrk simulator clean lock system-packages
 
 # Reinstalls only when the dev lock or pyproject.toml changed since the last install.
 $(STAMP): $(DEV_LOCK) pyproject.toml
@@ -81,6 +81,11 @@ bench: $(STAMP) wrk
 	$(BIN)/python -m bench
 	$(BIN)/python -m bench.budget
 	$(BIN)/python -m bench.soak
+
+## fuzz: Schemathesis' command line, every check and phase (stateful too), against
+##       python -m app on loopback: open, with keys, without callbacks (FUZZ_EXAMPLES=50)
+fuzz: $(STAMP)
+	$(BIN)/python -m tests.support.fuzz
 
 ## soak: only the soak (SOAK_SECONDS=300)
 soak: $(STAMP)

@@ -46,6 +46,10 @@ def serve(settings: Settings) -> None:
         "log_config": None,
         "access_log": settings.access_log,
         "timeout_graceful_shutdown": int(settings.shutdown_grace_s) or None,
+        # X-Forwarded-For names the client only from FORWARDED_ALLOW_IPS (uvicorn's own
+        # default trusts loopback, which lets any local caller pick its name).
+        "proxy_headers": bool(settings.forwarded_allow_ips),
+        "forwarded_allow_ips": settings.forwarded_allow_ips or "",
     }
     if settings.workers > 1:
         # Each worker imports `app.main:app`, which builds its app from the same settings.

@@ -45,7 +45,13 @@ class Settings(BaseSettings):
     api_keys: SecretStr | None = None
     api_keys_file: Path | None = None
     auth_disabled: bool = False
+    # Open mode (no keys) serves this machine's pages only: loopback Host names, plus these.
+    allowed_hosts: str | None = None
+    # Proxies whose X-Forwarded-For / Forwarded headers name the client (comma-separated
+    # addresses or networks; uvicorn's own setting, which `python -m app` passes on).
+    forwarded_allow_ips: str | None = None
     metrics_require_key: bool = False
+    events_max_streams_per_key: int = Field(5, ge=1)
     rate_limit_per_min: int = Field(600, ge=1)
     rate_limit_ids_per_min: int = Field(6000, ge=1)
     key_misses_per_min: int = Field(300, ge=1)
@@ -96,8 +102,10 @@ class Settings(BaseSettings):
     job_max_range: int = Field(10_000_000, ge=1)
     job_max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     job_max_attempts: int = Field(3, ge=1)
+    csv_formula_guard: bool = True
     webhook_secret: SecretStr | None = None
     webhook_timeout_s: float = Field(5.0, gt=0)
+    webhook_allow_private: bool = False
 
     # The `python -m app jobs` command line: which gateway it talks to, with which key.
     gateway_url: str = "http://127.0.0.1:8000"

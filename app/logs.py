@@ -22,7 +22,9 @@ import orjson
 
 request_id: ContextVar[str | None] = ContextVar("request_id", default=None)
 
-_URL_CREDENTIALS = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s:@]+(:[^/\s@]*)?@")
+# Everything between `scheme://` and the last `@` before the path: an empty user name
+# (`redis://:pw@`), and a password holding an `@` its writer did not encode, included.
+_URL_CREDENTIALS = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s]*@")
 
 # Fields a record may carry through `extra=` that the JSON line shows by name.
 _EXTRA = ("method", "route", "status", "duration_ms", "key", "action", "size", "batch")

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from types import FrameType
 from typing import Any
+from urllib.parse import unquote
 
 import httpx
 from fastapi import FastAPI
@@ -23,10 +24,11 @@ from app.errors import ConfigError
 from app.gateway import Gateway
 from app.gateway.budget import Budget, budget_windows
 from app.gateway.coordinator import Coordinator
-from app.http.auth import KeyRing, check_protected_mode, load_keys
+from app.http.auth import KeyRing, load_keys
 from app.http.client_limits import ClientLimits
 from app.http.docs import install_docs
 from app.http.errors import install_error_handlers
+from app.http.local_only import LocalOnly, check_protected_mode, watch_listeners
 from app.http.metrics import JobCollector, KeyUsageCollector, RequestMetrics, create_registry
 from app.http.middleware import GatewayMiddleware
 from app.http.openapi import customize_openapi
@@ -65,13 +67,13 @@ def create_app(
     """
     settings = settings or Settings()
     keys = KeyRing(load_keys(settings))
-    check_protected_mode(settings, keys)
+    check_protected_mode(settings, open_=keys.open)
 
     def processes() -> int:
         gateway = services.gateway
         return gateway.coordinator.live_processes if gateway is not None else 1
 
-    limits = ClientLimits(settings, processes)
+    limits = ClientLimits(settings, processes, key_names=keys.names)
     request_metrics = RequestMetrics()
     services = Services(
         settings=settings,
@@ -121,8 +123,18 @@ def create_app(
         limits=limits,
         metrics_require_key=settings.metrics_require_key,
         access_log=settings.access_log,
+        local_only=LocalOnly(
+            (settings.allowed_hosts or "").split(","), protect=not settings.auth_disabled
+        ),
+        trust_forwarded=bool((settings.forwarded_allow_ips or "").strip()),
     )
-    customize_openapi(app, max_ids=settings.max_users_per_request, keys_on=not keys.open)
+    customize_openapi(
+        app,
+        max_ids=settings.max_users_per_request,
+        keys_on=not keys.open,
+        callbacks_on=settings.webhook_secret is not None,
+        job_max_ids=settings.job_max_ids,
+    )
     return app
 
 
@@ -153,12 +165,16 @@ async def _running(
         )
     if services.keys.open:
         log.warning(
-            "no API_KEYS: the service is open to anyone who can reach %s (every caller "
-            "may evict users and spend the Freelancer budget)",
-            settings.host,
+            "no API_KEYS: every caller may evict users and spend the Freelancer budget; "
+            "served only %sto Host names of this machine%s and to the gateway's own pages",
+            "" if settings.auth_disabled else "on loopback addresses, ",
+            " and ALLOWED_HOSTS" if settings.allowed_hosts else "",
         )
     async with AsyncExitStack() as stack:
         stack.enter_context(masking(_secret_values(settings)))
+        if services.keys.open and not settings.auth_disabled:
+            watch = asyncio.create_task(watch_listeners(), name="protected-mode-watch")
+            stack.callback(watch.cancel)
         store = store or create_store(settings)
         http = await stack.enter_async_context(create_http_client(settings, transport))
         coordinator, budget = _coordination(settings)
@@ -252,14 +268,26 @@ def _coordination(settings: Settings) -> tuple[Coordinator | None, Budget | None
 
 
 def _secret_values(settings: Settings) -> list[str | None]:
-    """What must never be logged: the token, the MongoDB URL's password."""
+    """What must never be logged: the token, and the MongoDB and Redis URLs' passwords as
+    written and decoded (a driver may quote either)."""
     values: list[str | None] = []
     if settings.freelancer_oauth_token is not None:
         values.append(settings.freelancer_oauth_token.get_secret_value())
     for url in (settings.mongodb_url, settings.redis_url):
         if url is not None:
-            values.append(httpx.URL(url.get_secret_value()).password)
+            values += url_passwords(url.get_secret_value())
     return values
+
+
+def url_passwords(url: str) -> list[str]:
+    """The password in a URL's user information, as written and percent-decoded. Read by
+    hand: a MongoDB URL may name several hosts, which URL parsers refuse."""
+    _, sep, rest = url.partition("://")
+    userinfo = rest.split("/", 1)[0].rpartition("@")[0] if sep else ""
+    _, has_password, password = userinfo.partition(":")
+    if not has_password or not password:
+        return []
+    return list(dict.fromkeys((password, unquote(password))))
 
 
 def __getattr__(name: str) -> Any:

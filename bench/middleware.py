@@ -31,6 +31,7 @@ SCOPE: Scope = {
     "path": "/api/users",
     "client": ("127.0.0.1", 50000),
     "headers": [
+        (b"host", b"127.0.0.1:8000"),
         (b"content-type", b"application/json"),
         (b"content-length", b"%d" % len(BODY)),
         (b"x-api-key", KEY.encode()),
@@ -69,6 +70,7 @@ def stacks() -> dict[str, Callable[[ASGIApp], ASGIApp]]:
     # Limits no run reaches: what is measured is the cost of counting, not of refusing.
     settings = Settings(_env_file=None, rate_limit_per_min=10**9, rate_limit_ids_per_min=10**9)
     keyed = settings.model_copy(update={"api_keys": SecretStr(f"bench:{KEY}:read")})
+    ring = KeyRing(load_keys(keyed))
     return {
         "open (request id, body limit, metrics)": lambda app: GatewayMiddleware(
             app,
@@ -81,8 +83,8 @@ def stacks() -> dict[str, Callable[[ASGIApp], ASGIApp]]:
             app,
             max_bytes=64 * 1024,
             metrics=RequestMetrics(),
-            keys=KeyRing(load_keys(keyed)),
-            limits=ClientLimits(keyed),
+            keys=ring,
+            limits=ClientLimits(keyed, key_names=ring.names),
         ),
     }
 

@@ -36,6 +36,8 @@ FAULTS: list[dict[str, Any]] = [
     {"fault": "rate_limit", "fault_rate": 0.5, "retry_after_s": 1},
     {"fault": "malformed", "fault_rate": 0.3},
 ]
+JSON = {"Content-Type": "application/json"}
+"""Bad bodies declared JSON, so that they reach the parser (a JSON route refuses others)."""
 BAD_BODIES = [b"not json", b'{"user_ids": []}', b'{"user_ids": [0, true]}', b"[1,2]", b"{" * 200]
 
 
@@ -91,7 +93,8 @@ class Traffic:
                         self.record("single", http.get(f"/api/users/{uid}").status_code)
                     elif roll < 0.95:
                         bad = rng.choice(BAD_BODIES)
-                        self.record("bad", http.post("/api/users", content=bad).status_code)
+                        answer = http.post("/api/users", content=bad, headers=JSON)
+                        self.record("bad", answer.status_code)
                     else:
                         self.record("stats", http.get("/api/stats").status_code)
                 except httpx.HTTPError as exc:

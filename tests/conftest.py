@@ -97,7 +97,7 @@ async def start_app(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIter
             )
             client = await stack.enter_async_context(
                 httpx.AsyncClient(
-                    transport=httpx.ASGITransport(app=manager.app), base_url="http://gateway.test"
+                    transport=httpx.ASGITransport(app=manager.app), base_url="http://localhost"
                 )
             )
             return Running(app, client)

@@ -10,8 +10,10 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from app.config import Settings
 from app.errors import ConfigError
-from app.http.auth import KeyRing, check_protected_mode, load_keys, parse_keys
+from app.http.auth import KeyRing, load_keys, parse_keys
+from app.http.local_only import check_protected_mode
 from tests.support.apps import Running, StartApp, make_settings
 from tests.support.clock import FakeClock
 from tests.support.freelancer import FakeFreelancer
@@ -186,7 +188,7 @@ async def test_metrics_show_usage_by_key_name_and_never_a_key(
 
 
 def test_key_entries_are_parsed_with_roles_and_checked() -> None:
-    keys = parse_keys(f"# the team\n{KEYS}\nnightly:{'n' * 20}:crawl  # cron", source="API_KEYS")
+    keys = parse_keys(f"{KEYS}\nnightly:{'n' * 20}:crawl", source="API_KEYS")
     assert [(k.name, k.role) for k in keys] == [
         ("reader", "read"),
         ("crawler", "crawl"),
@@ -213,15 +215,13 @@ def test_keys_come_from_a_file_too(tmp_path: Any) -> None:
 
 
 def test_open_on_a_reachable_address_is_refused_unless_meant(tmp_path: Any) -> None:
-    open_ring = KeyRing([])
     with pytest.raises(ConfigError) as refused:
-        check_protected_mode(make_settings(tmp_path, host="0.0.0.0"), open_ring)
+        check_protected_mode(make_settings(tmp_path, host="0.0.0.0"), open_=True)
     assert "API_KEYS" in str(refused.value) and "AUTH_DISABLED" in str(refused.value)
-    check_protected_mode(make_settings(tmp_path, host="0.0.0.0", auth_disabled=True), open_ring)
-    check_protected_mode(make_settings(tmp_path, host="127.0.0.1"), open_ring)
-    check_protected_mode(make_settings(tmp_path, host="::1"), open_ring)
-    keyed = KeyRing(load_keys(make_settings(tmp_path, api_keys=KEYS)))
-    check_protected_mode(make_settings(tmp_path, host="0.0.0.0"), keyed)
+    check_protected_mode(make_settings(tmp_path, host="0.0.0.0", auth_disabled=True), open_=True)
+    check_protected_mode(make_settings(tmp_path, host="127.0.0.1"), open_=True)
+    check_protected_mode(make_settings(tmp_path, host="::1"), open_=True)
+    check_protected_mode(make_settings(tmp_path, host="0.0.0.0"), open_=False)
 
 
 async def test_without_keys_the_service_is_open_and_says_so(
@@ -270,3 +270,116 @@ async def test_single_user_reads_count_against_the_same_quota(
     assert over.json()["reason"] == "quota"
     assert "KEY_MISSES_PER_MIN" in over.json()["detail"]
     assert freelancer.lookups == {30: 1}
+
+
+async def from_address(running: Running, address: str, path: str = "/api/stats") -> int:
+    """One request from `address`, as the server would report its peer."""
+    transport = httpx.ASGITransport(app=running.app, client=(address, 40000))
+    async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
+        return (await client.get(path)).status_code
+
+
+async def test_a_client_cannot_pick_its_name_with_forwarded_headers(
+    start_app: StartApp, freelancer: FakeFreelancer, limits_clock: FakeClock
+) -> None:
+    """Open mode names a client by its address. Without FORWARDED_ALLOW_IPS, requests
+    that say they were forwarded are one client, whatever they say (the server, if it
+    believed the header, would have made each a client of its own)."""
+    running = await start_app(rate_limit_per_min=20)
+    statuses = []
+    for n in range(30):
+        for header in ("X-Forwarded-For", "Forwarded"):
+            value = f"10.0.0.{n}" if header == "X-Forwarded-For" else f"for=10.0.1.{n}"
+            transport = httpx.ASGITransport(app=running.app, client=(f"10.9.0.{n}", 40000))
+            async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as c:
+                response = await c.get("/api/queue", headers={header: value})
+            statuses.append(response.status_code)
+    assert statuses.count(200) == 20 and statuses.count(429) == 40
+    names = {row["name"] for row in (await running.client.get("/api/stats")).json()["keys"]}
+    assert "ip:forwarded" in names and not any("10.0." in name for name in names)
+
+
+async def test_clients_named_by_address_are_bounded_and_idle_ones_leave(
+    start_app: StartApp, freelancer: FakeFreelancer, limits_clock: FakeClock
+) -> None:
+    running = await start_app()
+    for n in range(300):
+        assert await from_address(running, f"10.1.{n // 250}.{n % 250}") == 200
+    rows = (await running.client.get("/api/stats")).json()["keys"]
+    assert len(rows) <= 256 + 2, "at most 256 address clients, the caller, and ip:*"
+    assert sum(row["requests"] for row in rows) == 301, "nothing counted is lost"
+    limits = running.app.state.services.limits
+    assert len(limits._credit) <= 2 * 258
+    text = (await running.client.get("/metrics")).text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    labels = {s.labels["key"]: s.value for s in families["gateway_key_requests"].samples}
+    assert labels == {"ip:*": 301}, "one label for every address: no caller adds series"
+    # Idle for two windows, they leave; their counts stay in ip:*.
+    limits_clock.advance(121)
+    assert await from_address(running, "10.2.0.1") == 200
+    rows = (await running.client.get("/api/stats")).json()["keys"]
+    by_name = {row["name"]: row["requests"] for row in rows}
+    assert set(by_name) == {"ip:10.2.0.1", "ip:127.0.0.1", "ip:*"}
+    assert sum(by_name.values()) == 303
+
+
+async def test_metrics_label_key_names_only(
+    start_app: StartApp, freelancer: FakeFreelancer
+) -> None:
+    running = await start_app(api_keys=KEYS)
+    await lookup(running, [1], key(READ))
+    await lookup(running, [1], key("not-a-key-0123456789abcdef"))
+    text = (await running.client.get("/metrics")).text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    labels = {s.labels["key"] for s in families["gateway_key_requests"].samples}
+    assert labels == {"reader"}
+
+
+async def test_request_metrics_take_no_label_from_the_caller(
+    start_app: StartApp, freelancer: FakeFreelancer
+) -> None:
+    """The method is the client's to choose: any method beyond HTTP's is counted as
+    `other`, and a path no route matches as `unmatched`."""
+    running = await start_app()
+    for n in range(20):
+        await running.client.request(f"X{n}", "/api/users")
+        await running.client.get(f"/nope/{n}")
+    text = (await running.client.get("/metrics")).text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    samples = families["gateway_http_request_duration_seconds"].samples
+    methods = {s.labels["method"] for s in samples}
+    routes = {s.labels["route"] for s in samples}
+    assert methods <= {"GET", "POST", "other"}, methods
+    assert not any(route.startswith("/nope") for route in routes)
+
+
+def test_a_hash_inside_a_key_is_part_of_it(tmp_path: Any) -> None:
+    """Only a `#` that starts a line of API_KEYS_FILE starts a comment: a key may hold one."""
+    secret = "abc#def-0123456789xyz"
+    keys = parse_keys(f"ops:{secret}:admin", source="API_KEYS")
+    assert [(k.name, k.role) for k in keys] == [("ops", "admin")]
+    ring = KeyRing(keys)
+    assert ring.identify([(b"x-api-key", secret.encode())], "127.0.0.1").role == "admin"
+    path = tmp_path / "keys"
+    path.write_text(f"# operators\n  # the night shift\nops:{secret}:admin\n")
+    settings = make_settings(tmp_path, api_keys_file=path)
+    assert [(k.name, k.role) for k in load_keys(settings)] == [("ops", "admin")]
+    # A comment after an entry is not one: it is refused, not silently cut off.
+    with pytest.raises(ConfigError, match="role"):
+        parse_keys(f"ops:{secret}:admin  # ops team", source="API_KEYS")
+
+
+def test_a_hash_in_a_key_survives_the_env_file(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What .env.template tells operators: quote a key that holds ` #` (a space, then #),
+    which python-dotenv would read as the start of a comment; a bare `#` needs nothing."""
+    env = tmp_path / "keys.env"
+    env.write_text(
+        "API_KEYS=ops:abc#def-0123456789xyz:admin\nGATEWAY_API_KEY='abc #def-0123456789xyz'\n"
+    )
+    monkeypatch.setitem(Settings.model_config, "env_file", str(env))
+    settings = Settings()
+    assert settings.api_keys is not None and settings.gateway_api_key is not None
+    assert settings.api_keys.get_secret_value() == "ops:abc#def-0123456789xyz:admin"
+    assert settings.gateway_api_key.get_secret_value() == "abc #def-0123456789xyz"

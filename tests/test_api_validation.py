@@ -77,7 +77,9 @@ async def test_a_streamed_body_over_the_limit_gets_413(
         for _ in range(10):
             yield b" " * 500
 
-    response = await running.client.post("/api/users", content=chunks())
+    response = await running.client.post(
+        "/api/users", content=chunks(), headers={"content-type": "application/json"}
+    )
     assert response.status_code == 413
 
 
@@ -244,3 +246,59 @@ async def test_a_configured_maximum_is_enforced_and_documented(
     schema = (await running.client.get("/openapi.json")).json()
     body = schema["paths"]["/api/users"]["post"]["requestBody"]["content"]["application/json"]
     assert body["schema"]["properties"]["user_ids"]["maxItems"] == 5
+
+
+HUGE = ("1431213258281559914438459392", "9223372036854775808", "-9223372036854775809")
+NOT_FINITE = ("inf", "-inf", "nan", "1e400")
+
+
+async def test_numbers_past_64_bits_or_not_finite_in_any_parameter_get_a_4xx(
+    start_app: StartApp, freelancer: FakeFreelancer
+) -> None:
+    """Every integer and number parameter the schema names, given a number past 64 bits or
+    one that is not finite: a 4xx JSON answer (a store cannot hold such a number, a view
+    cannot show it), never a 500 or a job that shows `null` where the schema says number."""
+    running = await start_app(webhook_secret="fuzz-secret-0123456789")
+    job = (await running.client.post("/api/jobs", json={"user_ids": [1, 2]})).json()
+    schema = (await running.client.get("/openapi.json")).json()
+    tried = []
+    for path, operations in schema["paths"].items():
+        for method, operation in operations.items():
+            for parameter in operation.get("parameters", []):
+                kinds = {parameter["schema"].get("type")} | {
+                    branch.get("type") for branch in parameter["schema"].get("anyOf", [])
+                }
+                if not kinds & {"integer", "number"}:
+                    continue
+                values = HUGE + (NOT_FINITE if "number" in kinds else ())
+                for value in values:
+                    url, params = path, {}
+                    if parameter["in"] == "path":
+                        url = url.replace("{" + parameter["name"] + "}", value)
+                    else:
+                        params[parameter["name"]] = value
+                    url = url.replace("{job_id}", job["job_id"]).replace("{user_id}", "1")
+                    response = await running.client.request(
+                        method,
+                        url,
+                        params=params,
+                        content=b"1\n" if method == "post" else None,
+                        headers={"content-type": "text/plain"} if method == "post" else {},
+                    )
+                    tried.append((method, path, parameter["name"], value))
+                    where = f"{method.upper()} {url} {parameter['name']}={value}"
+                    assert 400 <= response.status_code < 500, f"{where}: {response.text}"
+                    assert response.json()["error"], where
+    assert ("get", "/api/jobs/{job_id}/results", "cursor", HUGE[0]) in tried
+    assert ("post", "/api/jobs", "max_age_s", "inf") in tried
+    # The same numbers in a JSON body.
+    for body in (
+        b'{"user_ids": [1], "max_age_s": 1e400}',
+        b'{"user_ids": [1], "max_age_s": Infinity}',
+        b'{"user_ids": [1], "max_age_s": 1e300}',
+        b'{"id_range": [1, 1431213258281559914438459392]}',
+    ):
+        response = await running.client.post(
+            "/api/jobs", content=body, headers={"content-type": "application/json"}
+        )
+        assert response.status_code == 422, (body, response.text)

@@ -82,9 +82,20 @@ class Stream:
     tells the app when the client goes away.
     """
 
-    def __init__(self, app: ASGIApp, *, stalled: bool = False) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        stalled: bool = False,
+        headers: list[tuple[bytes, bytes]] = (),  # type: ignore[assignment]
+        status: int = 200,
+    ) -> None:
         self.app = app
         self.stalled = stalled
+        self.headers = list(headers)
+        self.status = status
+        """The status the stream is expected to open with."""
+        self.body = b""
         """A client that never reads: every body chunk's `send` blocks."""
         self.messages: asyncio.Queue[Message] = asyncio.Queue()
         self.gone = asyncio.Event()
@@ -103,9 +114,13 @@ class Stream:
             "raw_path": b"/api/events",
             "root_path": "",
             "query_string": b"",
-            "headers": [(b"host", b"gateway.test"), (b"accept", b"text/event-stream")],
+            "headers": [
+                (b"host", b"localhost"),
+                (b"accept", b"text/event-stream"),
+                *self.headers,
+            ],
             "client": ("127.0.0.1", 50000),
-            "server": ("gateway.test", 80),
+            "server": ("localhost", 80),
         }
         requested = False
 
@@ -128,8 +143,12 @@ class Stream:
         self.task = asyncio.create_task(call(), name="test-stream")
         start = await asyncio.wait_for(self.messages.get(), 5)
         assert start["type"] == "http.response.start"
-        assert start["status"] == 200, start
+        assert start["status"] == self.status, start
         headers = dict(start["headers"])
+        if self.status != 200:  # an error: its whole body, and the call returns
+            self.body = (await asyncio.wait_for(self.messages.get(), 5)).get("body", b"")
+            await asyncio.wait_for(self.task, 5)
+            return self
         assert headers[b"content-type"].startswith(b"text/event-stream")
         assert headers[b"cache-control"] == b"no-cache"
         return self
@@ -326,7 +345,7 @@ async def test_per_key_usage_comes_from_the_apps_key_usage(
 async def test_one_sample_a_tick_is_shared_by_every_stream(
     start_app: StartApp, freelancer: FakeFreelancer
 ) -> None:
-    running = await start_app()
+    running = await start_app(events_max_streams_per_key=10)
     streams = [await Stream(running.app).open() for _ in range(10)]
     seen: list[dict[int, str]] = []
     for stream in streams:
@@ -582,3 +601,27 @@ async def test_job_ids_done_per_second_over_the_sample_interval(
         "active_total": 1,
     }
     assert sampler.sample(running.gateway, store_size=None)["jobs"] is None
+
+
+async def test_a_key_may_hold_a_few_streams_and_gets_429_past_them(
+    start_app: StartApp, freelancer: FakeFreelancer
+) -> None:
+    """Each stream holds a task and a sample a second: EVENTS_MAX_STREAMS_PER_KEY bounds
+    them per key (per address when open); a stream that ends frees its place."""
+    running = await start_app(
+        events_max_streams_per_key=2,
+        api_keys="ops:ops-key-0123456789abcdef,other:other-key-0123456789abcdef",
+    )
+    ops = [(b"x-api-key", b"ops-key-0123456789abcdef")]
+    streams = [await Stream(running.app, headers=ops).open() for _ in range(2)]
+    refused = await Stream(running.app, headers=ops, status=429).open()
+    body = orjson.loads(refused.body)
+    assert body["error"] == "rate_limited"
+    assert "EVENTS_MAX_STREAMS_PER_KEY=2" in body["detail"]
+    other = [(b"x-api-key", b"other-key-0123456789abcdef")]
+    elsewhere = await Stream(running.app, headers=other).open()  # another key's own share
+    await streams[0].disconnect()
+    again = await Stream(running.app, headers=ops).open()
+    for stream in (streams[1], elsewhere, again):
+        await stream.disconnect()
+    await until(lambda: not dashboard_tasks(), within_s=2)

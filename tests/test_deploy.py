@@ -55,3 +55,9 @@ def test_the_scale_profile_has_redis_replicas_and_nginx_with_health_checks() -> 
     assert published and all(str(port).startswith("127.0.0.1:") for port in published)
     nginx = (ROOT / "deploy" / "nginx.conf").read_text()
     assert nginx.count("proxy_pass http://gateways") == 2
+    # The replicas believe X-Forwarded-For from nginx's own address only, and nginx
+    # writes it from the peer it saw (never passing on what a client wrote).
+    assert nginx.count("proxy_set_header X-Forwarded-For $remote_addr;") == 2
+    assert "$proxy_add_x_forwarded_for" not in nginx
+    address = services["nginx"]["networks"]["scale"]["ipv4_address"]
+    assert gateway["environment"]["FORWARDED_ALLOW_IPS"] == address

@@ -82,7 +82,7 @@ async def test_without_credentials_it_runs_in_demo_mode_on_the_simulator(tmp_pat
     app = create_app(settings)
     async with LifespanManager(app) as manager:
         transport = httpx.ASGITransport(app=manager.app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
             health = (await client.get("/")).json()
             assert health["upstream"] == "simulator"
             assert health["store"] == "sqlite"

@@ -17,7 +17,7 @@ from app.__main__ import main
 from app.jobs import cli
 from tests.support.apps import make_settings
 
-GATEWAY = "http://gateway.test"
+GATEWAY = "http://localhost:8000"
 Handler = Callable[[httpx.Request], httpx.Response]
 
 

@@ -12,9 +12,11 @@ from pathlib import Path
 
 import pytest
 from asgi_lifespan import LifespanManager
+from pydantic import SecretStr
 
 from app.logs import JsonFormatter, SecretMask, TextFormatter, _RequestIdFilter, redact
 from app.main import create_app
+from app.store import SqliteUserStore
 from tests.support.apps import StartApp, make_settings
 from tests.support.freelancer import FakeFreelancer
 
@@ -59,7 +61,9 @@ async def test_a_sane_request_id_is_echoed_and_an_odd_one_replaced(
     first = (await running.client.get("/healthz")).headers["X-Request-ID"]
     second = (await running.client.get("/healthz")).headers["X-Request-ID"]
     assert first != second
-    errors = await running.client.post("/api/users", content=b"nope")
+    errors = await running.client.post(
+        "/api/users", content=b"nope", headers={"content-type": "application/json"}
+    )
     assert errors.status_code == 400 and errors.headers["X-Request-ID"]
 
 
@@ -172,3 +176,38 @@ def test_the_server_logs_json_when_asked(tmp_path: Path) -> None:
     )
     line = json.loads(result.stderr.strip())
     assert (line["level"], line["logger"], line["msg"]) == ("WARNING", "app", "hello there")
+
+
+@pytest.mark.parametrize(
+    ("url", "secret"),
+    [
+        ("redis://:redis-secret-1@127.0.0.1:1/0", "redis-secret-1"),
+        ("redis://default:p%40ss%3Aword-2@127.0.0.1:1/0", "p%40ss%3Aword-2"),
+        ("redis://default:p%40ss%3Aword-2@127.0.0.1:1/0", "p@ss:word-2"),
+        ("mongodb://gw:mongo-pw-33@h1:27017,h2:27017/db?replicaSet=rs0", "mongo-pw-33"),
+        ("mongodb://gw:un@coded-44@db.invalid/users", "un@coded-44"),
+    ],
+)
+async def test_urls_with_an_empty_user_or_an_encoded_password_are_masked(
+    freelancer: FakeFreelancer, json_log: io.StringIO, tmp_path: Path, url: str, secret: str
+) -> None:
+    """However the password is written in the URL, and wherever a driver quotes it (the
+    URL, the password alone, encoded or not), no log line shows it."""
+    settings = make_settings(tmp_path, redis_url=None, mongodb_url=None)
+    field = "redis_url" if url.startswith("redis") else "mongodb_url"
+    settings = settings.model_copy(update={field: SecretStr(url)})
+    async with LifespanManager(
+        create_app(settings, store=SqliteUserStore(tmp_path / "u.db"),
+                   upstream_transport=freelancer.transport)
+    ):  # fmt: skip
+        for shown in (url, secret, "p%40ss%3Aword-2", "p@ss:word-2"):
+            logging.getLogger("app").error("a driver said: cannot connect with %s", shown)
+    text = json_log.getvalue()
+    assert text.count("a driver said") == 4
+    assert secret not in text, text
+
+
+def test_redact_masks_url_credentials_however_they_are_written() -> None:
+    assert redact("redis://:pw@h:6379/0") == "redis://***@h:6379/0"
+    assert redact("mongodb://u:p@ss@h/db") == "mongodb://***@h/db"
+    assert redact("see https://example.com/a@b") == "see https://example.com/a@b"

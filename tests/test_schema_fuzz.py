@@ -9,25 +9,23 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, Phase, settings
 from schemathesis.checks import CHECKS, load_all_checks
-from schemathesis.openapi.checks import RejectedPositiveData, UseAfterFree
 
 from app.config import Settings
 from app.jobs.runner import JobRunner
 from app.jobs.webhook import Webhooks
 from app.main import create_app
+from tests.support import fuzz_hooks  # noqa: F401  (registers the shared hooks)
 from tests.support.apps import scrub_settings_environment
 
 pytestmark = pytest.mark.fuzz
 
 if TYPE_CHECKING:
-    from schemathesis import HookContext, Response
-    from schemathesis.core.failures import Failure
     from schemathesis.specs.openapi.schemas import OpenApiCase
 
 # Built at import because schemathesis collects operations then (its fixture loader does
@@ -51,6 +49,10 @@ with pytest.MonkeyPatch.context() as _env:
             key_misses_per_min=100_000_000,
             job_max_range=1000,  # the jobs fuzzing submits are crawled in the background
             webhook_secret="fuzz-secret",
+            webhook_allow_private=True,  # callbacks go to a closed loopback port (below)
+            # Schemathesis' ASGI client names its server and Host `testserver`, no socket.
+            allowed_hosts="testserver",
+            auth_disabled=True,
         )
     )
 # A body over MAX_BODY_BYTES is rejected with 413 before it is parsed: a rejection too.
@@ -60,35 +62,6 @@ CONFIG = schemathesis.Config.from_dict(
     {"checks": {"enabled": True, "negative_data_rejection": {"expected-statuses": REJECTIONS}}}
 )
 schema = schemathesis.openapi.from_asgi("/openapi.json", APP, config=CONFIG)
-
-
-@schema.hook
-def filter_failure(
-    context: HookContext, failure: Failure, case: OpenApiCase, response: Response
-) -> bool:
-    """Accept two findings. The first is on the deprecated path only (it goes in the next
-    release).
-
-    `DELETE /api/users/{id}` evicts the user from the cache, it does not delete the
-    Freelancer user, so a later `GET /api/users/{id}` rightly fetches it again; that is
-    why eviction moved to `DELETE /api/cache/users/{id}`, which use_after_free leaves be.
-    """
-    if isinstance(failure, UseAfterFree) and failure.free.startswith("DELETE /api/users/"):
-        return False
-    # An id_range's order and size are rules JSON Schema cannot state (the description does).
-    return not (
-        isinstance(failure, RejectedPositiveData)
-        and case.path == "/api/jobs"
-        and any(rule in response.text for rule in ("first <= last", "JOB_MAX_RANGE"))
-    )
-
-
-@schemathesis.hook
-def before_call(context: HookContext, case: OpenApiCase, **kwargs: Any) -> None:
-    """Callbacks go to a closed loopback port: tests reach nothing beyond this machine."""
-    for where in (case.body, case.query):
-        if isinstance(where, dict) and isinstance(where.get("callback_url"), str):
-            where["callback_url"] = "http://127.0.0.1:9/fuzz"
 
 
 class StateMachine(schema.as_state_machine()):  # type: ignore[misc]

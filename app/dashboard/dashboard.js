@@ -115,6 +115,14 @@
         setStatus(state.key ? "key refused" : "API key needed", "down");
         return; // until the operator enters a key
       }
+      if (response.status === 429) {
+        // EVENTS_MAX_STREAMS_PER_KEY: this key holds as many dashboards as it may.
+        await response.text();
+        setStatus("too many dashboards open for this key; retrying", "down");
+        state.retryTimer = setTimeout(connect, state.retryMs);
+        state.retryMs = Math.min(RETRY_MAX_MS, state.retryMs * 2);
+        return;
+      }
       if (!response.ok || !response.body) {
         await response.text();
         throw new Error(`HTTP ${response.status}`);

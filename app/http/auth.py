@@ -4,15 +4,13 @@ A key is sent as `X-API-Key: <key>` or `Authorization: Bearer <key>`. Keys are h
 SHA-256 digests: the one dict look-up by digest leaks nothing useful through its timing,
 and the match is confirmed with `hmac.compare_digest`. Only a key's `name` is ever logged,
 echoed or exported. With no keys configured the service is open: every caller is an
-admin named after its address, and `check_protected_mode` refuses that on a
-non-loopback HOST unless AUTH_DISABLED=true says it is meant.
+admin named after its address, and `app.http.local_only` keeps it to this machine.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -50,12 +48,17 @@ class ApiKey:
     digest: bytes
 
 
-def parse_keys(text: str, *, source: str) -> list[ApiKey]:
-    """Entries `name:key[:role]`, separated by commas or lines; `#` starts a comment."""
+def parse_keys(text: str, *, source: str, comments: bool = False) -> list[ApiKey]:
+    """Entries `name:key[:role]`, separated by commas or lines. With `comments` (a keys
+    file), a line whose first character (after blanks) is `#` is a comment; a `#` anywhere
+    else is part of the entry, so a key may hold one."""
     keys: list[ApiKey] = []
     names: set[str] = set()
-    for raw in text.replace(",", "\n").splitlines():
-        entry = raw.split("#", 1)[0].strip()
+    lines = text.splitlines()
+    if comments:
+        lines = [line for line in lines if not line.lstrip().startswith("#")]
+    for raw in ",".join(lines).split(","):
+        entry = raw.strip()
         if not entry:
             continue
         parts = entry.split(":")
@@ -85,7 +88,7 @@ def load_keys(settings: Settings) -> list[ApiKey]:
             text = path.read_text(encoding="utf-8")
         except OSError as exc:
             raise ConfigError(f"API_KEYS_FILE: cannot read {path}: {exc.strerror}") from exc
-        keys += parse_keys(text, source="API_KEYS_FILE")
+        keys += parse_keys(text, source="API_KEYS_FILE", comments=True)
     if len({key.name for key in keys}) != len(keys):
         raise ConfigError("API_KEYS and API_KEYS_FILE name the same key twice")
     return keys
@@ -97,6 +100,7 @@ class KeyRing:
     def __init__(self, keys: list[ApiKey]) -> None:
         self._by_digest = {key.digest: key for key in keys}
         self.open = not keys
+        self.names = frozenset(key.name for key in keys)
 
     def identify(self, headers: list[tuple[bytes, bytes]], address: str) -> Client:
         """The caller of a request with these ASGI headers; Unauthorized or Forbidden."""
@@ -120,23 +124,3 @@ def presented_key(headers: list[tuple[bytes, bytes]]) -> bytes | None:
         if name == b"authorization" and value[:7].lower() == b"bearer " and value[7:].strip():
             return value[7:].strip()
     return None
-
-
-def check_protected_mode(settings: Settings, ring: KeyRing) -> None:
-    """Refuse to serve open on an address other machines can reach, unless told to."""
-    if not ring.open or settings.auth_disabled or _loopback(settings.host):
-        return
-    raise ConfigError(
-        f"refusing to serve without API keys on HOST={settings.host}, which other machines "
-        "can reach: set API_KEYS (or API_KEYS_FILE), or set AUTH_DISABLED=true if the "
-        "service is meant to be open"
-    )
-
-
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False

@@ -13,15 +13,20 @@ where the gateway decides which ids are new, in its await-free stretch (so paral
 requests of one key can never each see the same room), up to what is left rather than
 all or nothing, and given back when another fetch answered the ids: `limits` has
 synchronous strategies, but no "take up to n" and no refund.
+
+Clients named by a key are few and configured. Clients named by their address (open
+mode) are not: at most MAX_ADDRESS_CLIENTS of them are kept, the least recently seen
+and those idle for IDLE_S leave (their counts go to one `ip:*` row, so totals never go
+back), and metrics label them all `ip:*`, so no caller can grow a map or a label set.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections import defaultdict, deque
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from collections import OrderedDict, deque
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, fields
 from typing import Any
 
 from limits import RateLimitItem, RateLimitItemPerMinute
@@ -44,10 +49,22 @@ class Usage:
     """Requests answered 429."""
     over_quota: int = 0
     """New ids answered `unavailable` with reason `quota`."""
+    seen: float = 0.0
+    """When it last called (monotonic): an address client idle for IDLE_S leaves."""
+
+    def add(self, other: Usage) -> None:
+        for name in COUNTS:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
 
 
+COUNTS = tuple(f.name for f in fields(Usage) if f.name != "seen")
 WINDOW_S = 60.0
 CREDIT_PARTS = 20
+MAX_ADDRESS_CLIENTS = 256
+IDLE_S = 2 * WINDOW_S
+ADDRESSES = "ip:*"
+"""The row and the metrics label of every client named by its address (no key name has
+a colon, so it names no key)."""
 
 
 class MissQuota:
@@ -117,7 +134,7 @@ class MissReservation:
             returned = min(back, taken)
             MissQuota.give_back(entry, returned)
             back -= returned
-        usage = self._limits.usage[self._name]
+        usage = self._limits.usage(self._name)
         usage.misses += self.allowed - min(answered_elsewhere, self.allowed)
         usage.over_quota += self.refused
 
@@ -125,7 +142,13 @@ class MissReservation:
 class ClientLimits:
     """Counts each client's requests, ids and misses in sliding one-minute windows."""
 
-    def __init__(self, settings: Settings, processes: Callable[[], int] = lambda: 1) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        processes: Callable[[], int] = lambda: 1,
+        *,
+        key_names: Collection[str] = (),
+    ) -> None:
         self._limiter = SlidingWindowCounterRateLimiter(MemoryStorage())
         self._limits = {
             "requests": settings.rate_limit_per_min,
@@ -134,7 +157,12 @@ class ClientLimits:
         }
         self._processes = processes
         self._items: dict[tuple[str, int], RateLimitItem] = {}
-        self.usage: defaultdict[str, Usage] = defaultdict(Usage)
+        self._key_names = frozenset(key_names)
+        self._keyed: dict[str, Usage] = {}
+        self._addresses: OrderedDict[str, Usage] = OrderedDict()
+        """Clients named by their address, least recently seen first."""
+        self._gone = Usage()
+        """What the address clients that left did."""
         self._credit: dict[tuple[str, str], list[float]] = {}
         self._misses: dict[str, MissQuota] = {}
         self._policy = ", ".join(f'"{n}";q={self._limits[n]};w=60' for n in ("requests", "ids"))
@@ -148,23 +176,58 @@ class ClientLimits:
             item = self._items[(name, share)] = RateLimitItemPerMinute(amount, namespace=name)
         return item
 
+    def usage(self, name: str, now: float | None = None) -> Usage:
+        """The client's counters (a new client's, if it has none yet); `now` is
+        time.monotonic(), when the caller has it."""
+        usage = self._keyed.get(name)
+        if usage is not None:
+            return usage
+        usage = self._addresses.get(name)
+        now = time.monotonic() if now is None else now
+        if usage is not None:
+            if now - usage.seen >= 1.0:  # least recently seen first, to the second
+                self._addresses.move_to_end(name)
+                usage.seen = now
+            return usage
+        if name in self._key_names:
+            usage = self._keyed[name] = Usage()
+            return usage
+        usage = self._addresses[name] = Usage(seen=now)
+        self._expire(now)
+        return usage
+
+    def _expire(self, now: float) -> None:
+        """Address clients past MAX_ADDRESS_CLIENTS or idle for IDLE_S leave."""
+        clients = self._addresses
+        while clients:
+            name, oldest = next(iter(clients.items()))
+            if len(clients) <= MAX_ADDRESS_CLIENTS and now - oldest.seen < IDLE_S:
+                return
+            del clients[name]
+            self._gone.add(oldest)
+            self._credit.pop((name, "requests"), None)
+            self._credit.pop((name, "ids"), None)
+            self._misses.pop(name, None)
+
     async def admit(self, client: Client) -> None:
         """Count a request; TooManyRequests when the client is past its requests a minute."""
-        usage = self.usage[client.name]
+        now = time.monotonic()
+        usage = self.usage(client.name, now)
         usage.requests += 1
-        if not await self._take(client, "requests", 1):
+        if not await self._take(client, "requests", 1, now):
             usage.refused += 1
             await self._refuse(client, "requests")
 
     async def admit_ids(self, client: Client, count: int) -> None:
         """Count `count` ids looked up; TooManyRequests past the ids a minute."""
-        usage = self.usage[client.name]
+        now = time.monotonic()
+        usage = self.usage(client.name, now)
         usage.ids += count
-        if not await self._take(client, "ids", count):
+        if not await self._take(client, "ids", count, now):
             usage.refused += 1
             await self._refuse(client, "ids")
 
-    async def _take(self, client: Client, name: str, cost: int) -> bool:
+    async def _take(self, client: Client, name: str, cost: int, now: float) -> bool:
         """Spend `cost` of a limit, from credit taken earlier when there is some.
 
         Asking the limiter on every request cost the hot path a fifth of its throughput
@@ -174,7 +237,6 @@ class ClientLimits:
         """
         key = (client.name, name)
         credit = self._credit.get(key)
-        now = time.monotonic()
         if credit is not None and credit[0] >= cost and now - credit[1] < WINDOW_S:
             credit[0] -= cost
             return True
@@ -205,8 +267,26 @@ class ClientLimits:
         return quota.take(count, limit, time.monotonic())
 
     def snapshot(self) -> list[dict[str, Any]]:
-        """Usage per client name, for /api/stats, /metrics and the dashboard."""
-        return [{"name": name, **asdict(usage)} for name, usage in sorted(self.usage.items())]
+        """Usage per client name, for /api/stats and the dashboard: the keys, the address
+        clients seen lately, and `ip:*` for those that left."""
+        self._expire(time.monotonic())
+        rows = sorted({**self._keyed, **self._addresses}.items())
+        if any(getattr(self._gone, name) for name in COUNTS):
+            rows.append((ADDRESSES, self._gone))
+        return [{"name": name, **_counts(usage)} for name, usage in rows]
+
+    def by_label(self) -> list[dict[str, Any]]:
+        """Usage per metrics label: each key's name, and `ip:*` for every address client
+        (a bounded label set whoever calls)."""
+        self._expire(time.monotonic())
+        everyone = Usage()
+        everyone.add(self._gone)
+        for usage in self._addresses.values():
+            everyone.add(usage)
+        rows = [{"name": name, **_counts(usage)} for name, usage in sorted(self._keyed.items())]
+        if self._addresses or any(getattr(everyone, name) for name in COUNTS):
+            rows.append({"name": ADDRESSES, **_counts(everyone)})
+        return rows
 
     async def _refuse(self, client: Client, name: str) -> None:
         item = self._item(name)
@@ -221,3 +301,7 @@ class ClientLimits:
                 "RateLimit": f'"{name}";r={stats.remaining};t={retry_after}',
             },
         )
+
+
+def _counts(usage: Usage) -> dict[str, int]:
+    return {name: getattr(usage, name) for name in COUNTS}

@@ -11,6 +11,7 @@ from fastapi import Depends, Request
 from app.errors import ShuttingDown
 from app.gateway import Gateway, LookupResult
 from app.http.auth import Client, Role
+from app.http.schemas.common import require_json
 from app.http.state import Services, services_of
 from app.jobs.runner import JobRunner
 
@@ -85,6 +86,13 @@ def log_audit(client: Client, action: str, size: int) -> None:
     )
 
 
+def json_body(request: Request) -> None:
+    """415 unless the request declares a JSON body (see `require_json`)."""
+    require_json(request.headers.get("content-type"))
+
+
+JSON_BODY = Depends(json_body)
+"""For the `dependencies` of a route that takes a JSON body."""
 ServicesDep = Annotated[Services, Depends(get_services)]
 GatewayDep = Annotated[Gateway, Depends(get_gateway)]
 RunnerDep = Annotated[JobRunner, Depends(get_runner)]

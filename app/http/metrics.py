@@ -153,13 +153,14 @@ def create_registry(
 
 
 class KeyUsageCollector(Collector):
-    """Per-client usage under `gateway_key_`, labelled by the key's name (never the key)."""
+    """Per-client usage under `gateway_key_`, labelled by the key's name (never the key), or
+    `ip:*` for every client named by its address."""
 
     def __init__(self, limits: ClientLimits) -> None:
         self._limits = limits
 
     def collect(self) -> Iterator[Metric]:
-        usage = self._limits.snapshot()
+        usage = self._limits.by_label()
         for field, doc in (
             ("requests", "API requests by client."),
             ("ids", "Ids looked up by client."),
@@ -173,6 +174,7 @@ class KeyUsageCollector(Collector):
             yield family
 
 
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -188,6 +190,8 @@ class RequestMetrics(Collector):
 
     def observe(self, method: str, route: str, status: int, seconds: float) -> None:
         """Count one request."""
+        if method not in METHODS:  # the client picks it: no label of its choosing
+            method = "other"
         key = (method, route, status)
         series = self._series.get(key)
         if series is None:

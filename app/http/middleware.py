@@ -2,8 +2,9 @@
 
 Pure ASGI (no BaseHTTPMiddleware, which costs a task per request), and one layer for all
 of it: the headers are read in one pass, a declared Content-Length is checked before
-anything is read, and a request is counted in plain lists in place, exported to
-Prometheus only when scraped.
+anything is read, an open gateway refuses what does not come from this machine
+(`app.http.local_only`), and a request is counted in plain lists in place, exported
+to Prometheus only when scraped.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from app.errors import GatewayError, PayloadTooLarge
 from app.http.auth import Client, KeyRing
 from app.http.client_limits import ClientLimits
 from app.http.errors import error_response
+from app.http.local_only import LocalOnly
 from app.http.metrics import RequestMetrics
 from app.logs import request_id
 
@@ -31,6 +33,13 @@ _SANE_ID = re.compile(rb"[A-Za-z0-9._:@/+=-]{1,128}")
 # system call, 9 us in `bench/middleware.py` on this machine).
 _ID_PREFIX = token_hex(6).encode() + b"-"
 _ids = itertools.count(1)
+_READ = frozenset(
+    {
+        *(b"content-length", b"host", b"x-request-id", b"origin", b"sec-fetch-site"),
+        *(b"x-forwarded-for", b"forwarded"),
+    }
+)
+"""The headers this middleware reads."""
 
 
 class GatewayMiddleware:
@@ -52,6 +61,8 @@ class GatewayMiddleware:
         limits: ClientLimits,
         metrics_require_key: bool = False,
         access_log: bool = False,
+        local_only: LocalOnly | None = None,
+        trust_forwarded: bool = False,
     ) -> None:
         self.app = app
         self.max_bytes = max_bytes
@@ -61,19 +72,34 @@ class GatewayMiddleware:
         self.limits = limits
         self.metrics_require_key = metrics_require_key
         self.access_log = access_log
+        self.local_only = local_only if keys.open else None
+        # Without trusted proxies, a client that says it was forwarded is not believed: a
+        # server that trusts the header anyway (plain uvicorn trusts loopback) would let
+        # every request pick its own name, and so its own limits.
+        self.trust_forwarded = trust_forwarded
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        rid: bytes | None = None
-        length: bytes | None = None
+        rid = length = host = origin = fetch_site = None
+        forwarded = False
         for name, value in scope["headers"]:
+            if name not in _READ:  # most headers: one set look-up, not a chain of compares
+                continue
             if name == b"content-length":
                 length = value
+            elif name == b"host":
+                host = value
             elif name == b"x-request-id" and _SANE_ID.fullmatch(value):
                 rid = value
+            elif name == b"origin":
+                origin = value
+            elif name == b"sec-fetch-site":
+                fetch_site = value
+            elif name == b"x-forwarded-for" or name == b"forwarded":
+                forwarded = True
         rid = rid or b"%s%x" % (_ID_PREFIX, next(_ids))
         token = request_id.set(rid.decode())
         status = 0  # until the response starts
@@ -91,8 +117,27 @@ class GatewayMiddleware:
             limit = self.large_bodies.get(path, self.max_bytes)
             if length is not None and (not length.isdigit() or int(length) > limit):
                 raise _too_large(limit)
+            local = self.local_only
+            if local is not None:
+                server = scope.get("server")
+                if type(server) is list:  # some servers send a list: ASGI allows either
+                    server = tuple(server)
+                # A socket and Host judged before, and no sign of a page behind the
+                # request: nothing to ask.
+                if (
+                    origin is not None
+                    or fetch_site is not None
+                    or host not in local.seen
+                    or server not in local.seen
+                ):
+                    refused = local.refusal(scope["method"], path, server, host, origin, fetch_site)
+                    if refused is not None:
+                        raise refused
             if path.startswith("/api/") or (path == "/metrics" and self.metrics_require_key):
-                address = scope["client"][0] if scope.get("client") else "unknown"
+                if forwarded and not self.trust_forwarded:
+                    address = "forwarded"
+                else:
+                    address = scope["client"][0] if scope.get("client") else "unknown"
                 client = scope["gateway.client"] = self.keys.identify(scope["headers"], address)
                 await self.limits.admit(client)
             # The server holds a body with a Content-Length to it: only others are counted.

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import weakref
+from collections import defaultdict
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass, field
+from typing import Any
 
 from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
@@ -27,10 +31,38 @@ class Services:
     gateway: Gateway | None = None
     runner: JobRunner | None = None
     dashboard: DashboardHub | None = None
+    streams: EventStreams = field(default_factory=lambda: EventStreams())
 
     def detach(self) -> None:
         """The lifespan is ending: routes answer 503 from now on."""
         self.gateway = self.runner = self.dashboard = None
+
+
+class EventStreams:
+    """The `/api/events` streams each client holds open, to bound them per client.
+
+    A stream is its generator, held weakly: it counts until it has finished, or until
+    nothing refers to it any more (a response that never started), so no way a stream
+    ends can leave its place taken.
+    """
+
+    def __init__(self) -> None:
+        self._by_client: defaultdict[str, weakref.WeakSet[AsyncGenerator[Any, None]]] = defaultdict(
+            weakref.WeakSet
+        )
+
+    def open(self, client: str) -> int:
+        """How many streams `client` holds that have not finished."""
+        streams = self._by_client.get(client)
+        if streams is None:
+            return 0
+        count = sum(1 for stream in streams if getattr(stream, "ag_frame", None) is not None)
+        if not count:
+            del self._by_client[client]
+        return count
+
+    def add(self, client: str, stream: AsyncGenerator[Any, None]) -> None:
+        self._by_client[client].add(stream)
 
 
 def services_of(app: Starlette) -> Services:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, fields
 from typing import Any, Literal, get_args
 
 from app.domain import iso
+from app.jobs.callback_url import masked
 
 JobStatus = Literal["pending", "running", "completed", "failed", "cancelled"]
 Priority = Literal["high", "normal", "low"]
@@ -95,7 +96,7 @@ def job_view(job: Job, eta_s: float | None = None) -> dict[str, Any]:
         "eta_s": None if eta_s is None else float(eta_s),
         "max_age_s": float(job.max_age_s),
         "id_range": None if first is None else [first, first + job.total - 1],
-        "callback_url": job.callback_url,
+        "callback_url": masked(job.callback_url),
         "created_at": iso(job.created_at) or "",
         "started_at": iso(job.started_at),
         "updated_at": iso(job.updated_at) or "",

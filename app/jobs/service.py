@@ -11,7 +11,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from app.errors import InvalidRequest, JobConflict, JobNotFound
-from app.jobs.model import ACTIVE, FINISHED, Job, new_job_id
+from app.jobs.callback_url import check_submitted
+from app.jobs.model import ACTIVE, FAILED, FINISHED, Job, new_job_id
 from app.jobs.runner import JobRunner
 
 
@@ -35,10 +36,12 @@ async def create(
 ) -> Job:
     """A new pending job over `user_ids` (a list, or a range written as the job advances)."""
     settings = runner.settings
-    if callback_url and settings.webhook_secret is None:
-        raise InvalidRequest(
-            "callback_url needs WEBHOOK_SECRET set on the gateway: callbacks are signed with it"
-        )
+    if callback_url is not None:
+        if settings.webhook_secret is None:
+            raise InvalidRequest(
+                "callback_url needs WEBHOOK_SECRET set on the gateway: callbacks are signed with it"
+            )
+        await check_submitted(callback_url, allow_private=settings.webhook_allow_private)
     now = runner.clock()
     is_range = isinstance(user_ids, range)
     job = Job(
@@ -73,14 +76,48 @@ async def cancel(runner: JobRunner, *, job: Job) -> Job:
 
 
 async def retry_failed(runner: JobRunner, *, job: Job) -> tuple[Job, int]:
-    """Put a finished job's failed ids back to be fetched; the job and how many went back."""
+    """Fetch a finished job's failed ids again; the job that does it and how many ids.
+
+    A completed or failed job takes them up again itself. A cancelled one is not reopened
+    (its ids that never went out would go too, restarting the whole job): its failed ids
+    go into a new job with its options, and the cancelled job stays as it was.
+    """
     if job.status not in FINISHED:
         raise JobConflict(f"job {job.job_id} is {job.status}: retry-failed applies once it ended")
     if job.failed == 0 and job.status != "failed":
         raise JobConflict(f"job {job.job_id} has no failed ids to retry")
+    if job.status == "cancelled":
+        again = await create(
+            runner,
+            user_ids=await failed_ids(runner, job),
+            owner=job.owner or "",
+            priority=job.priority,
+            label=job.label,
+            max_age_s=job.max_age_s,
+            callback_url=job.callback_url,
+        )
+        return again, again.total
     retried = await runner.store.retry_failed(job.job_id, runner.clock())
     runner.wake()
     return await get(runner, job_id=job.job_id), retried
+
+
+async def failed_ids(runner: JobRunner, job: Job) -> list[int]:
+    """The job's failed ids, read a page at a time; at most JOB_MAX_IDS of them."""
+    most = runner.settings.job_max_ids
+    ids: list[int] = []
+    after = -1
+    while page := await runner.store.items(job.job_id, after=after, limit=1000, states=(FAILED,)):
+        ids += [item.user_id for item in page]
+        if len(ids) > most:
+            raise JobConflict(
+                f"job {job.job_id} has more than JOB_MAX_IDS={most} failed ids: submit them "
+                "in parts (GET its results with include=missing lists them)"
+            )
+        after = page[-1].seq
+    if not ids:
+        raise JobConflict(f"job {job.job_id} has no failed ids to retry")
+    return ids
 
 
 async def delete(runner: JobRunner, *, job_id: str) -> bool:

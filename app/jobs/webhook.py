@@ -2,9 +2,13 @@
 
 The signature is Stripe's scheme: `X-Signature: t=<unix time>,v1=<hex HMAC-SHA256 of
 "<t>.<body>">` keyed with WEBHOOK_SECRET, so a receiver checks the body and rejects old
-timestamps (replays). Redirects are not followed; each attempt is bounded by
-WEBHOOK_TIMEOUT_S and logged; failures are retried with backoff for an hour after the
-job ended. The delivery state lives on the job, so restarts do not lose it.
+timestamps (replays). Each attempt checks where the URL leads and connects to the address
+it checked (`app.jobs.callback_url`), follows no redirect, has one deadline for all of it
+(WEBHOOK_TIMEOUT_S) and never reads the answer's body (only its status counts, so no
+size of answer costs anything). Whatever goes wrong in an attempt is a failed attempt,
+saved on the job and retried with backoff for an hour after the job ended: one bad URL
+cannot stop the loop or hold up other jobs' callbacks. The delivery state lives on the
+job, so restarts do not lose it.
 
 Once per deployment, at least once: only the leading process delivers, and each attempt
 is made under a lease on the job's callback (the `Coordinator`'s named lease, token-
@@ -34,6 +38,7 @@ from app.clock import Clock
 from app.config import Settings
 from app.errors import StoreUnavailable
 from app.gateway.coordinator import Coordinator
+from app.jobs.callback_url import CallbackRefused, checked_address, parse, pinned
 from app.jobs.model import FINISHED, Job, job_view
 from app.jobs.store import JobStore
 
@@ -101,6 +106,10 @@ class Webhooks:
             follow_redirects=False,
             timeout=self.settings.webhook_timeout_s,
             headers={"User-Agent": f"freelancer-gateway/{__version__}"},
+            # No proxy from the environment (it would connect, not us, to what we checked),
+            # and no pooled connection: each attempt connects to the address it checked.
+            trust_env=False,
+            limits=httpx.Limits(max_keepalive_connections=0),
         )
         while True:
             try:
@@ -155,11 +164,7 @@ class Webhooks:
                 "X-Job-Id": job.job_id,
                 "Idempotency-Key": idempotency_key(job),
             }
-            try:
-                response = await self._http.post(job.callback_url, content=body, headers=headers)
-                error = None if response.is_success else f"HTTP {response.status_code}"
-            except httpx.HTTPError as exc:
-                error = f"{type(exc).__name__}: {exc}"[:200]
+            error = await self.attempt(job.callback_url, body, headers)
         if still_held is not None and not await still_held():
             log.warning("job %s: callback attempt %d: lease lost, state left", job.job_id, attempt)
             return error is None
@@ -183,7 +188,34 @@ class Webhooks:
                 error,
                 "; giving up" if give_up else f"; next in {wait:.0f} s",
             )
-        # Compare and set: a retry-failed that reset the callback meanwhile is not undone.
+        # Compare and set: a retry-failed that reset the callback meanwhile (or another
+        # attempt's outcome) is not undone by this one.
         expect = {"webhook": "pending", "webhook_attempts": job.webhook_attempts}
-        await self.store.update(job.job_id, changes, only_if=FINISHED, expect=expect)
+        if not await self.store.update(job.job_id, changes, only_if=FINISHED, expect=expect):
+            log.info("job %s changed while its callback was sent: outcome not kept", job.job_id)
         return error is None
+
+    async def attempt(self, url: str, body: bytes, headers: dict[str, str]) -> str | None:
+        """POST `body` to `url` once, within WEBHOOK_TIMEOUT_S all told; why it failed, or
+        None. Never raises (but for cancellation): any error is this attempt's failure."""
+        assert self._http is not None
+        limit = self.settings.webhook_timeout_s
+        try:
+            async with asyncio.timeout(limit):
+                parsed = parse(url)
+                address = await checked_address(
+                    parsed, allow_private=self.settings.webhook_allow_private
+                )
+                target, host, extensions = pinned(parsed, address)
+                request = self._http.build_request(
+                    "POST", target, content=body, headers={**headers, **host}, extensions=extensions
+                )
+                response = await self._http.send(request, stream=True)
+                await response.aclose()  # the status is the answer: the body is not read
+        except CallbackRefused as exc:
+            return f"refused: {exc}"[:200]
+        except TimeoutError:
+            return f"no answer within WEBHOOK_TIMEOUT_S={limit:g} s"
+        except Exception as exc:  # whatever it is, it is this attempt's failure
+            return f"{type(exc).__name__}: {exc}"[:200]
+        return None if response.is_success else f"HTTP {response.status_code}"

@@ -3,55 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-import pytest
-
-from tests.jobs.test_webhooks import SECRET, verify
 from tests.support.apps import Running, StartApp
 from tests.support.freelancer import FakeFreelancer
 from tests.support.jobs import submit, wait_for
 from tests.support.procs import RedisServer
-
-
-@dataclass
-class SlowReceiver:
-    """Takes `delay_s` to answer each POST, with the next of `answers` (then 200)."""
-
-    delay_s: float = 0.0
-    answers: list[int] = field(default_factory=list)
-    received: list[tuple[dict[str, str], bytes]] = field(default_factory=list)
-    url: str = ""
-
-
-@pytest.fixture
-def receiver() -> Iterator[SlowReceiver]:
-    state = SlowReceiver()
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            body = self.rfile.read(int(self.headers["Content-Length"]))
-            state.received.append((dict(self.headers), body))
-            time.sleep(state.delay_s)
-            self.send_response(state.answers.pop(0) if state.answers else 200)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    state.url = f"http://127.0.0.1:{server.server_address[1]}/hook"
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield state
-    server.shutdown()
-    server.server_close()
+from tests.support.receiver import SECRET, Receiver, verify
 
 
 async def webhook_state(running: Running, job_id: str, within_s: float = 15) -> dict[str, Any]:
@@ -70,13 +29,17 @@ async def test_two_processes_send_a_callback_once(
     redis_server: RedisServer,
     start_app: StartApp,
     freelancer: FakeFreelancer,
-    receiver: SlowReceiver,
+    receiver: Receiver,
 ) -> None:
     """Both processes poll the callbacks due; a slow receiver keeps the delivery pending
     while the other one looks (every second)."""
     receiver.delay_s = 2.5
-    a = await start_app(webhook_secret=SECRET, redis_url=redis_server.url)
-    b = await start_app(webhook_secret=SECRET, redis_url=redis_server.url)
+    a = await start_app(
+        webhook_secret=SECRET, webhook_allow_private=True, redis_url=redis_server.url
+    )
+    b = await start_app(
+        webhook_secret=SECRET, webhook_allow_private=True, redis_url=redis_server.url
+    )
     job = await submit(a, {"user_ids": [1, 2], "callback_url": receiver.url})
     await wait_for(b, job["job_id"])
     assert await webhook_state(a, job["job_id"]) == {
@@ -91,10 +54,10 @@ async def test_two_processes_send_a_callback_once(
 
 
 async def test_every_attempt_of_a_callback_carries_the_same_idempotency_key(
-    start_app: StartApp, freelancer: FakeFreelancer, receiver: SlowReceiver
+    start_app: StartApp, freelancer: FakeFreelancer, receiver: Receiver
 ) -> None:
     receiver.answers = [503, 200]
-    running = await start_app(webhook_secret=SECRET)
+    running = await start_app(webhook_secret=SECRET, webhook_allow_private=True)
     job = await submit(running, {"user_ids": [3], "callback_url": receiver.url})
     await wait_for(running, job["job_id"])
     assert (await webhook_state(running, job["job_id"]))["attempts"] == 2

@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 
-STARTUP_S = 20.0
+STARTUP_S = 40.0
 STOP_S = 20.0
 
 

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Path
 from pydantic import BeforeValidator
 
 from app.http.auth import Client
-from app.http.dependencies import AdminClient, CrawlClient, GatewayDep, log_audit
+from app.http.dependencies import JSON_BODY, AdminClient, CrawlClient, GatewayDep, log_audit
 from app.http.schemas.common import ErrorResponse
 from app.http.schemas.users import (
     MAX_USER_ID,
@@ -33,7 +33,7 @@ UserIdPath = Annotated[
     BeforeValidator(path_user_id),
 ]
 ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (400, 413, 422, 503)
+    code: {"model": ErrorResponse} for code in (400, 413, 415, 422, 503)
 }
 EVICT_LINKS = {
     "GetUser": {
@@ -89,6 +89,7 @@ async def evict_user(
     status_code=202,
     summary="Queue background refreshes",
     operation_id="revalidate",
+    dependencies=[JSON_BODY],
 )
 async def revalidate_users(
     body: RevalidateRequest, gateway: GatewayDep, client: CrawlClient

@@ -35,7 +35,8 @@ from fastapi.sse import EventSourceResponse, format_sse_event
 from starlette.background import BackgroundTask
 
 from app.dashboard.hub import DashboardHub
-from app.errors import ShuttingDown
+from app.errors import ShuttingDown, TooManyRequests
+from app.http.dependencies import get_client
 from app.http.state import services_of
 
 ASSETS = {
@@ -70,15 +71,29 @@ def encode_event(event: str, event_id: str | None, data: str) -> bytes:
 
 
 @router.get("/api/events", include_in_schema=False)
-async def events(hub: Annotated[DashboardHub, Depends(get_hub)]) -> EventSourceResponse:
-    """The dashboard's stream: `history` once, then a `sample` every second.
+async def events(
+    request: Request, hub: Annotated[DashboardHub, Depends(get_hub)]
+) -> EventSourceResponse:
+    """The dashboard's stream: `history` once, then a `sample` every second; at most
+    EVENTS_MAX_STREAMS_PER_KEY open at once per key (per address when open), 429 past it.
 
     Returned as an `EventSourceResponse` of pre-encoded events rather than through
     `response_class=EventSourceResponse` and a generator endpoint: FastAPI's keep-alive
     task then raises BrokenResourceError (logged as an unexpected error) when a client
     that stopped reading disconnects. Events come every second, so no keep-alive is needed.
     """
+    services = services_of(request.app)
+    client = get_client(request)
+    most = services.settings.events_max_streams_per_key
+    if services.streams.open(client.name) >= most:
+        raise TooManyRequests(
+            f"{client.name!r} has {most} event streams open, EVENTS_MAX_STREAMS_PER_KEY={most}: "
+            "close one first",
+            retry_after=1,
+            limit_headers={},
+        )
     frames = _frames(hub)
+    services.streams.add(client.name, frames)
     # aclose: the generator's `finally` runs even when the client left while it was
     # parked at a `yield` (its send blocked), not whenever it is garbage-collected.
     return EventSourceResponse(

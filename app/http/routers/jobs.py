@@ -6,10 +6,12 @@ cancel and retry-failed need the job's own key or `admin`; delete needs `admin`.
 
 from __future__ import annotations
 
+import asyncio
 import csv
+import functools
 import io
 from collections.abc import AsyncIterator, Callable, Collection
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import orjson
 from fastapi import APIRouter, Path, Query, Request, Response
@@ -30,10 +32,11 @@ from app.http.dependencies import (
     RunnerDep,
     log_audit,
 )
-from app.http.schemas.common import ErrorResponse
+from app.http.schemas.common import ErrorResponse, is_json, media_type
 from app.http.schemas.jobs import (
     CALLBACK_PATTERN,
     CSV_PATTERN,
+    MAX_SEQ,
     RESULT_COLUMNS,
     TEXT_PATTERN,
     Deleted,
@@ -47,6 +50,7 @@ from app.http.schemas.jobs import (
     result_item,
     result_row,
 )
+from app.http.schemas.users import MAX_AGE_S
 from app.jobs import service
 from app.jobs.model import FAILED, FOUND, NOT_FOUND, Item, Job, job_view
 from app.jobs.runner import JobRunner
@@ -55,6 +59,9 @@ router = APIRouter(prefix="/api/jobs", tags=["jobs"])
 
 PAGE = 1000
 """Items read from the store at a time while streaming results."""
+INLINE_BODY_BYTES = 64 * 1024
+"""Bodies up to this size are parsed on the event loop (a thread costs more than they do)."""
+Parsed = TypeVar("Parsed")
 JobId = Annotated[str, Path(max_length=64, description="The id POST /api/jobs answered")]
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (404, 409, 413, 415, 422, 503)
@@ -91,8 +98,16 @@ SUBMIT_BODY = {
 }
 
 
-def view(runner: JobRunner, job: Job) -> dict[str, Any]:
-    return job_view(job, runner.eta_s(job))
+def view(runner: JobRunner, job: Job, client: Client) -> dict[str, Any]:
+    """The job as `client` may see it: where its callback goes, and how the last attempt
+    failed, only for the job's own key and admins (an error like "connection refused" from
+    an address would tell anyone else what listens there)."""
+    shown = job_view(job, runner.eta_s(job))
+    if job.owner != client.name and client.role != "admin":
+        shown["callback_url"] = None
+        if shown["webhook"] is not None:
+            shown["webhook"]["last_error"] = None
+    return shown
 
 
 @router.post(
@@ -110,7 +125,7 @@ async def submit(
     client: CrawlClient,
     label: Annotated[str | None, Query(max_length=200)] = None,
     priority: Literal["high", "normal", "low"] = "normal",
-    max_age_s: Annotated[float | None, Query(ge=0)] = None,
+    max_age_s: Annotated[float | None, Query(ge=0, le=MAX_AGE_S)] = None,
     callback_url: Annotated[str | None, Query(max_length=2000, pattern=CALLBACK_PATTERN)] = None,
 ) -> Response:
     """Fetch many ids in the background (`crawl`): `{"user_ids": [...]}` (up to
@@ -120,11 +135,11 @@ async def submit(
     the job and its `Location`; the job runs within Freelancer's minute and hour budget."""
     settings = runner.settings
     body = await request.body()
-    kind = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+    kind = media_type(request.headers.get("content-type"))
     ids: list[int] | range
     options: JobOptions
-    if kind == "application/json":
-        options, ids = parse_json(body, settings)
+    if is_json(kind):
+        options, ids = await off_the_loop(body, parse_json, body, settings)
     elif kind in ("text/plain", "text/csv"):
         try:
             options = JobOptions(
@@ -132,10 +147,11 @@ async def submit(
             )
         except ValidationError as exc:
             raise InvalidRequest(f"query: {exc.errors()[0]['msg']}") from None
-        ids = parse_text(body, settings, csv=kind == "text/csv")
+        ids = await off_the_loop(body, parse_text, body, settings, csv=kind == "text/csv")
     else:
         raise UnsupportedMediaType(
-            f"send the ids as application/json, text/plain or text/csv, not {kind!r}"
+            "send the ids as application/json, text/plain or text/csv (Content-Type), "
+            f"not {repr(kind[:60]) if kind else 'none'}"
         )
     job = await service.create(
         runner,
@@ -148,7 +164,7 @@ async def submit(
     )
     log_audit(client, "job_submit", job.total)
     return Response(
-        orjson.dumps(view(runner, job)),
+        orjson.dumps(view(runner, job, client)),
         status_code=202,
         media_type="application/json",
         headers={"Location": f"/api/jobs/{job.job_id}"},
@@ -172,7 +188,7 @@ async def list_jobs(
     """Jobs, newest first (`read`); `next_cursor` pages to older ones."""
     jobs = await runner.store.list_jobs(status=status, limit=limit, before=cursor)
     return {
-        "jobs": [view(runner, job) for job in jobs],
+        "jobs": [view(runner, job, client) for job in jobs],
         "next_cursor": jobs[-1].job_id if len(jobs) == limit else None,
     }
 
@@ -186,7 +202,7 @@ async def list_jobs(
 )
 async def get_job(job_id: JobId, runner: RunnerDep, client: ReadClient) -> dict[str, Any]:
     """Status, counts, progress and ETA (`read`)."""
-    return view(runner, await service.get(runner, job_id=job_id))
+    return view(runner, await service.get(runner, job_id=job_id), client)
 
 
 @router.post(
@@ -201,7 +217,7 @@ async def cancel_job(job_id: JobId, runner: RunnerDep, client: ReadClient) -> di
     job = own(await service.get(runner, job_id=job_id), client)
     job = await service.cancel(runner, job=job)
     log_audit(client, "job_cancel", job.total)
-    return view(runner, job)
+    return view(runner, job, client)
 
 
 @router.post(
@@ -212,12 +228,17 @@ async def cancel_job(job_id: JobId, runner: RunnerDep, client: ReadClient) -> di
     summary="Retry a job's failed ids",
     operation_id="retry_failed",
 )
-async def retry_failed(job_id: JobId, runner: RunnerDep, client: ReadClient) -> dict[str, Any]:
-    """Put a finished job's failed ids back to be fetched (its own key, or `admin`)."""
+async def retry_failed(
+    job_id: JobId, runner: RunnerDep, client: ReadClient, response: Response
+) -> dict[str, Any]:
+    """Fetch a finished job's failed ids again (its own key, or `admin`): a completed or
+    failed job takes them up itself; a cancelled job's go into a new job with its options
+    (the answer and `Location` name the job that fetches them)."""
     job = own(await service.get(runner, job_id=job_id), client)
     job, retried = await service.retry_failed(runner, job=job)
     log_audit(client, "job_retry_failed", retried)
-    return view(runner, job)
+    response.headers["Location"] = f"/api/jobs/{job.job_id}"
+    return view(runner, job, client)
 
 
 @router.delete(
@@ -251,7 +272,9 @@ async def results(
     runner: RunnerDep,
     gateway: GatewayDep,
     client: ReadClient,
-    cursor: Annotated[int, Query(ge=-1, description="next_cursor of the previous page")] = -1,
+    cursor: Annotated[
+        int, Query(ge=-1, le=MAX_SEQ, description="next_cursor of the previous page")
+    ] = -1,
     limit: Annotated[int, Query(ge=1, le=10_000)] = PAGE,
     include: Literal["missing"] | None = None,
     format: Literal["json", "ndjson", "csv"] | None = None,
@@ -274,7 +297,11 @@ async def results(
             "next_cursor": str(items[-1].seq) if len(items) == limit else None,
         }
         return Response(orjson.dumps(page), media_type="application/json")
-    render = _csv_page if chosen == "csv" else _ndjson_page
+    render = (
+        functools.partial(_csv_page, guard=runner.settings.csv_formula_guard)
+        if chosen == "csv"
+        else _ndjson_page
+    )
     media = "text/csv; charset=utf-8" if chosen == "csv" else "application/x-ndjson"
     name = f"job-{job_id}.{chosen}"
     return StreamingResponse(
@@ -282,6 +309,16 @@ async def results(
         media_type=media,
         headers={"Content-Disposition": f'attachment; filename="{name}"'},
     )
+
+
+async def off_the_loop(
+    body: bytes, parse: Callable[..., Parsed], *args: Any, **kwargs: Any
+) -> Parsed:
+    """`parse(*args, **kwargs)`, in a worker thread when `body` is large: a 4 MiB body
+    takes a second or more to parse, and the event loop serves every other request."""
+    if len(body) <= INLINE_BODY_BYTES:
+        return parse(*args, **kwargs)
+    return await asyncio.to_thread(parse, *args, **kwargs)
 
 
 def own(job: Job, client: Client) -> Job:
@@ -321,8 +358,8 @@ def _ndjson_page(items: list[Item], users: dict[int, UserRecord]) -> bytes:
     return b"".join(orjson.dumps(result_item(i, users.get(i.user_id))) + b"\n" for i in items)
 
 
-def _csv_page(items: list[Item], users: dict[int, UserRecord]) -> bytes:
-    return _csv(result_row(i, users.get(i.user_id)) for i in items)
+def _csv_page(items: list[Item], users: dict[int, UserRecord], *, guard: bool) -> bytes:
+    return _csv(result_row(i, users.get(i.user_id), guard=guard) for i in items)
 
 
 def _csv(rows: Any) -> bytes:

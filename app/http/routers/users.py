@@ -16,6 +16,7 @@ from starlette.types import Message, Receive, Scope, Send
 from app.errors import UserNotFound, UserUnavailable
 from app.gateway.results import QUOTA, TIMEOUT
 from app.http.dependencies import (
+    JSON_BODY,
     AdminClient,
     CrawlClient,
     GatewayDep,
@@ -24,7 +25,7 @@ from app.http.dependencies import (
 )
 from app.http.routers import cache
 from app.http.routers.cache import ERRORS, EVICT_LINKS, UserIdPath
-from app.http.schemas.common import ErrorResponse
+from app.http.schemas.common import ErrorResponse, require_json
 from app.http.schemas.users import (
     DEFAULT_MAX_IDS,
     EvictResponse,
@@ -119,6 +120,7 @@ LOOKUP_LINKS = {
 async def lookup_users(request: Request) -> Response:
     """Answer up to MAX_USERS_PER_REQUEST ids from the cache, fetching misses once each."""
     gateway = get_gateway(request)
+    require_json(request.headers.get("content-type"))
     user_ids = parse_user_ids(await request.body(), max_ids=gateway.settings.max_users_per_request)
     result = await lookup_for_client(request, gateway, user_ids)
     return Response(result.to_json(), media_type="application/json")
@@ -157,6 +159,7 @@ router.add_api_route(
     responses={**ERRORS, 202: {"headers": deprecation_headers("/api/cache/revalidate")}},
     status_code=202,
     summary="Queue background refreshes (deprecated: POST /api/cache/revalidate)",
+    dependencies=[JSON_BODY],
     operation_id="revalidate_deprecated",
     deprecated=True,
     route_class_override=deprecated_for("/api/cache/revalidate"),

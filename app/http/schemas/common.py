@@ -9,7 +9,7 @@ from typing import Any
 import orjson
 from pydantic import BaseModel, Field
 
-from app.errors import InvalidRequest
+from app.errors import InvalidRequest, UnsupportedMediaType
 from app.gateway.results import Reason
 
 
@@ -46,6 +46,31 @@ def one_of(*names: str) -> Callable[[dict[str, Any]], None]:
         ]
 
     return hook
+
+
+def media_type(content_type: str | None) -> str:
+    """The media type of a Content-Type value, lower case, without its parameters."""
+    return (content_type or "").split(";", 1)[0].strip().lower()
+
+
+def is_json(content_type: str | None) -> bool:
+    """`application/json`, or a `+json` type (`application/merge-patch+json`)."""
+    media = media_type(content_type)
+    return media == "application/json" or (
+        media.startswith("application/") and media.endswith("+json")
+    )
+
+
+def require_json(content_type: str | None) -> None:
+    """UnsupportedMediaType unless the body is declared JSON.
+
+    Not a formality: a web page's form or `fetch` with a `text/plain` (or no) content type
+    is a "simple request" that the browser sends cross-origin without asking the server
+    first, so a JSON route that parsed it anyway could be driven by any page.
+    """
+    if not is_json(content_type):
+        shown = repr(media_type(content_type)[:60]) if content_type else "none"
+        raise UnsupportedMediaType(f"send the body as application/json (Content-Type), not {shown}")
 
 
 def load_json(body: bytes, *, status_code: int) -> Any:

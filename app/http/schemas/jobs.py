@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import io
+import itertools
 import re
-from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
+from typing import Annotated, Any, Literal, NoReturn
 
 from fastapi.exceptions import RequestValidationError
 from pydantic import (
@@ -20,9 +21,13 @@ from app.config import Settings
 from app.domain import UserRecord
 from app.errors import InvalidRequest
 from app.http.schemas.common import load_json, one_of
-from app.http.schemas.users import UserId
+from app.http.schemas.users import MAX_AGE_S, MAX_USER_ID, UserId
+from app.jobs.callback_url import CallbackRefused, parse
 from app.jobs.model import Item, Priority
 
+MAX_SEQ = MAX_USER_ID
+"""The largest result cursor (an item's `seq`) a request may name: it fits every store's
+64-bit integers (a larger one made SQLite raise OverflowError: a 500)."""
 RESULT_COLUMNS = ("user_id", "status", "reason", *UserRecord._fields[1:])
 """The CSV header: the item, then the user as the store keeps it."""
 
@@ -43,7 +48,7 @@ def _lines(row: re.Pattern[str]) -> str:
 TEXT_PATTERN = rf"^{_lines(TEXT_ROW)}$"
 CSV_PATTERN = rf"^(?:[A-Za-z_][^\r\n]*\r?\n)?{_lines(CSV_ROW)}$"
 ONE_OF = "give either user_ids or id_range ([first, last]), not both"
-CALLBACK_PATTERN = r"^https?://[A-Za-z0-9]"
+CALLBACK_PATTERN = r"^https?://[A-Za-z0-9\[]"
 """An http(s) URL with a host: the schema says as much, the validator checks the rest."""
 
 
@@ -55,6 +60,7 @@ class JobOptions(BaseModel):
     max_age_s: float | None = Field(
         None,
         ge=0,
+        le=MAX_AGE_S,
         strict=True,
         description="Ids cached more recently than this count as done without a call "
         "(default CACHE_TTL_S; 0 fetches every id).",
@@ -63,8 +69,9 @@ class JobOptions(BaseModel):
         None,
         max_length=2000,
         json_schema_extra={"pattern": CALLBACK_PATTERN},
-        description="http(s) URL the final status is POSTed to, signed with WEBHOOK_SECRET "
-        "(needs it set on the gateway).",
+        description="http(s) URL the final status is POSTed to, signed with WEBHOOK_SECRET. "
+        "Its host must resolve to public addresses only (unless WEBHOOK_ALLOW_PRIVATE=true): "
+        "a rule JSON Schema cannot state, answered 422.",
     )
     label: str | None = Field(None, max_length=200, strict=True)
     priority: Priority = "normal"
@@ -72,10 +79,13 @@ class JobOptions(BaseModel):
     @field_validator("callback_url")
     @classmethod
     def _http_url(cls, value: str | None) -> str | None:
-        if value is not None and not (
-            re.match(CALLBACK_PATTERN, value) and urlsplit(value).hostname
-        ):
-            raise ValueError("must be an http or https URL")
+        # As httpx will send it: `http://a\n/` or a port `abc` must not pass here and fail
+        # in delivery. Where its host leads is checked at submission (app.jobs.service).
+        if value is not None:
+            try:
+                parse(value)
+            except CallbackRefused as exc:
+                raise ValueError(str(exc)) from None
         return value
 
 
@@ -105,7 +115,9 @@ class WebhookView(BaseModel):
 
     state: Literal["pending", "delivered", "failed"]
     attempts: int
-    last_error: str | None = None
+    last_error: str | None = Field(
+        None, description="Why the last attempt failed: shown to the job's own key and admins."
+    )
 
 
 class JobView(BaseModel):
@@ -129,7 +141,10 @@ class JobView(BaseModel):
     )
     max_age_s: float
     id_range: list[int] | None
-    callback_url: str | None
+    callback_url: str | None = Field(
+        description="Shown to the job's own key and admins (null to others), with any "
+        "credentials in it masked."
+    )
     created_at: str
     started_at: str | None
     updated_at: str
@@ -170,6 +185,9 @@ def parse_json(body: bytes, settings: Settings) -> tuple[JobRequest, list[int] |
     data = load_json(body, status_code=422) if body else None
     if not isinstance(data, dict):
         raise InvalidRequest('the body must be a JSON object like {"user_ids": [1, 2, 3]}')
+    listed = data.get("user_ids")
+    if isinstance(listed, list) and len(listed) > settings.job_max_ids:
+        too_many(len(listed), settings)  # before each of them is validated
     try:
         request = JobRequest.model_validate(data)
     except ValidationError as exc:
@@ -187,19 +205,30 @@ def parse_json(body: bytes, settings: Settings) -> tuple[JobRequest, list[int] |
 
 
 def parse_text(body: bytes, settings: Settings, *, csv: bool) -> list[int]:
-    """Ids one per line, as TEXT_PATTERN / CSV_PATTERN say (the schema states the same)."""
+    """Ids one per line, as TEXT_PATTERN / CSV_PATTERN say (the schema states the same).
+
+    A byte-order mark (Excel and Notepad write one) is dropped. Reading stops at the id
+    past JOB_MAX_IDS: two million lines of `1` are refused after the first 100 001.
+    """
     try:
-        text = body.decode("utf-8")
+        text = body.decode("utf-8-sig")
     except UnicodeDecodeError:
         raise InvalidRequest("the body is not UTF-8 text") from None
     row = CSV_ROW if csv else TEXT_ROW
-    lines = text.split("\n")
-    header = csv and re.match("[A-Za-z_]", lines[0]) is not None
+    # Line by line, never one list of them all: building that list of four million blank
+    # lines is one C call that would hold the interpreter (and the event loop) for a while.
+    lines = io.StringIO(text, newline="\n")
+    first = lines.readline()
+    header = csv and re.match("[A-Za-z_]", first) is not None
     ids: list[int] = []
-    for number, raw in enumerate(lines[header:], 1 + header):
-        line = raw.removesuffix("\r")
+    most = settings.job_max_ids
+    rows = lines if header else itertools.chain([first], lines)
+    for number, raw in enumerate(rows, 1 + header):
+        line = raw.removesuffix("\n").removesuffix("\r")
         if row.fullmatch(line):
             ids.append(int(line.split(",", 1)[0].strip(' \t"')))
+            if len(ids) > most:
+                too_many(f"more than {most}", settings)
         elif not SKIP.fullmatch(line):
             raise InvalidRequest(
                 f"line {number}: each line must be an id (1 to 15 digits, no leading zero)"
@@ -213,11 +242,15 @@ def parse_text(body: bytes, settings: Settings, *, csv: bool) -> list[int]:
 def check_ids(ids: list[int], settings: Settings) -> list[int]:
     """The ids without repeats, within JOB_MAX_IDS."""
     if len(ids) > settings.job_max_ids:
-        raise InvalidRequest(
-            f"a job holds at most JOB_MAX_IDS={settings.job_max_ids} ids (got {len(ids)}); "
-            "use id_range for contiguous ids"
-        )
+        too_many(len(ids), settings)
     return list(dict.fromkeys(ids))
+
+
+def too_many(count: int | str, settings: Settings) -> NoReturn:
+    raise InvalidRequest(
+        f"a job holds at most JOB_MAX_IDS={settings.job_max_ids} ids (got {count}); "
+        "use id_range for contiguous ids"
+    )
 
 
 def result_item(item: Item, user: UserRecord | None) -> dict[str, Any]:
@@ -231,10 +264,23 @@ def result_item(item: Item, user: UserRecord | None) -> dict[str, Any]:
     }
 
 
-def result_row(item: Item, user: UserRecord | None) -> list[Any]:
-    """One item of a job's results as a CSV row (RESULT_COLUMNS)."""
+def result_row(item: Item, user: UserRecord | None, *, guard: bool = True) -> list[Any]:
+    """One item of a job's results as a CSV row (RESULT_COLUMNS); with `guard`, a text
+    cell a spreadsheet would run as a formula starts with `'` (CSV_FORMULA_GUARD)."""
     data = result_item(item, None)
     public = user.public() if user is not None else {}
-    return [data["user_id"], data["status"], data["reason"] or ""] + [
+    row = [data["user_id"], data["status"], data["reason"] or ""] + [
         "" if public.get(name) is None else public[name] for name in RESULT_COLUMNS[3:]
     ]
+    return [defused(cell) for cell in row] if guard else row
+
+
+# OWASP's list: what Excel, LibreOffice and Google Sheets read as the start of a formula.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def defused(cell: Any) -> Any:
+    """A text cell that would start a formula, with a leading `'`; any other cell as is."""
+    if isinstance(cell, str) and cell.startswith(FORMULA_STARTS):
+        return "'" + cell
+    return cell

@@ -15,6 +15,9 @@ from app.http.schemas.common import kind_of, load_json, one_of, shown
 # misread through float rounding (fuzzers and clients near 2^63 round past the limit).
 MAX_USER_ID = 2**53 - 1
 DEFAULT_MAX_IDS = 100
+MAX_AGE_S = 10 * 365 * 86400
+"""The largest age in seconds any parameter takes (ten years): finite, and a float every
+store holds."""
 _INT = {int}
 ID_RULE = "a positive integer up to 2^53 - 1"
 
@@ -103,7 +106,7 @@ class RevalidateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra=one_of("user_ids", "older_than_s"))
 
     user_ids: list[UserId] | None = Field(None, min_length=1, max_length=1000)
-    older_than_s: float | None = Field(None, strict=True, ge=0, le=10 * 365 * 86400)
+    older_than_s: float | None = Field(None, strict=True, ge=0, le=MAX_AGE_S)
 
     @model_validator(mode="before")
     @classmethod
