@@ -30,11 +30,17 @@ class WriteBehind:
         self.keep_max = settings.memory_cache_size
         self.store_ready = False
         self._unsaved: dict[int, UserRecord] = {}
+        self._saving: dict[int, UserRecord] = {}
+        """What a save under way is writing (not yet in the store)."""
 
     @property
     def pending(self) -> bool:
         """True while some fetched users wait for a save that succeeds."""
         return bool(self._unsaved)
+
+    def unsaved(self, user_id: int) -> bool:
+        """Whether the store may not have this user yet (a save failed or is under way)."""
+        return user_id in self._unsaved or user_id in self._saving
 
     async def open(self) -> bool:
         """Open the store; False (and it is logged) when it cannot be opened yet."""
@@ -64,6 +70,15 @@ class WriteBehind:
         """Upsert `records` (and any an earlier failed save left), retrying briefly."""
         pending = {**self._unsaved, **{r.user_id: r for r in records}}
         self._unsaved = {}
+        self._saving |= pending
+        try:
+            await self._save(pending)
+        finally:
+            for uid, record in pending.items():
+                if self._saving.get(uid) is record:
+                    del self._saving[uid]
+
+    async def _save(self, pending: dict[int, UserRecord]) -> None:
         for attempt in range(1, self.attempts + 1):
             try:
                 await self.store.upsert_many(list(pending.values()))

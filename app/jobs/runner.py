@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from app.clock import Clock
+from app.domain import UserRecord
 from app.errors import StoreUnavailable
 from app.gateway import Gateway
 from app.gateway.budget import JOBS
@@ -284,36 +285,53 @@ class JobRunner:
     ) -> tuple[list[Item], int, str | None]:
         """Each item's new state (items left out stay pending), the upstream calls spent,
         and why the job cannot go on, if it cannot."""
+        done, calls, error, records = await self._outcomes(job, items, progress)
+        # The users are saved before their items say `found`, so a crash in between can
+        # only leave an id pending (fetched again, or found fresh in the store), never
+        # marked found with nothing to show: fetched users, and users memory holds that a
+        # save has not written yet. Upserts never replace a newer copy.
+        if records:
+            await self.gateway.store.upsert_many(records)
+        for item in done:
+            progress.attempts.pop(item.seq, None)
+        return done, calls, error
+
+    async def _outcomes(
+        self, job: Job, items: Sequence[Item], progress: Progress
+    ) -> tuple[list[Item], int, str | None, list[UserRecord]]:
+        """`_resolve`'s states, calls and error, and the users to save before recording."""
         gateway = self.gateway
         now = self.clock()
         fresh_after = now - job.max_age_s
         done: list[Item] = []
         need: dict[int, Item] = {}
+        records: list[UserRecord] = []
         for item in items:
             entry = gateway.memory.users.get(item.user_id)
             if entry is not None and fetched_at(entry) >= fresh_after:
                 done.append(Item(item.seq, item.user_id, FOUND))
+                if gateway.writes.unsaved(item.user_id):  # saved below, before `found`
+                    records.append(record_of(entry))
             elif gateway.memory.not_found.get(item.user_id, now) is not None:
                 done.append(Item(item.seq, item.user_id, ITEM_NOT_FOUND))
             else:
                 need[item.user_id] = item
         if not need:
-            return done, 0, None
+            return done, 0, None, records
         stored = await gateway.writes.read(list(need))
         for uid, record in stored.items():
             if record.fetched_at >= fresh_after:
                 done.append(Item(need.pop(uid).seq, uid, FOUND))
         if not need:
-            return done, 0, None
+            return done, 0, None, records
         if await self.store.status(job.job_id) not in ACTIVE:  # cancelled while it waited
-            return done, 0, None
+            return done, 0, None, records
         fetches = gateway.enlist(list(need), stored)
         futures = {f.future for f in fetches.values() if f is not None}
         if futures:
             bound = self.settings.upstream_timeout_s * self.settings.upstream_max_attempts
             await asyncio.wait(futures, timeout=bound + 60)
         calls = len({f.taken for f in fetches.values() if f is not None and f.taken})
-        records = []
         error = None
         for uid, fetch in fetches.items():
             item = need[uid]
@@ -331,11 +349,4 @@ class JobRunner:
                 tries = progress.attempts[item.seq] = progress.attempts.get(item.seq, 0) + 1
                 if tries >= self.settings.job_max_attempts:
                     done.append(Item(item.seq, uid, FAILED, outcome.reason))
-        # The users are saved before their items say `found`, so a crash in between can
-        # only leave an id pending (fetched again, or found fresh in the store), never
-        # marked found with nothing to show. Upserts never replace a newer copy.
-        if records:
-            await gateway.store.upsert_many(records)
-        for item in done:
-            progress.attempts.pop(item.seq, None)
-        return done, calls, error
+        return done, calls, error, records

@@ -6,6 +6,7 @@ import asyncio
 import csv
 import io
 import time
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -13,7 +14,7 @@ import pytest
 
 from app.domain import UserRecord
 from app.jobs.model import FAILED, Item, Job, new_job_id
-from tests.support.apps import StartApp
+from tests.support.apps import FlakyStore, StartApp, until
 from tests.support.freelancer import FakeFreelancer, error_response
 from tests.support.jobs import submit, wait_for
 
@@ -53,6 +54,21 @@ async def test_cached_ids_count_as_done_without_a_call(
     # max_age_s=0: nothing counts as fresh enough, every id is fetched again.
     again = await submit(running, {"user_ids": list(range(1, 11)), "max_age_s": 0})
     assert (await wait_for(running, again["job_id"]))["upstream_calls"] == 1
+
+
+async def test_an_id_memory_holds_unsaved_is_saved_before_the_job_says_found(
+    start_app: StartApp, freelancer: FakeFreelancer, tmp_path: Path
+) -> None:
+    store = FlakyStore(tmp_path / "users.db", failing_saves=3)  # the lookup's save fails
+    running = await start_app(store=store, store_save_attempts=3)
+    await running.lookup(5)
+    await until(lambda: running.gateway.writes.pending)  # its three tries failed
+    assert len(store.save_attempts) == 3, "the fetched user is only in memory"
+    job = await wait_for(running, (await submit(running, {"user_ids": [5]}))["job_id"])
+    assert (job["status"], job["found"]) == ("completed", 1)
+    # `found` is only ever said of a user the store has: a crash now loses nothing.
+    assert list(await store.get_many([5])) == [5]
+    assert freelancer.lookups == {5: 1}
 
 
 async def test_an_id_range_is_crawled_in_batches(
