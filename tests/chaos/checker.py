@@ -5,12 +5,12 @@ holds each cross-process promise. Each exception is a named fault, stated here o
   the simulator by receipt time. Allowed: a process cut off from Redis (link cut,
   silenced, or slower than REDIS_TIMEOUT_S) spends its share of each window meanwhile, so
   up to ceil(limit / processes) more in a window that overlaps such a fault.
-- **One fetch per id** (the ledger). Allowed, each within its fault's span (from PRE_S
-  before it to SETTLE_S after it): an eviction of the id between the two calls; owner
-  death (the first caller killed); a paused process (either caller paused: its lease
-  lapses, or its Redis calls time out when it wakes); a process cut off from Redis
-  (either caller's link cut, silenced, or slower than REDIS_TIMEOUT_S); Redis restarted
-  or frozen.
+- **One fetch per id** (the ledger). Allowed: an eviction of the id between the two
+  calls; owner death (the first caller killed within KILLED_AFTER_FETCH_S of its call,
+  maybe before its save); and, for a second call made during the fault or within
+  SETTLE_S of its end: a paused process (either caller paused: its lease lapses, or its
+  Redis calls time out when it wakes), a process cut off from Redis (either caller's link
+  cut, silenced, or slower than REDIS_TIMEOUT_S), Redis restarted or frozen.
 - **Every request answered by WAIT_TIMEOUT_S + SLACK_S**, never a 5xx but a 503.
   Allowed: the server asked was paused or killed while the request was open.
 - **Every answer right**: each id asked once in the answer, the simulator's own user,
@@ -55,6 +55,8 @@ PRE_S = 1.0
 SETTLE_S = 5.0
 """After a fault ends, how long its effects may last: a down mark (2 s after a failed
 Redis call), a silent link noticed (max(2 s, 4 x REDIS_TIMEOUT_S)) and replaced."""
+KILLED_AFTER_FETCH_S = 5.0
+"""From an owner's call to its store save: a call, the announcement, one upsert."""
 EVICT_BOUND_S = 1.0
 EVICT_SETTLE_S = 6.0
 NOT_FOUND_MODULUS = 97
@@ -266,18 +268,28 @@ def _why_twice(
     second: dict[str, Any],
     evictions: Iterable[Eviction],
 ) -> str | None:
-    """The named fault (or eviction) that allows a second fetch of `uid`, or None."""
+    """The named fault (or eviction) that allows a second fetch of `uid`, or None.
+
+    The second call must come during the fault or within SETTLE_S of its end, by a
+    process the fault touched (or any, when Redis itself failed). Owner death is the one
+    exception: the first caller killed within KILLED_AFTER_FETCH_S of its call may have
+    died before its answer reached the store, so any later lookup fetches again."""
     t1, t2 = first["t"], second["t"]
     if any(e.start < t2 and e.end > t1 - 0.5 for e in evictions):
         return "evicted"
     pids = {first.get("pid"), second.get("pid")}
     servers = {_server_of(data, pid) for pid in pids}
     for record in data.faults:
-        if not _overlaps(record, t1, t2, settle=SETTLE_S) or not _allows_duplicates(record):
-            continue
         kind = record.fault.kind
-        if kind == "kill" and first.get("pid") in record.pids:
+        if (
+            kind == "kill"
+            and first.get("pid") in record.pids
+            and t1 - PRE_S <= record.start <= t1 + KILLED_AFTER_FETCH_S
+            and record.start <= t2
+        ):
             return "owner death (kill)"
+        if not _allows_duplicates(record) or not _overlaps(record, t2, t2, settle=SETTLE_S):
+            continue
         if kind == "pause" and pids & set(record.pids):
             return "paused process (lease lapsed or its Redis calls timed out)"
         if kind.startswith("link-") and record.fault.target in servers:

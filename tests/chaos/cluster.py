@@ -39,6 +39,8 @@ WEBHOOK_SECRET = "chaos-webhook-secret-0123456789"
 SIM_LATENCY_MS = 50
 PROCESSES = 4
 """A, B and W's two workers."""
+STARTUP_S = 60.0
+"""A gateway's start on a loaded 2-core machine (W starts two workers)."""
 
 
 def gateway_settings(redis_url: str) -> dict[str, str]:
@@ -115,8 +117,10 @@ class Cluster:
             process = gateway_process(self.work, self.simulator, **env)
             process.log = self.work / f"gateway-{name}.log"
             self.servers[name] = process
-        await asyncio.gather(*(asyncio.to_thread(p.start) for p in self.servers.values()))
         self._watch = asyncio.create_task(self._watch_pids(), name="pid-watch")
+        await asyncio.gather(
+            *(asyncio.to_thread(p.start, "/healthz", STARTUP_S) for p in self.servers.values())
+        )
         await self.until_coordinated(within_s=30)
 
     async def until_coordinated(self, within_s: float) -> None:
@@ -138,6 +142,9 @@ class Cluster:
                 await asyncio.sleep(0.2)
 
     async def stop(self) -> None:
+        """Stop everything started, whatever state a fault or a failed start left it in."""
+        if not hasattr(self, "redis"):
+            return
         if self._watch is not None:
             self._watch.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -145,14 +152,21 @@ class Cluster:
         for proxy in self.proxies.values():
             proxy.restore()
         self.resume_everything()
+        self.note_pids()
         await asyncio.gather(
             *(asyncio.to_thread(_stop, p) for p in self.servers.values()),
             return_exceptions=True,
         )
+        for pid in self.pids:  # a worker whose supervisor was killed is left orphaned
+            if _alive(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
         for proxy in self.proxies.values():
             await proxy.close()
-        await self.receiver.close()
-        await asyncio.to_thread(_stop, self.simulator)
+        if hasattr(self, "receiver"):
+            await self.receiver.close()
+        if hasattr(self, "simulator"):
+            await asyncio.to_thread(_stop, self.simulator)
         self.redis.stop()
 
     def resume_everything(self) -> None:
@@ -160,13 +174,16 @@ class Cluster:
         for pid in list(self.pids):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGCONT)
-        if self.redis.process is not None and self.redis.process.poll() is None:
-            self.redis.thaw()
+        redis = getattr(self, "redis", None)
+        if redis is not None and redis.process is not None and redis.process.poll() is None:
+            redis.thaw()
 
     # ---- processes --------------------------------------------------------------------
 
     def worker_pids(self) -> list[int]:
         """W's uvicorn workers now (children of its supervisor started by spawn)."""
+        if self.servers["W"].popen is None:
+            return []
         master = self.servers["W"].pid
         found = []
         for entry in Path("/proc").iterdir():
@@ -184,7 +201,9 @@ class Cluster:
 
     def server_pids(self, name: str) -> list[int]:
         """The gateway processes of one server now."""
-        return self.worker_pids() if name == "W" else [self.servers[name].pid]
+        if name == "W":
+            return self.worker_pids()
+        return [self.servers[name].pid] if self.servers[name].popen is not None else []
 
     async def _watch_pids(self) -> None:
         """Learn every gateway pid as it appears (restarts, replaced workers)."""
@@ -263,7 +282,7 @@ class Cluster:
         await asyncio.to_thread(process.popen.wait, 10)
         self.dead[pid] = time.time()
         await asyncio.sleep(down_s)
-        await asyncio.to_thread(process.start)
+        await asyncio.to_thread(process.start, "/healthz", STARTUP_S)
         self.note_pids()
         return (pid,)
 
