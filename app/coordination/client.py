@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from redis.asyncio import Redis
@@ -45,6 +45,18 @@ async def bounded(awaitable: Awaitable[Any], timeout_s: float) -> Any:
             return await awaitable
     except TimeoutError as exc:
         raise RedisError("timed out") from exc
+
+
+async def keep_running(loop: Callable[[], Awaitable[Any]], name: str) -> None:
+    """Run a background loop for ever: an unexpected error restarts it (logged)."""
+    while True:
+        try:
+            await loop()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logging.getLogger("app.coordination").exception("Redis %s failed; restarting it", name)
+        await asyncio.sleep(0.5)
 
 
 async def stop_tasks(tasks: set[asyncio.Task[None]]) -> None:
