@@ -4,11 +4,14 @@ history, and let through where the history names a fault that allows it."""
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 from app.simulator.users import synthetic_user
+from tests.chaos import history
 from tests.chaos.checker import Broken, RunData, check
 from tests.chaos.cluster import FaultRecord
 from tests.chaos.load import Answer, Eviction, JobSubmission
@@ -225,3 +228,21 @@ def test_a_link_delay_under_the_redis_timeout_excuses_nothing() -> None:
     slow = fault("link-delay", "B", 19, 2, delay_s=0.1)
     report = check(data(ledger=[call(10, [5], 101), call(20, [5], 102)], faults=[slow]))
     assert promises(report.broken) == ["one fetch per id"]
+
+
+def test_a_saved_history_checks_the_same_again(tmp_path: Path) -> None:
+    eviction = Eviction(7, "A", T0 + 10, T0 + 10.1, 200)
+    run = data(
+        faults=[fault("link-cut", "B", 9, 3, pids=(102,))],
+        answers=[answer(1, "B", [7, 97], 13)],
+        evictions=[eviction],
+        leases_idle={"fl:{5}:lease": ("101-ab.3", 1500)},
+        dead={102: T0 + 50},
+    )
+    ledger = [call(1, [7], 101), call(20, [5], 101), call(21, [5], 102)]
+    history.save(run, tmp_path)
+    (tmp_path / history.LEDGER).write_text("".join(orjson.dumps(c).decode() + "\n" for c in ledger))
+    run.ledger = ledger
+    again = history.load(tmp_path)
+    assert again == run
+    assert render(check(again)) == render(check(run))

@@ -1,6 +1,8 @@
 """`python -m tests.chaos [--seed N] [--seconds S]`: one chaos run; exit 1 when a promise broke.
 
-The seed is printed first: the same seed gives the same schedule of faults.
+The seed is printed first: the same seed gives the same schedule of faults. The run's
+ledger, history, logs and report stay in its work folder; `--check WORK` checks a run
+again from them.
 """
 
 from __future__ import annotations
@@ -14,8 +16,11 @@ import sys
 import tempfile
 from pathlib import Path
 
+from tests.chaos import history
+from tests.chaos.checker import check
 from tests.chaos.run import run_chaos
 from tests.chaos.schedule import KINDS, Kind
+from tests.chaos.table import render
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,7 +34,12 @@ def main(argv: list[str] | None = None) -> int:
         "--faults", default=",".join(KINDS), help=f"kinds to draw from (of {', '.join(KINDS)})"
     )
     parser.add_argument("--work", type=Path, help="keep logs and the ledger here")
+    parser.add_argument("--check", type=Path, metavar="WORK", help="check a saved run again")
     args = parser.parse_args(argv)
+    if args.check is not None:
+        report = check(history.load(args.check))
+        print(render(report))
+        return 1 if report.broken else 0
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1, 10**6)
     kinds: tuple[Kind, ...] = tuple(k for k in KINDS if k in args.faults.split(","))
     if not kinds:

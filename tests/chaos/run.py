@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 
 from app.simulator.ledger import read_ledger
+from tests.chaos import history
 from tests.chaos.checker import Report, RunData, check
 from tests.chaos.cluster import LEASE_S, Cluster, FaultRecord
 from tests.chaos.load import CLIENT_SLACK_S, Load
@@ -65,11 +66,14 @@ async def run_chaos(
         data = await _settle_and_read(cluster, load, records, seed, start, end)
     finally:
         await cluster.stop()
-    data.ledger = read_ledger(cluster.ledger_path)
     data.pids = dict(cluster.pids)
     data.dead = dict(cluster.dead)
+    history.save(data, work)
+    data.ledger = read_ledger(cluster.ledger_path)
     report = check(data)
-    say(render(report))
+    text = render(report)
+    (work / "report.txt").write_text(text + "\n")
+    say(text)
     return report
 
 
