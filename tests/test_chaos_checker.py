@@ -129,7 +129,11 @@ def test_a_budget_window_over_its_limit_is_caught_unless_a_process_was_cut_off()
     cut = fault("link-cut", "B", 20, 5)
     assert check(data(ledger=ledger, faults=[cut])).broken == []
     ledger += [call(45 + i * 0.1, [2000 + i], 102) for i in range(8)]  # 39: over the share
-    assert promises(check(data(ledger=ledger, faults=[cut])).broken) == ["budget window"]
+    report = check(data(ledger=ledger, faults=[cut]))
+    assert promises(report.broken) == ["budget window"]
+    assert report.rows[-1].budget_peak == 39, "the peak is counted past the first finding"
+    second = fault("link-silence", "W", 30, 5)  # two processes cut off: two shares
+    assert check(data(ledger=ledger, faults=[cut, second])).broken == []
 
 
 def test_late_answers_and_5xx_are_caught_unless_the_process_asked_was_stopped() -> None:

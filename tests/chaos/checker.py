@@ -4,7 +4,7 @@ holds each cross-process promise. Each exception is a named fault, stated here o
 - **Budget**: at most PER_MIN calls in any 60 s and PER_HOUR in any 3 600 s, counted at
   the simulator by receipt time. Allowed: a process cut off from Redis (link cut,
   silenced, or slower than REDIS_TIMEOUT_S) spends its share of each window meanwhile, so
-  up to ceil(limit / processes) more in a window that overlaps such a fault.
+  up to ceil(limit / processes) more for each such fault the window overlaps.
 - **One fetch per id** (the ledger). Allowed: an eviction of the id between the two
   calls; owner death (the first caller killed within KILLED_AFTER_FETCH_S of its call,
   maybe before its save); and, for a second call made during the fault or within
@@ -194,7 +194,7 @@ def _budget(data: RunData, report: Report) -> None:
     calls = _calls(data)
     times = [c["t"] for c in calls]
     for period, limit in WINDOWS:
-        peak = 0
+        peak, over = 0, None
         for i, at in enumerate(times):
             # Calls in (at - period, at]: how Freelancer counts a window ending at `at`.
             used = bisect_right(times, at) - bisect_right(times, at - period)
@@ -202,26 +202,23 @@ def _budget(data: RunData, report: Report) -> None:
             if period == 60.0:
                 row = _row(report.rows, at)
                 row.budget_peak = max(row.budget_peak, used)
-            if used <= limit:
+            if used <= limit or over is not None:
                 continue
             cut = [
                 f
                 for f in data.faults
                 if _cuts_off(f) and _overlaps(f, at - period, at, settle=SETTLE_S)
             ]
-            allowed = limit + SHARE[period]
-            if cut and used <= allowed:
-                continue
-            why = f" ({len(cut)} cut-off faults allow {allowed})" if cut else ""
-            report.broken.append(
-                Broken(
+            allowed = limit + SHARE[period] * len(cut)
+            if used > allowed:
+                why = f" ({len(cut)} processes cut off from Redis allow {allowed})" if cut else ""
+                over = Broken(
                     "budget window",
                     f"{used} calls in the {period:.0f} s ending at "
                     f"{at - data.chaos_start:+.1f}s (limit {limit}){why}: "
                     f"pid {calls[i].get('pid')}",
                 )
-            )
-            break  # one finding per window size says enough
+                report.broken.append(over)  # the first of each window size says enough
         report.figures[f"budget_peak_{period:.0f}s"] = peak
     report.figures["upstream_calls"] = len(calls)
 

@@ -12,9 +12,9 @@ from tests.chaos.run import run_chaos
 
 pytestmark = [pytest.mark.e2e, pytest.mark.redis]
 
-SEED = 17
-"""Its schedule: a Redis freeze, a pause of B, B's link silenced, a subscription killed,
-A's link cut (see `make_schedule(17, 32)`)."""
+SEED = 7
+"""Its schedule (`make_schedule(7, 32)`): B's link cut, A killed and restarted, Redis
+frozen, B paused, every subscription killed. `make chaos` draws from every kind."""
 SECONDS = 32.0
 
 
