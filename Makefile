@@ -13,7 +13,7 @@ PIP_TOOLS_VERSION := 7.6.2
 PIP_COMPILE := $(BIN)/pip-compile --quiet --generate-hashes --allow-unsafe --all-build-deps \
 	--strip-extras --no-emit-index-url --no-emit-find-links
 
-.PHONY: run test test-fast lint typecheck check bench soak fuzz wrk simulator clean lock system-packages
+.PHONY: run test test-fast lint typecheck check bench soak fuzz chaos wrk simulator clean lock system-packages
 
 # Reinstalls only when the dev lock or pyproject.toml changed since the last install.
 $(STAMP): $(DEV_LOCK) pyproject.toml
@@ -90,6 +90,13 @@ fuzz: $(STAMP)
 ## soak: only the soak (SOAK_SECONDS=300)
 soak: $(STAMP)
 	$(BIN)/python -m bench.soak --seconds $(or $(SOAK_SECONDS),300)
+
+## chaos: several gateway processes on a real Redis under faults from a seeded schedule,
+##        every upstream call in the simulator's ledger, every cross-process promise checked
+##        (CHAOS_SECONDS=180; CHAOS_SEED replays a run's schedule); exit 1 when one broke
+chaos: $(STAMP) system-packages
+	$(BIN)/python -m tests.chaos --seconds $(or $(CHAOS_SECONDS),180) \
+		$(if $(CHAOS_SEED),--seed $(CHAOS_SEED))
 
 wrk:
 	@command -v wrk >/dev/null || { \

@@ -255,6 +255,7 @@ def _coordination(settings: Settings) -> tuple[Coordinator | None, Budget | None
         prefix=settings.redis_prefix,
         lease_s=settings.flight_lease_s,
         timeout_s=settings.redis_timeout_s,
+        not_found_ttl_s=settings.not_found_ttl_s,
     )
     budget = RedisBudget(
         redis,

@@ -76,6 +76,7 @@ class Outbox:
         keys: scripts.Keys,
         process: str,
         done_ms: int,
+        not_found_ms: int = 0,
         pipeline: RunPipeline,
         evicted: Callable[[tuple[int, ...]], None],
     ) -> None:
@@ -86,6 +87,9 @@ class Outbox:
         self.keys = keys
         self.process = process
         self.done_ms = done_ms
+        self.not_found_ms = max(done_ms, not_found_ms)
+        """How long a not-found outcome is handed to claims: as long as each process
+        remembers it (NOT_FOUND_TTL_S), since no store keeps it."""
         self.pipeline = pipeline
         self.ops: deque[Op] = deque()
         self.ids = 0
@@ -165,7 +169,8 @@ class Outbox:
                 at = outcome_time(outcome, op.at)
                 failed = isinstance(outcome, Failure) and outcome != NOT_FOUND
                 value = done_value(at, encoded[uid])
-                args = [token, value, repr(at), self.done_ms, "f" if failed else ""]
+                keep_ms = self.not_found_ms if outcome == NOT_FOUND else self.done_ms
+                args = [token, value, repr(at), keep_ms, "f" if failed else ""]
                 scripts.call(pipe, scripts.ANNOUNCE, [lease, self.keys.done(uid)], args)
 
         replies = await self.pipeline(build)

@@ -10,8 +10,9 @@ and ids spread over the cluster):
     p:{id}:lease   the process fetching the id (a token per claim), PX FLIGHT_LEASE_S,
                    renewed while the fetch runs, released token-guarded
     p:{id}:done    the id's last outcome, "time|json", for twice FLIGHT_LEASE_S (10 s at
-                   least): a claim in that time gets the outcome, not the id; after an
-                   eviction, the eviction's time (older outcomes are refused)
+                   least; a not-found for NOT_FOUND_TTL_S, as no store keeps it): a
+                   claim in that time gets the outcome, not the id; after an eviction,
+                   the eviction's time (older outcomes are refused)
     p:events       the one channel: fetches, evictions, clears (JSON, with the sender)
     p:procs        live processes, a sorted set scored by heartbeat time
     p:leader       the process that runs the sweep and the jobs (`Presence`)
@@ -42,7 +43,7 @@ from redis.asyncio.client import Pipeline
 from redis.exceptions import NoScriptError, RedisError
 
 from app.coordination import scripts
-from app.coordination.client import RETRY_AFTER_FAILURE_S, bounded, stop_tasks
+from app.coordination.client import RETRY_AFTER_FAILURE_S, bounded, keep_running, stop_tasks
 from app.coordination.outbox import Op, Outbox
 from app.coordination.presence import Presence
 from app.coordination.scripts import Keys
@@ -69,7 +70,15 @@ class RedisCoordinator:
 
     kind: CoordinationKind = "redis"
 
-    def __init__(self, redis: Redis, *, prefix: str, lease_s: float, timeout_s: float) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        *,
+        prefix: str,
+        lease_s: float,
+        timeout_s: float,
+        not_found_ttl_s: float = 0.0,
+    ) -> None:
         self.redis = redis
         self.prefix = prefix
         self.lease_ms = int(lease_s * 1000)
@@ -85,6 +94,7 @@ class RedisCoordinator:
             keys=self.keys,
             process=self.process,
             done_ms=self.done_ms,
+            not_found_ms=int(not_found_ttl_s * 1000),
             pipeline=self._pipeline,
             evicted=lambda ids: self.listener and self.listener(Evicted(ids)),
         )
@@ -127,9 +137,9 @@ class RedisCoordinator:
             self._failed(exc)
         for coro, name in (
             (self.subscriber.run(), "redis-subscriber"),
-            (self._keep(self.presence.run, "heartbeat"), "redis-heartbeat"),
-            (self._keep(self._renew_leases, "lease renewal"), "redis-lease-renewal"),
-            (self._keep(self._send_pending, "sender"), "redis-sender"),
+            (keep_running(self.presence.run, "heartbeat"), "redis-heartbeat"),
+            (keep_running(self._renew_leases, "lease renewal"), "redis-lease-renewal"),
+            (keep_running(self._send_pending, "sender"), "redis-sender"),
         ):
             self._tasks.add(asyncio.create_task(coro, name=name))
         # Subscribed before the first claim (an announcement could otherwise be missed); a
@@ -339,17 +349,6 @@ class RedisCoordinator:
             self.listener(Abandoned(awaited))
 
     # ---- background loops -------------------------------------------------------------
-
-    async def _keep(self, loop: Callable[[], Any], name: str) -> None:
-        """Run a background loop for ever: an unexpected error restarts it."""
-        while True:
-            try:
-                await loop()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("Redis %s failed; restarting it", name)
-            await asyncio.sleep(0.5)
 
     async def _renew_leases(self) -> None:
         """Renew held leases every third of a lease; after a failure, try again soon (the

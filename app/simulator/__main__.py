@@ -1,12 +1,15 @@
-"""`python -m app.simulator --port 9000`: the Freelancer simulator as its own process."""
+"""`python -m app.simulator --port 9000 [--ledger calls.ndjson]`: the Freelancer simulator as
+its own process; with `--ledger`, every upstream call it receives is appended to that file."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import uvicorn
 
 from app.simulator.app import FAULTS, SimulatorConfig, create_simulator_app
+from app.simulator.ledger import Ledger
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -21,6 +24,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rate-limit-per-min", type=int)
     parser.add_argument("--require-token")
     parser.add_argument("--log-level", default="warning")
+    parser.add_argument(
+        "--ledger",
+        type=Path,
+        help="append every upstream call received to this file, one JSON object a line",
+    )
     args = parser.parse_args(argv)
     config = SimulatorConfig(
         latency_ms=args.latency_ms,
@@ -30,13 +38,18 @@ def main(argv: list[str] | None = None) -> None:
         rate_limit_per_min=args.rate_limit_per_min,
         require_token=args.require_token,
     )
-    uvicorn.run(
-        create_simulator_app(config),
-        host=args.host,
-        port=args.port,
-        log_level=args.log_level,
-        access_log=False,
-    )
+    ledger = Ledger(args.ledger) if args.ledger is not None else None
+    try:
+        uvicorn.run(
+            create_simulator_app(config, ledger=ledger),
+            host=args.host,
+            port=args.port,
+            log_level=args.log_level,
+            access_log=False,
+        )
+    finally:
+        if ledger is not None:
+            ledger.close()
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from typing import Any, Literal
 import orjson
 from fastapi import FastAPI, Request, Response
 
+from app.simulator.ledger import Ledger
 from app.simulator.users import synthetic_user
 
 Fault = Literal[
@@ -148,13 +149,31 @@ def _rid() -> str:
     return uuid.uuid4().hex
 
 
-def create_simulator_app(config: SimulatorConfig | None = None) -> FastAPI:
-    """A fresh simulator whose state lives in `app.state.sim`."""
+def create_simulator_app(
+    config: SimulatorConfig | None = None, *, ledger: Ledger | None = None
+) -> FastAPI:
+    """A fresh simulator whose state lives in `app.state.sim`; every upstream call it
+    receives is written to `ledger` when one is given."""
     app = FastAPI(title="Freelancer users API simulator", docs_url=None, redoc_url=None)
     sim = SimulatorState(config or SimulatorConfig())
     app.state.sim = sim
+    app.state.ledger = ledger
 
     async def answer(request: Request, ids: list[int], single: bool) -> Response:
+        received = time.time()
+        response = await respond(request, ids, single)
+        if ledger is not None:
+            ledger.record(
+                received=received,
+                answered=time.time(),
+                ids=ids,
+                kind="single" if single else "batch",
+                status=response.status_code,
+                user_agent=request.headers.get("user-agent"),
+            )
+        return response
+
+    async def respond(request: Request, ids: list[int], single: bool) -> Response:
         config, stats = sim.config, sim.stats
         stats.calls += 1
         stats.call_times.append(time.monotonic())
@@ -209,7 +228,16 @@ def create_simulator_app(config: SimulatorConfig | None = None) -> FastAPI:
         try:
             ids = list(dict.fromkeys(int(v) for v in raw))
         except ValueError:
-            return _error(400, "users[] must be integers", "RestExceptionCodes.INVALID_PARAMETER")
+            refused = _error(
+                400, "users[] must be integers", "RestExceptionCodes.INVALID_PARAMETER"
+            )
+            if ledger is not None:
+                now = time.time()
+                agent = request.headers.get("user-agent")
+                ledger.record(
+                    received=now, answered=now, ids=[], kind="batch", status=400, user_agent=agent
+                )
+            return refused
         return await answer(request, ids, single=False)
 
     @app.get("/api/users/0.1/users/{user_id}")

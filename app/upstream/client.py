@@ -5,6 +5,7 @@ Retries, the budget and the circuit breaker wrap this client (`ResilientUpstream
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Mapping, Sequence
 from email.utils import parsedate_to_datetime
@@ -44,7 +45,10 @@ def create_http_client(
     settings: Settings, transport: httpx.AsyncBaseTransport | None = None
 ) -> httpx.AsyncClient:
     """The one HTTP client to Freelancer, with credentials and timeout from settings."""
-    headers = {"Accept": "application/json", "User-Agent": "freelancer-user-gateway/0.1"}
+    # The process id tells the calls of a deployment's processes apart at the other end
+    # (the simulator's ledger, Freelancer's support); it says nothing about the host.
+    agent = f"freelancer-user-gateway/0.1 (pid {os.getpid()})"
+    headers = {"Accept": "application/json", "User-Agent": agent}
     if settings.freelancer_oauth_token is not None:
         headers["Freelancer-OAuth-V1"] = settings.freelancer_oauth_token.get_secret_value()
     elif settings.freelancer_client_id:

@@ -88,12 +88,17 @@ async def start_node(tmp_path: Path, redis_server: RedisServer) -> AsyncIterator
             link = Proxy(redis_server.port)
             await link.start()
             url = link.url
+        settings = make_settings(tmp_path, **overrides)
         coordinator = RedisCoordinator(
-            connect(url, timeout_s), prefix="t", lease_s=lease_s, timeout_s=timeout_s
+            connect(url, timeout_s),
+            prefix="t",
+            lease_s=lease_s,
+            timeout_s=timeout_s,
+            not_found_ttl_s=settings.not_found_ttl_s,
         )
         upstream = upstream or SlowUpstream(delay_s=0)
         gateway = Gateway(
-            settings=make_settings(tmp_path, **overrides),
+            settings=settings,
             store=store or SqliteUserStore(tmp_path / "users.db"),
             upstream=upstream,
             coordinator=coordinator,
@@ -554,3 +559,63 @@ async def test_a_copy_fetched_before_an_eviction_is_not_saved_after_it(
     assert await evicting.gateway.store.get_many([12]) == {}, "the older copy stays out"
     await evicting.gateway.lookup([12])
     assert calls_for(evicting.upstream, 12) == 1, "fetched again, as the eviction asked"
+
+
+# ---- Redis restarted: no dead connection left behind ----------------------------------
+
+
+async def test_after_a_redis_restart_no_pooled_connection_fails_a_later_claim(
+    start_node: StartNode, redis_server: RedisServer
+) -> None:
+    """A restart closes every connection in each process's pool. A stale one that failed
+    the call which drew it (seconds or minutes later, at the next burst) made that
+    process fetch alone for 2 s: found by the chaos harness as ids fetched by two
+    processes 8 s after a restart."""
+    a = await start_node()
+    b = await start_node()
+    for node, base in ((a, 100), (b, 200)):  # a burst each: several pooled connections
+        await asyncio.gather(*(node.coordinator.claim([base + i]) for i in range(8)))
+    redis_server.stop()
+    redis_server.start()
+    # Both noticed the restart (subscribed again, Redis answering their heartbeats).
+    await until(
+        lambda: all(
+            n.coordinator.subscriber.confirmations >= 2 and not n.coordinator.problems()
+            for n in (a, b)
+        ),
+        within_s=10,
+    )
+    ids = list(range(300, 308))
+    claims = [node.coordinator.claim([uid]) for uid in ids for node in (a, b)]
+    won = await asyncio.gather(*claims)
+    assert sorted(uid for mine in won for uid in mine) == ids, "each id claimed by one process"
+    assert a.coordinator.problems() == [] == b.coordinator.problems()
+
+
+# ---- not found: once for the deployment, as long as it is remembered --------------------
+
+
+async def test_a_not_found_id_is_fetched_once_for_the_deployment_while_it_is_remembered(
+    start_node: StartNode,
+) -> None:
+    """Freelancer's "no such user" is kept nowhere but in memory and the `done` key, which
+    lived 2 x FLIGHT_LEASE_S: found by the chaos harness as not-found ids fetched again by
+    each process that asked later, and by any process whose memory was dropped (a
+    resubscription) or that restarted, all within NOT_FOUND_TTL_S."""
+    a = await start_node()
+    b = await start_node()
+    for node in (a, b):  # outcomes of found users are handed to claims for 0.2 s only
+        node.coordinator.outbox.done_ms = 200
+    assert (await a.gateway.lookup([97])).not_found == [97]
+    assert await a.gateway.wait_idle(5)
+    await asyncio.sleep(0.5)
+    assert (await b.gateway.lookup([97])).not_found == [97]
+    a.gateway.memory.expire_before(float("inf"))  # what a resubscription does
+    assert (await a.gateway.lookup([97])).not_found == [97]
+    assert calls_for(a.upstream, 97) + calls_for(b.upstream, 97) == 1
+    # A user is still another story: the store keeps it, and its outcome is not held.
+    assert (await a.gateway.lookup([98])).user_ids == [98]
+    assert await a.gateway.wait_idle(5)
+    await asyncio.sleep(0.5)
+    assert (await b.gateway.lookup([98])).user_ids == [98]
+    assert calls_for(a.upstream, 98) + calls_for(b.upstream, 98) == 1

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+from app.main import create_app
 from app.simulator import SimulatorConfig, create_simulator_app
+from app.simulator.ledger import Ledger, read_ledger
 from app.simulator.users import synthetic_user
+from tests.support.apps import StartApp, make_settings
+from tests.support.procs import Process, free_port
 
 USERS = "/api/users/0.1/users/"
 
@@ -149,3 +156,71 @@ async def test_stats_count_the_most_calls_in_any_minute_and_hour() -> None:
         times.extend([0.0, 10.0, 20.0, 65.0, 70.0, 75.0, 80.0, 3620.0])
         stats = (await sim.get("/_sim/stats")).json()
         assert (stats["max_calls_in_60s"], stats["max_calls_in_3600s"]) == (4, 7)
+
+
+async def test_the_ledger_records_every_call_with_its_ids_status_and_caller(
+    tmp_path: Path,
+) -> None:
+    ledger = Ledger(tmp_path / "calls.ndjson")
+    app = create_simulator_app(SimulatorConfig(), ledger=ledger)
+    transport = httpx.ASGITransport(app=app)
+    agent = {"User-Agent": "freelancer-user-gateway/0.1 (pid 4242)"}
+    async with httpx.AsyncClient(transport=transport, base_url="http://sim") as sim:
+        before = time.time()
+        await sim.get(USERS, params=[("users[]", 1), ("users[]", 97)], headers=agent)
+        await sim.get(f"{USERS}194/", headers={"User-Agent": "curl/8"})
+        await sim.get(USERS, params={"users[]": "x"}, headers=agent)
+        after = time.time()
+    ledger.close()
+    first, second, third = read_ledger(tmp_path / "calls.ndjson")
+    assert (first["kind"], first["ids"], first["status"], first["pid"]) == (
+        "batch",
+        [1, 97],
+        200,
+        4242,
+    )
+    assert before <= first["t"] <= first["done"] <= after
+    assert (second["kind"], second["ids"], second["status"], second["pid"]) == (
+        "single",
+        [194],
+        404,
+        None,
+    )
+    assert (third["ids"], third["status"], third["pid"]) == ([], 400, 4242)
+
+
+@pytest.mark.e2e
+def test_the_standalone_simulator_keeps_a_ledger_given_on_its_command_line(
+    tmp_path: Path,
+) -> None:
+    port = free_port()
+    path = tmp_path / "ledger.ndjson"
+    args = [sys.executable, "-m", "app.simulator", "--port", str(port), "--ledger", str(path)]
+    process = Process(args, port, tmp_path / "sim.log", cwd=tmp_path)
+    process.start("/_sim/stats")
+    try:
+        httpx.get(f"{process.url}{USERS}", params={"users[]": [5, 6]}, timeout=5)
+        assert httpx.get(f"{process.url}/_sim/stats", timeout=5).json()["calls"] == 1
+    finally:
+        process.stop()
+    [entry] = read_ledger(path)
+    assert (entry["ids"], entry["status"]) == ([5, 6], 200)
+
+
+def test_a_ledger_reader_skips_a_torn_last_line(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.ndjson"
+    path.write_text('{"t": 1, "ids": [1]}\n{"t": 2, "ids": [')
+    assert read_ledger(path) == [{"t": 1, "ids": [1]}]
+
+
+async def test_a_gateways_calls_name_its_process_in_the_ledger(
+    tmp_path: Path, start_app: StartApp
+) -> None:
+    ledger = Ledger(tmp_path / "calls.ndjson")
+    simulator = create_simulator_app(SimulatorConfig(), ledger=ledger)
+    app = create_app(make_settings(tmp_path), upstream_transport=httpx.ASGITransport(app=simulator))
+    running = await start_app(app=app)
+    await running.lookup(11, 12)
+    ledger.close()
+    [entry] = read_ledger(tmp_path / "calls.ndjson")
+    assert (entry["ids"], entry["pid"]) == ([11, 12], os.getpid())

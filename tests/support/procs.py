@@ -47,14 +47,14 @@ class Process:
         assert self.popen is not None
         return self.popen.pid
 
-    def start(self, ready_path: str = "/healthz") -> None:
-        """Start it and wait (at most STARTUP_S) until `ready_path` answers 200."""
+    def start(self, ready_path: str = "/healthz", within_s: float = STARTUP_S) -> None:
+        """Start it and wait (at most `within_s`) until `ready_path` answers 200."""
         env = {**os.environ, **self.env}
         with self.log.open("ab") as out:
             self.popen = subprocess.Popen(
                 self.args, env=env, cwd=self.cwd, stdout=out, stderr=subprocess.STDOUT
             )
-        deadline = time.monotonic() + STARTUP_S
+        deadline = time.monotonic() + within_s
         while time.monotonic() < deadline:
             if self.popen.poll() is not None:
                 raise AssertionError(f"{self.args} exited early:\n{self.output()}")
@@ -66,7 +66,7 @@ class Process:
             time.sleep(0.05)
         self.popen.kill()  # not left running (nor warned about) behind the failure
         self.popen.wait(STOP_S)
-        raise AssertionError(f"{self.args} did not start in {STARTUP_S} s:\n{self.output()}")
+        raise AssertionError(f"{self.args} did not start in {within_s} s:\n{self.output()}")
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
         """Send `sig`, wait at most STOP_S for the exit (kill after that); the exit code."""
