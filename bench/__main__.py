@@ -50,6 +50,7 @@ HOT_TARGET_RATIO = 0.70
 BENCH_KEY = "bench-key-0123456789abcdef"
 DASHBOARDS = 10
 MEMORY_USERS = 100_000
+BYTES_PER_USER_TARGET = 600
 JOB_SOAK_S = 300.0
 """How long the range job's memory is watched (`--job-seconds`)."""
 
@@ -129,8 +130,9 @@ def one_miss(gateway: Process, sim: Process) -> dict[str, Any]:
     }
 
 
-def warm(gateway: Process, sim: Process, count: int) -> dict[str, Any]:
-    """Cache `count` users (ids 1..count) with the simulator answering at once."""
+def warm(gateway: Process, sim: Process, count: int, start_rss_mb: float) -> dict[str, Any]:
+    """Cache `count` users (ids 1..count) with the simulator answering at once; the RSS,
+    and the bytes per user held in memory above the RSS the process started with."""
     sim_configure(sim, latency_ms=0)
     before = sim_stats(sim)
     chunks = [list(range(i, min(i + 100, count + 1))) for i in range(1, count + 1, 100)]
@@ -141,15 +143,24 @@ def warm(gateway: Process, sim: Process, count: int) -> dict[str, Any]:
     unavailable = sum(len(r[1]["unavailable"]) for r in results)
     after = sim_stats(sim)
     rss = rss_mb(gateway.pid)
+    held = metric(gateway, "gateway_memory_cache_users")
+    per_user = (rss - start_rss_mb) * 1024 * 1024 / held
     return {
         "users": count,
+        "memory_users": int(held),
+        "start_rss_mb": start_rss_mb,
+        "bytes_per_user": per_user,
         "upstream_calls": after["calls"] - before["calls"],
         "upstream_lookups": after["ids_requested"] - before["ids_requested"],
         "unique_ids": count,
         "wall_s": wall,
         "unavailable": unavailable,
         "rss_mb": rss,
-        "checks": {"RSS <= 300 MB": rss <= 300, "nothing unavailable": unavailable == 0},
+        "checks": {
+            "RSS <= 300 MB": rss <= 300,
+            f"<= {BYTES_PER_USER_TARGET} B per user above start": per_user <= BYTES_PER_USER_TARGET,
+            "nothing unavailable": unavailable == 0,
+        },
     }
 
 
@@ -467,6 +478,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--users", type=int, default=MEMORY_USERS)
     parser.add_argument(
+        "--only",
+        choices=["all", "store"],
+        default="all",
+        help="store: only the warm-up (memory per user) and the store-path workload",
+    )
+    parser.add_argument(
         "--job-seconds",
         type=float,
         default=JOB_SOAK_S,
@@ -476,18 +493,29 @@ def main() -> int:
     if shutil.which("wrk") is None:
         print("wrk is needed: apt-get install wrk (the Makefile's bench target does this)")
         return 2
+    # Imported here: bench.store_path imports this module's helpers.
+    from bench.store_path import store_path
+
     with tempfile.TemporaryDirectory(prefix="gateway-bench-") as tmp:
         work = Path(tmp)
         sim = simulator_process(work, latency_ms=SIM_LATENCY_MS)
         gateway = gateway_process(work, sim)
         sim.start("/_sim/stats")
         gateway.start()
+        start_rss = rss_mb(gateway.pid)
         try:
             workloads: dict[str, Any] = {}
+            if args.only == "store":
+                workloads[f"memory ({args.users} users)"] = warm(
+                    gateway, sim, args.users, start_rss
+                )
+                workloads["store path (50-id batches)"] = store_path(gateway, sim, args.users, work)
+                return report_store_only(workloads)
             workloads["cold overlap"] = cold_overlap(gateway, sim)
             workloads["one miss"] = one_miss(gateway, sim)
-            workloads[f"memory ({args.users} users)"] = warm(gateway, sim, args.users)
+            workloads[f"memory ({args.users} users)"] = warm(gateway, sim, args.users, start_rss)
             workloads["hot (50-id batches)"] = hot(gateway, sim, args.users, work)
+            workloads["store path (50-id batches)"] = store_path(gateway, sim, args.users, work)
             if shutil.which("redis-server") is not None:
                 workloads.update(scale_out(work, sim, args.users))
             else:
@@ -529,7 +557,34 @@ def main() -> int:
         f"middleware, added per request (in-process, bare endpoint {costs['bare_us']:.2f} us): "
         + ", ".join(f"{name} {us:.2f} us" for name, us in costs["added_us"].items())
     )
+    print(store_summary(workloads["store path (50-id batches)"]))
+    print(memory_summary(workloads[f"memory ({args.users} users)"]))
     print("\n".join(jobs.summary(workloads)))
+    return verdict(workloads)
+
+
+def store_summary(result: dict[str, Any]) -> str:
+    """The store path's line (bench.store_path.summary, imported when needed)."""
+    from bench.store_path import summary
+
+    return summary(result)
+
+
+def memory_summary(result: dict[str, Any]) -> str:
+    """The memory figure: bytes per cached user above the process's start."""
+    return (
+        f"memory: {result['bytes_per_user']:.0f} B per cached user above start "
+        f"({result['start_rss_mb']:.0f} MB at start, {result['rss_mb']:.0f} MB with "
+        f"{result['memory_users']} users held; target <= {BYTES_PER_USER_TARGET} B)"
+    )
+
+
+def report_store_only(workloads: dict[str, Any]) -> int:
+    """`--only store`: the table, the two figures and the verdict (nothing written)."""
+    print(f"machine: {machine()}")
+    print(table({"workloads": workloads}))
+    print(store_summary(workloads["store path (50-id batches)"]))
+    print(memory_summary(next(r for n, r in workloads.items() if n.startswith("memory"))))
     return verdict(workloads)
 
 

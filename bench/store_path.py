@@ -1,0 +1,111 @@
+"""The store-path workload of `make bench`: cached users that are in the store but not in
+memory (the long tail), against the same users served from memory, in the same run.
+
+Random 50-id batches over STORE_USERS users, all cached (ids that do not exist are left
+out, so every id is a store hit). The memory side is the bench's main gateway, which holds
+them in its 100 000-user LRU; the store side is a second gateway on the same SQLite file
+whose LRU is capped at its minimum (MEMORY_CACHE_SIZE=1000, 5 % of the users), so nearly
+every batch reads its ids from the store. Same wrk method as the hot workload: alternating
+runs, each side's median run, and the ratio of the medians.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+from bench.__main__ import (
+    HOT_BATCH,
+    HOT_CONNECTIONS,
+    HOT_ROUNDS,
+    HOT_RUN_S,
+    median_run,
+    metric,
+    run_wrk,
+)
+from bench.procs import Process, gateway_process, sim_stats
+
+STORE_USERS = 20_000
+STORE_MEMORY_CACHE = 1000
+"""The store side's LRU: the smallest MEMORY_CACHE_SIZE allowed."""
+STORE_TARGET_RATIO = 0.40
+STORE_MOONSHOT_RATIO = 0.60
+
+
+def store_ids(max_id: int) -> list[int]:
+    """STORE_USERS cached ids the main gateway holds in memory (the 90 % most recently
+    cached of 1..max_id), none divisible by 97 (those do not exist)."""
+    rng = random.Random(19)
+    held = [uid for uid in range(max_id // 10 + 1, max_id + 1) if uid % 97]
+    return sorted(rng.sample(held, min(STORE_USERS, len(held))))
+
+
+def store_script(path: Path, ids: list[int]) -> None:
+    """A wrk Lua script that POSTs random HOT_BATCH-id batches of `ids`, 1 000 bodies."""
+    rng = random.Random(23)
+    bodies = [json.dumps({"user_ids": rng.sample(ids, HOT_BATCH)}) for _ in range(1000)]
+    lua = [
+        "wrk.method = 'POST'",
+        "wrk.headers['Content-Type'] = 'application/json'",
+        "local bodies = {" + ",".join(f"[[{b}]]" for b in bodies) + "}",
+        "local i = 0",
+        "request = function() i = i % #bodies + 1 return wrk.format(nil, nil, nil, bodies[i]) end",
+    ]
+    path.write_text("\n".join(lua) + "\n")
+
+
+def store_path(memory: Process, sim: Process, max_id: int, work: Path) -> dict[str, Any]:
+    """Store hits against memory hits, same ids, same load, alternating runs."""
+    ids = store_ids(max_id)
+    script = work / "store.lua"
+    store_script(script, ids)
+    store = gateway_process(work, sim, MEMORY_CACHE_SIZE=str(STORE_MEMORY_CACHE))
+    store.start()
+    try:
+        servers = {"memory": memory, "store": store}
+        for server in servers.values():  # warm the connections and the code
+            run_wrk(f"{server.url}/api/users", script, 2)
+        before = sim_stats(sim)["calls"]
+        misses = metric(store, "gateway_cache_misses_total")
+        runs: dict[str, list[dict[str, Any]]] = {name: [] for name in servers}
+        for _ in range(HOT_ROUNDS):
+            for name, server in servers.items():
+                runs[name].append(run_wrk(f"{server.url}/api/users", script, HOT_RUN_S))
+        upstream_calls = sim_stats(sim)["calls"] - before
+        misses = metric(store, "gateway_cache_misses_total") - misses
+    finally:
+        store.stop()
+    from_memory, from_store = median_run(runs["memory"]), median_run(runs["store"])
+    ratio = from_store["rps"] / from_memory["rps"]
+    errors = [r for rs in runs.values() for r in rs if r["non_2xx"] or r["socket_errors"]]
+    from_store.update(
+        users=len(ids),
+        upstream_calls=upstream_calls,
+        misses=misses,
+        memory=from_memory,
+        vs_memory=ratio,
+        runs_rps=[round(r["rps"]) for r in runs["store"]],
+        memory_runs_rps=[round(r["rps"]) for r in runs["memory"]],
+        connections=HOT_CONNECTIONS,
+    )
+    from_store["checks"] = {
+        f">= {STORE_TARGET_RATIO:.0%} of the memory path": ratio >= STORE_TARGET_RATIO,
+        "no errors": not errors,
+        "no upstream calls, no misses": upstream_calls == 0 and misses == 0,
+    }
+    return from_store
+
+
+def summary(result: dict[str, Any]) -> str:
+    """One line for the bench's printout."""
+    memory = result["memory"]
+    return (
+        f"store path / memory path: {result['vs_memory']:.0%} (target "
+        f"{STORE_TARGET_RATIO:.0%}, moonshot {STORE_MOONSHOT_RATIO:.0%}; medians of "
+        f"{HOT_ROUNDS} alternating {HOT_RUN_S} s runs over {result['users']} users: "
+        f"{result['runs_rps']} vs {result['memory_runs_rps']}; "
+        f"p50/p99 {result['p50_ms']:.1f}/{result['p99_ms']:.1f} ms vs "
+        f"{memory['p50_ms']:.1f}/{memory['p99_ms']:.1f} ms)"
+    )
