@@ -1,8 +1,12 @@
 """The embedded store: one SQLite file (WAL), one table keyed by user_id, through aiosqlite.
 
-Every read is one `execute_fetchall` (one trip to the connection's thread): a cursor left
-open across an await would hold a read snapshot, and a write on the same connection after
-another connection committed would then fail at once with "database is locked".
+Every statement runs in one trip to the connection's thread and leaves no cursor open
+(`execute_fetchall`, or a cursor closed by `async with`). A cursor dropped open would be
+reset by the garbage collector on the event loop's thread, racing the connection's thread
+when it runs the same cached statement ("bad parameter or other API misuse" under
+concurrent saves). And every read is one trip: a cursor left open across an await would
+hold a read snapshot, and a write on the same connection after another connection
+committed would then fail at once with "database is locked".
 """
 
 from __future__ import annotations
@@ -86,7 +90,7 @@ class SqliteUserStore:
     async def ping(self) -> None:
         """Raise StoreUnavailable unless a trivial query answers."""
         async with self._guard() as db:
-            await db.execute("SELECT 1")
+            await db.execute_fetchall("SELECT 1")
 
     async def get_many(self, user_ids: Collection[int]) -> dict[int, UserRecord]:
         """The stored users among `user_ids`, chunked `IN (...)` queries."""
@@ -109,15 +113,17 @@ class SqliteUserStore:
             return
         rows = [tuple(getattr(u, c) for c in COLUMNS) for u in users]
         async with self._guard() as db:
-            await db.executemany(UPSERT, rows)
+            async with db.executemany(UPSERT, rows):
+                pass
             await db.commit()
 
     async def delete(self, user_id: int) -> bool:
         """Remove one user; True when it was there."""
         async with self._guard() as db:
-            cursor = await db.execute("DELETE FROM users WHERE user_id = ?", (user_id,))
+            async with db.execute("DELETE FROM users WHERE user_id = ?", (user_id,)) as cursor:
+                deleted = cursor.rowcount
             await db.commit()
-            return cursor.rowcount > 0
+            return deleted > 0
 
     async def count(self) -> int:
         """How many users are stored."""
@@ -128,9 +134,10 @@ class SqliteUserStore:
     async def delete_fetched_before(self, cutoff: float) -> int:
         """Remove users fetched before `cutoff`; how many went."""
         async with self._guard() as db:
-            cursor = await db.execute("DELETE FROM users WHERE fetched_at < ?", (cutoff,))
+            async with db.execute("DELETE FROM users WHERE fetched_at < ?", (cutoff,)) as cursor:
+                deleted = cursor.rowcount
             await db.commit()
-            return cursor.rowcount
+            return deleted
 
     async def fetched_before(self, cutoff: float, *, limit: int) -> list[UserRecord]:
         """Up to `limit` users fetched before `cutoff`, oldest first."""
@@ -177,8 +184,8 @@ async def connect(path: Path, schema: str) -> aiosqlite.Connection:
     # instead of waiting its turn as an immediate one does.
     db = await aiosqlite.connect(path, isolation_level="IMMEDIATE")
     try:
-        await db.execute("PRAGMA journal_mode=WAL")
-        await db.execute("PRAGMA synchronous=NORMAL")
+        await db.execute_fetchall("PRAGMA journal_mode=WAL")
+        await db.execute_fetchall("PRAGMA synchronous=NORMAL")
         await db.executescript(schema)
         await db.commit()
     except BaseException:
