@@ -8,18 +8,11 @@ copy) are tested without an event loop.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from app.config import Settings
-from app.domain import UserRecord
-from app.gateway.cache import (
-    LRU,
-    CachedUser,
-    ExpiringMap,
-    cache_entry,
-    fetched_at,
-    record_of,
-)
+from app.domain import StoredUser, UserRecord
+from app.gateway.cache import LRU, CachedUser, ExpiringMap, fetched_at, from_store, record_of
 from app.gateway.results import NOT_FOUND, SHUTDOWN, Failure, Outcome, Source
 
 Answers = dict[int, tuple[Source, Outcome]]
@@ -73,12 +66,14 @@ class Memory:
         now: float,
         answers: Answers,
         previous: dict[int, UserRecord],
+        stored: Mapping[int, StoredUser] | None = None,
     ) -> tuple[list[int], list[UserRecord]]:
         """Answer what memory can: fresh users, stale ones (to refresh), ids known missing.
 
-        Returns the ids still to look up, and the stale users served, which need a
-        refresh. A user too stale to serve is a miss whose record goes in `previous`
-        (its refresh keeps `created_at`).
+        `stored` are users just read from the store: each is held (unless memory holds a
+        newer copy) and answered as it is, its JSON already rendered. Returns the ids still
+        to look up, and the stale users served, which need a refresh. A user too stale to
+        serve is a miss whose record goes in `previous` (its refresh keeps `created_at`).
         """
         fresh_after = now - self.ttl_s
         servable_after = fresh_after - self.stale_if_error_s
@@ -87,6 +82,10 @@ class Memory:
         stale: list[UserRecord] = []
         for uid in user_ids:
             entry = users_get(uid)
+            found = stored.get(uid) if stored else None
+            if found is not None and (entry is None or fetched_at(entry) < found[1]):
+                entry = from_store(found)
+                self.users.put(uid, entry)
             if entry is not None:
                 fetched = fetched_at(entry)
                 if fetched > fresh_after:
@@ -102,12 +101,6 @@ class Memory:
                 continue
             pending.append(uid)
         return pending, stale
-
-    def remember(self, record: UserRecord) -> None:
-        """Hold a stored record unless a newer copy is held already."""
-        held = self.users.get(record.user_id)
-        if held is None or fetched_at(held) < record.fetched_at:
-            self.users.put(record.user_id, cache_entry(record))
 
     def learn(self, user_id: int, outcome: Outcome, now: float, *, hold: bool = True) -> Outcome:
         """Record a fetch's outcome; returns what to answer (a newer held copy wins).

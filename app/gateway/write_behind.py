@@ -11,7 +11,7 @@ import asyncio
 import logging
 
 from app.config import Settings
-from app.domain import UserRecord
+from app.domain import StoredUser, UserRecord
 from app.errors import StoreUnavailable
 from app.gateway.resilient import backoff_s
 from app.gateway.stats import GatewayStats
@@ -90,6 +90,18 @@ class WriteBehind:
         """Stored users among `user_ids`; raises StoreUnavailable (and marks the store down)."""
         try:
             stored = await self.store.get_many(user_ids)
+        except StoreUnavailable:
+            self.stats.store_errors += 1
+            self.store_ready = False
+            raise
+        self.store_ready = True
+        return stored
+
+    async def read_rendered(self, user_ids: list[int]) -> dict[int, StoredUser]:
+        """Stored users among `user_ids` as lookups answer them (their JSON and
+        `fetched_at`); raises StoreUnavailable (and marks the store down)."""
+        try:
+            stored = await self.store.get_rendered(user_ids)
         except StoreUnavailable:
             self.stats.store_errors += 1
             self.store_ready = False
