@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from typing import Generic, TypeVar
 
 import orjson
@@ -63,39 +63,67 @@ def user_id_of(entry: CachedUser) -> int:
 
 
 class LRU(Generic[V]):
-    """A dict that forgets its least recently used key past `maxsize` entries."""
+    """A map of at most `maxsize` entries that forgets the least recently used first,
+    in two generations (an approximation in the way CLOCK approximates LRU).
+
+    `recent` holds what was used (read or written) since the last flip, `older` the rest.
+    A read in `recent` is one dict lookup and moves nothing; a read in `older` moves the
+    entry to `recent`. Room is made by dropping from `older` in the order its entries
+    came into the previous generation; once `older` is empty, `recent` becomes `older`
+    (the flip). So an entry unused since the last flip goes before any used since.
+
+    Two plain dicts rather than an OrderedDict: an OrderedDict keeps a linked node and a
+    node index per entry (about 105 B against a dict's 52, measured with 100 000), and
+    its `move_to_end` on every hit was the hot path's only write.
+    """
 
     def __init__(self, maxsize: int) -> None:
         self.maxsize = maxsize
-        self.data: OrderedDict[int, V] = OrderedDict()
+        self.recent: dict[int, V] = {}
+        self.older: dict[int, V] = {}
+        self._order: deque[int] = deque()
+        """`older`'s keys as they came into it (some since gone): the order of eviction."""
 
     def get(self, key: int) -> V | None:
         """The value, marked as just used; None when absent."""
-        value = self.data.get(key)
-        if value is not None:
-            self.data.move_to_end(key)
+        value = self.recent.get(key)
+        if value is None:
+            value = self.older.pop(key, None)
+            if value is not None:
+                self.recent[key] = value
         return value
 
     def put(self, key: int, value: V) -> None:
-        """Insert or replace, evicting the oldest entry when full."""
-        self.data[key] = value
-        self.data.move_to_end(key)
-        if len(self.data) > self.maxsize:
-            self.data.popitem(last=False)
+        """Insert or replace (marked as just used), evicting when full."""
+        recent, older = self.recent, self.older
+        new = key not in recent and older.pop(key, None) is None
+        if new and len(recent) + len(older) >= self.maxsize:
+            self._evict()
+        self.recent[key] = value
+
+    def _evict(self) -> None:
+        if not self.older:
+            self.older, self.recent = self.recent, {}
+            self._order = deque(self.older)
+        older, order = self.older, self._order
+        while order:
+            if older.pop(order.popleft(), None) is not None:
+                return
 
     def pop(self, key: int) -> V | None:
         """Remove and return, or None."""
-        return self.data.pop(key, None)
+        value = self.recent.pop(key, None)
+        return self.older.pop(key, None) if value is None else value
 
     def items(self) -> list[tuple[int, V]]:
-        """A snapshot of the entries, oldest first."""
-        return list(self.data.items())
+        """A snapshot of the entries, the older generation first."""
+        return [*self.older.items(), *self.recent.items()]
 
     def __len__(self) -> int:
-        return len(self.data)
+        return len(self.recent) + len(self.older)
 
     def __contains__(self, key: object) -> bool:
-        return key in self.data
+        return key in self.recent or key in self.older
 
 
 class ExpiringMap(Generic[V]):

@@ -7,7 +7,6 @@ copy) are tested without an event loop.
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 
 from app.config import Settings
@@ -41,23 +40,24 @@ class Memory:
         None as soon as one id needs more (a miss, a stale copy). The users found are
         marked as just used.
         """
-        get = self.users.data.get
+        users = self.users
+        get = users.recent.get
         fresh_after = now - self.ttl_s
         entries = []
         missing: list[int] = []
         for uid in user_ids:
             entry = get(uid)
             if entry is None:
-                if self.not_found.get(uid, now) is None:
-                    return None
-                missing.append(uid)
-            elif entry[1] > fresh_after:
+                entry = users.get(uid)  # from the older generation, if there
+                if entry is None:
+                    if self.not_found.get(uid, now) is None:
+                        return None
+                    missing.append(uid)
+                    continue
+            if entry[1] > fresh_after:
                 entries.append(entry)
             else:
                 return None
-        touch = self.users.data.move_to_end
-        held = [u for u in user_ids if u not in missing] if missing else user_ids
-        deque(map(touch, held), maxlen=0)
         return entries, missing
 
     def answer(

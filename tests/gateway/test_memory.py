@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import gc
+import tracemalloc
 from pathlib import Path
 
 import orjson
+from hypothesis import given
+from hypothesis import strategies as st
 
 from app.config import Settings
 from app.domain import UserRecord
-from app.gateway.cache import cache_entry, from_store, record_of, user_id_of
+from app.gateway.cache import LRU, cache_entry, from_store, record_of, user_id_of
 from app.gateway.memory import Answers, Memory
 from app.gateway.results import LookupResult, render
 from app.gateway.stats import GatewayStats
@@ -47,6 +51,63 @@ def test_an_entry_is_the_json_and_fetched_at_and_gives_the_record_back() -> None
     back = record_of(entry)
     assert back == record._replace(created_at=NOW - 86_001, registration_date=1_400_012_345.0)
     assert back.rendered() == record.rendered()
+
+
+def test_a_cached_user_costs_its_json_and_little_more() -> None:
+    """Memory per cached user: its JSON, the entry and the map's slot; not a record."""
+    records = [user(i) for i in range(10_000, 12_000)]
+    json_bytes = sum(len(r.rendered()) for r in records)
+    lru: LRU[tuple[bytes, float]] = LRU(100_000)
+    gc.collect()
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    for record in records:
+        lru.put(record.user_id, cache_entry(record))
+    held = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    overhead = (held - json_bytes) / len(records)
+    # bytes header 33, tuple 56, float 24, dict slot about 52: 165 B; the earlier tuple of
+    # every field added about 600 B more.
+    assert overhead < 200, f"{overhead:.0f} B per user beyond its JSON"
+
+
+def test_the_lru_holds_at_most_maxsize_and_forgets_the_unused_first() -> None:
+    lru: LRU[str] = LRU(4)
+    for key in (1, 2, 3, 4):
+        lru.put(key, f"v{key}")
+    lru.put(5, "v5")  # full: the first in goes
+    assert 1 not in lru and len(lru) == 4
+    assert lru.get(2) == "v2"  # used since: kept
+    lru.put(6, "v6")
+    lru.put(7, "v7")
+    assert [k for k in (2, 3, 4, 5, 6, 7) if k in lru] == [2, 5, 6, 7]
+    lru.put(5, "v5 again")  # a replacement takes no room
+    assert len(lru) == 4 and lru.get(5) == "v5 again"
+    assert lru.pop(6) == "v6" and lru.pop(6) is None and len(lru) == 3
+
+
+@given(
+    st.lists(st.tuples(st.sampled_from(["put", "get", "pop"]), st.integers(0, 12)), max_size=300)
+)
+def test_the_lru_never_grows_past_maxsize_nor_answers_a_wrong_value(
+    operations: list[tuple[str, int]],
+) -> None:
+    lru: LRU[tuple[int, int]] = LRU(5)
+    last: dict[int, tuple[int, int]] = {}
+    for step, (operation, key) in enumerate(operations):
+        if operation == "put":
+            last[key] = (key, step)
+            lru.put(key, last[key])
+            assert lru.get(key) == last[key], "a key just put is held"
+        elif operation == "get":
+            value = lru.get(key)
+            assert value is None or value == last.get(key)
+        else:
+            lru.pop(key)
+            last.pop(key, None)
+            assert key not in lru
+        assert len(lru) <= 5
+        assert len(lru.items()) == len(lru)
 
 
 def test_store_hits_are_held_unless_memory_has_a_newer_copy(tmp_path: Path) -> None:
