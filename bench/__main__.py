@@ -136,20 +136,27 @@ def warm(gateway: Process, sim: Process, count: int, start_rss_mb: float) -> dic
     sim_configure(sim, latency_ms=0)
     before = sim_stats(sim)
     chunks = [list(range(i, min(i + 100, count + 1))) for i in range(1, count + 1, 100)]
+    halves = chunks[: len(chunks) // 2], chunks[len(chunks) // 2 :]
     started = time.perf_counter()
+    samples: list[tuple[float, float]] = []  # (RSS, users held) after each half
+    results: list[tuple[float, dict[str, Any]]] = []
     with httpx.Client() as client, ThreadPoolExecutor(8) as pool:
-        results = list(pool.map(lambda ids: post_users(client, gateway.url, ids), chunks))
+        for half in halves:
+            results += pool.map(lambda ids: post_users(client, gateway.url, ids), half)
+            samples.append((rss_mb(gateway.pid), metric(gateway, "gateway_memory_cache_users")))
     wall = time.perf_counter() - started
     unavailable = sum(len(r[1]["unavailable"]) for r in results)
     after = sim_stats(sim)
-    rss = rss_mb(gateway.pid)
-    held = metric(gateway, "gateway_memory_cache_users")
+    (half_rss, half_held), (rss, held) = samples
     per_user = (rss - start_rss_mb) * 1024 * 1024 / held
     return {
         "users": count,
         "memory_users": int(held),
         "start_rss_mb": start_rss_mb,
         "bytes_per_user": per_user,
+        # The slope: what each user of the second half added, without the process's
+        # fixed growth (buffers, the heap's high-water mark) that the first half pays.
+        "bytes_per_user_second_half": (rss - half_rss) * 1024 * 1024 / (held - half_held),
         "upstream_calls": after["calls"] - before["calls"],
         "upstream_lookups": after["ids_requested"] - before["ids_requested"],
         "unique_ids": count,
@@ -575,7 +582,8 @@ def memory_summary(result: dict[str, Any]) -> str:
     return (
         f"memory: {result['bytes_per_user']:.0f} B per cached user above start "
         f"({result['start_rss_mb']:.0f} MB at start, {result['rss_mb']:.0f} MB with "
-        f"{result['memory_users']} users held; target <= {BYTES_PER_USER_TARGET} B)"
+        f"{result['memory_users']} users held; target <= {BYTES_PER_USER_TARGET} B); "
+        f"{result['bytes_per_user_second_half']:.0f} B per user over the second half"
     )
 
 

@@ -77,17 +77,22 @@ class Memory:
         """
         fresh_after = now - self.ttl_s
         servable_after = fresh_after - self.stale_if_error_s
-        users_get, not_found_get = self.users.get, self.not_found.get
+        users = self.users
+        # The common cases without a method call: held in the recent generation, or in
+        # neither generation nor the not-found cache (the store path's ids).
+        recent_get, older, not_found = users.recent.get, users.older, self.not_found
         pending: list[int] = []
         stale: list[UserRecord] = []
         for uid in user_ids:
-            entry = users_get(uid)
+            entry = recent_get(uid)
+            if entry is None and uid in older:
+                entry = users.get(uid)
             found = stored.get(uid) if stored else None
-            if found is not None and (entry is None or fetched_at(entry) < found[1]):
+            if found is not None and (entry is None or entry[1] < found[1]):
                 entry = from_store(found)
-                self.users.put(uid, entry)
+                users.put(uid, entry)
             if entry is not None:
-                fetched = fetched_at(entry)
+                fetched = entry[1]
                 if fetched > fresh_after:
                     answers[uid] = ("cache", entry)
                     continue
@@ -96,7 +101,7 @@ class Memory:
                     stale.append(record_of(entry))
                     continue
                 previous[uid] = record_of(entry)
-            if not_found_get(uid, now) is not None:
+            if uid in not_found.data and not_found.get(uid, now) is not None:
                 answers[uid] = ("cache", NOT_FOUND)
                 continue
             pending.append(uid)
