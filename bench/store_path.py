@@ -12,6 +12,7 @@ runs, each side's median run, and the ratio of the medians.
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,22 @@ def store_script(path: Path, ids: list[int]) -> None:
     path.write_text("\n".join(lua) + "\n")
 
 
+def cpu_s(pid: int) -> float:
+    """CPU seconds a process has used, all its threads, user and system (/proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def timed_wrk(server: Process, script: Path) -> dict[str, Any]:
+    """`run_wrk`, and the CPU the server spent per request (less sensitive than requests a
+    second to what else runs on the machine)."""
+    before = cpu_s(server.pid)
+    run = run_wrk(f"{server.url}/api/users", script, HOT_RUN_S)
+    requests = run["rps"] * HOT_RUN_S
+    run["cpu_us_per_request"] = (cpu_s(server.pid) - before) * 1e6 / requests
+    return run
+
+
 def store_path(memory: Process, sim: Process, max_id: int, work: Path) -> dict[str, Any]:
     """Store hits against memory hits, same ids, same load, alternating runs."""
     ids = store_ids(max_id)
@@ -72,13 +89,16 @@ def store_path(memory: Process, sim: Process, max_id: int, work: Path) -> dict[s
         runs: dict[str, list[dict[str, Any]]] = {name: [] for name in servers}
         for _ in range(HOT_ROUNDS):
             for name, server in servers.items():
-                runs[name].append(run_wrk(f"{server.url}/api/users", script, HOT_RUN_S))
+                runs[name].append(timed_wrk(server, script))
         upstream_calls = sim_stats(sim)["calls"] - before
         misses = metric(store, "gateway_cache_misses_total") - misses
     finally:
         store.stop()
     from_memory, from_store = median_run(runs["memory"]), median_run(runs["store"])
     ratio = from_store["rps"] / from_memory["rps"]
+    cpu = {
+        name: sorted(r["cpu_us_per_request"] for r in rs)[len(rs) // 2] for name, rs in runs.items()
+    }
     errors = [r for rs in runs.values() for r in rs if r["non_2xx"] or r["socket_errors"]]
     from_store.update(
         users=len(ids),
@@ -89,6 +109,9 @@ def store_path(memory: Process, sim: Process, max_id: int, work: Path) -> dict[s
         runs_rps=[round(r["rps"]) for r in runs["store"]],
         memory_runs_rps=[round(r["rps"]) for r in runs["memory"]],
         connections=HOT_CONNECTIONS,
+        cpu_us_per_request=cpu["store"],
+        memory_cpu_us_per_request=cpu["memory"],
+        cpu_ratio=cpu["memory"] / cpu["store"],
     )
     from_store["checks"] = {
         f">= {STORE_TARGET_RATIO:.0%} of the memory path": ratio >= STORE_TARGET_RATIO,
@@ -107,5 +130,7 @@ def summary(result: dict[str, Any]) -> str:
         f"{HOT_ROUNDS} alternating {HOT_RUN_S} s runs over {result['users']} users: "
         f"{result['runs_rps']} vs {result['memory_runs_rps']}; "
         f"p50/p99 {result['p50_ms']:.1f}/{result['p99_ms']:.1f} ms vs "
-        f"{memory['p50_ms']:.1f}/{memory['p99_ms']:.1f} ms)"
+        f"{memory['p50_ms']:.1f}/{memory['p99_ms']:.1f} ms); CPU per request "
+        f"{result['cpu_us_per_request']:.0f} vs {result['memory_cpu_us_per_request']:.0f} us "
+        f"({result['cpu_ratio']:.0%})"
     )

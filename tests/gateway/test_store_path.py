@@ -3,11 +3,27 @@ MEMORY_CACHE_SIZE) answer byte for byte what memory would, without a call upstre
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import Collection
 from pathlib import Path
 
-from app.domain import UserRecord
+import pytest
+
+from app.domain import StoredUser, UserRecord
+from app.errors import StoreUnavailable
+from app.gateway.stats import GatewayStats
+from app.gateway.write_behind import WriteBehind
+from app.store import SqliteUserStore
 from tests.clock import FakeClock
-from tests.conftest import FakeFreelancer, Running, StartApp, error_response
+from tests.conftest import (
+    FakeFreelancer,
+    Running,
+    StartApp,
+    error_response,
+    make_settings,
+    until,
+)
 from tests.store.raw import file_from_before_the_json
 
 TTL = 1000.0
@@ -86,3 +102,85 @@ async def test_a_cache_kept_by_an_earlier_version_is_served_after_the_upgrade(
         f"kept{i}" for i in IDS
     ]
     assert await bodies(running, IDS) == from_store, "as memory answers it"
+
+
+class GatedStore(SqliteUserStore):
+    """A SQLite store whose lookup reads wait for `gate` (when set), and are recorded."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.reads: list[list[int]] = []
+        self.gate: asyncio.Event | None = None
+        self.fail = False
+
+    async def get_rendered(self, user_ids: Collection[int]) -> dict[int, StoredUser]:
+        self.reads.append(sorted(user_ids))
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.fail:
+            raise StoreUnavailable("SQLite store failed: disk I/O error; check SQLITE_PATH")
+        return await super().get_rendered(user_ids)
+
+
+async def gated_writes(tmp_path: Path) -> tuple[GatedStore, WriteBehind]:
+    store = GatedStore(tmp_path / "users.db")
+    await store.open()
+    now = time.time()
+    await store.upsert_many(
+        [UserRecord(i, f"u{i}", created_at=now, fetched_at=now) for i in range(1, 9)]
+    )
+    settings = make_settings(tmp_path)
+    return store, WriteBehind(store, stats=GatewayStats(), settings=settings)
+
+
+async def test_lookups_reading_the_store_meanwhile_share_the_next_query(tmp_path: Path) -> None:
+    store, writes = await gated_writes(tmp_path)
+    store.gate = asyncio.Event()
+    first = asyncio.create_task(writes.read_rendered([1, 2]))
+    await until(lambda: len(store.reads) == 1)
+    others = [asyncio.create_task(writes.read_rendered(ids)) for ids in ([3, 4], [4, 5], [9])]
+    await asyncio.sleep(0)
+    store.gate.set()
+    assert sorted(await first) == [1, 2]
+    assert [sorted(await task) for task in others] == [[3, 4], [4, 5], []]
+    assert store.reads == [[1, 2], [3, 4, 5, 9]], "the three waiting lookups: one query"
+    assert sorted(await writes.read_rendered([6])) == [6], "alone again: a read of its own"
+    await store.close()
+
+
+async def test_a_lookup_that_gives_up_does_not_cancel_the_read_others_wait_for(
+    tmp_path: Path,
+) -> None:
+    store, writes = await gated_writes(tmp_path)
+    store.gate = asyncio.Event()
+    first = asyncio.create_task(writes.read_rendered([1]))
+    await until(lambda: len(store.reads) == 1)
+    leaving = asyncio.create_task(writes.read_rendered([2]))
+    staying = asyncio.create_task(writes.read_rendered([3]))
+    await asyncio.sleep(0)
+    first.cancel()  # the lookup whose read is on its way gives up
+    leaving.cancel()  # and one waiting for the next read
+    await until(lambda: len(store.reads) == 2)
+    store.gate.set()
+    assert sorted(await staying) == [3]
+    assert first.cancelled() and leaving.cancelled()
+    await store.close()
+
+
+async def test_a_failed_shared_read_fails_every_lookup_that_waits_for_it(tmp_path: Path) -> None:
+    store, writes = await gated_writes(tmp_path)
+    store.gate = asyncio.Event()
+    first = asyncio.create_task(writes.read_rendered([1]))
+    await until(lambda: len(store.reads) == 1)
+    waiting = [asyncio.create_task(writes.read_rendered([i])) for i in (2, 3)]
+    await asyncio.sleep(0)
+    store.fail = True
+    store.gate.set()
+    for task in (first, *waiting):
+        with pytest.raises(StoreUnavailable, match="SQLITE_PATH"):
+            await task
+    assert len(store.reads) == 2 and not writes.store_ready
+    assert writes.stats.store_errors == 2
+    store.fail = False
+    assert sorted(await writes.read_rendered([4])) == [4] and writes.store_ready
+    await store.close()
