@@ -14,16 +14,21 @@ from __future__ import annotations
 import json
 import os
 import random
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from bench.__main__ import (
+    BYTES_PER_USER_TARGET,
     HOT_BATCH,
     HOT_CONNECTIONS,
     HOT_ROUNDS,
     HOT_RUN_S,
     median_run,
     metric,
+    post_users,
     run_wrk,
 )
 from bench.procs import Process, gateway_process, sim_stats
@@ -119,6 +124,55 @@ def store_path(memory: Process, sim: Process, max_id: int, work: Path) -> dict[s
         "no upstream calls, no misses": upstream_calls == 0 and misses == 0,
     }
     return from_store
+
+
+def memory_kb(pid: int) -> dict[str, int]:
+    """A process's resident memory by kind, from /proc: VmRSS, RssAnon, RssFile (kB)."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        name, _, value = line.partition(":")
+        if name in ("VmRSS", "RssAnon", "RssFile"):
+            fields[name] = int(value.split()[0])
+    return fields
+
+
+def memory_from_store(sim: Process, max_id: int, work: Path) -> dict[str, Any]:
+    """Memory per cached user: a fresh gateway on the store of the warm-up's users loads
+    them all (100-id lookups from 8 threads, as the warm-up), and its memory above its start
+    is divided by the users it holds. Nothing is fetched or saved: what is measured is what
+    holding them costs, not the heap a burst of unthrottled fetches and saves leaves behind
+    (the warm-up's figure; Freelancer's budget, 50 calls a minute, never allows one).
+
+    Anonymous memory (RssAnon): the store's reads map the SQLite file, and the pages of it
+    they touch count in RSS as file pages, which are the kernel's page cache, not the
+    process's own (the warm-up's figure, which maps almost none, is VmRSS)."""
+    gateway = gateway_process(work, sim)
+    gateway.start()
+    ids = [uid for uid in range(1, max_id + 1) if uid % 97]  # the ones that exist
+    try:
+        start = memory_kb(gateway.pid)
+        chunks = [ids[i : i + 100] for i in range(0, len(ids), 100)]
+        with httpx.Client() as client, ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda chunk: post_users(client, gateway.url, chunk), chunks))
+        end = memory_kb(gateway.pid)
+        held = metric(gateway, "gateway_memory_cache_users")
+        misses = metric(gateway, "gateway_cache_misses_total")
+    finally:
+        gateway.stop()
+    per_user = (end["RssAnon"] - start["RssAnon"]) * 1024 / held
+    found = sum(len(body["users"]) for _, body in answers)
+    return {
+        "memory_users": int(held),
+        "start_anon_mb": start["RssAnon"] / 1024,
+        "anon_mb": end["RssAnon"] / 1024,
+        "file_mb": (end["RssFile"] - start["RssFile"]) / 1024,
+        "rss_mb": end["VmRSS"] / 1024,
+        "bytes_per_user": per_user,
+        "checks": {
+            f"<= {BYTES_PER_USER_TARGET} B per user above start": per_user <= BYTES_PER_USER_TARGET,
+            "all from the store": misses == 0 and found == len(ids),
+        },
+    }
 
 
 def summary(result: dict[str, Any]) -> str:
