@@ -15,7 +15,6 @@ import random
 import re
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -29,7 +28,23 @@ from typing import Any
 import httpx
 
 from bench import jobs, middleware
-from bench.measure import HERE, machine, percentile, post_users, rss_mb, table, verdict
+from bench.measure import (
+    HERE,
+    HOT_BATCH,
+    HOT_ROUNDS,
+    HOT_RUN_S,
+    machine,
+    median_run,
+    metric,
+    percentile,
+    post_users,
+    rss_mb,
+    run_wrk,
+    table,
+    verdict,
+)
+from bench.store_path import memory_from_store, memory_summary, store_path
+from bench.store_path import summary as store_summary_line
 from tests.support.procs import (
     Process,
     RedisServer,
@@ -41,10 +56,6 @@ from tests.support.procs import (
 )
 
 SIM_LATENCY_MS = 100.0
-HOT_BATCH = 50
-HOT_CONNECTIONS = 16
-HOT_RUN_S = 3
-HOT_ROUNDS = 3
 HOT_TARGET_RATIO = 0.70
 BENCH_KEY = "bench-key-0123456789abcdef"
 DASHBOARDS = 10
@@ -106,20 +117,33 @@ def one_miss(gateway: Process, sim: Process) -> dict[str, Any]:
     }
 
 
-def warm(gateway: Process, sim: Process, count: int) -> dict[str, Any]:
-    """Cache `count` users (ids 1..count) with the simulator answering at once."""
+def warm(gateway: Process, sim: Process, count: int, start_rss_mb: float) -> dict[str, Any]:
+    """Cache `count` users (ids 1..count) with the simulator answering at once; the RSS,
+    and the bytes per user held in memory above the RSS the process started with."""
     sim_configure(sim, latency_ms=0)
     before = sim_stats(sim)
     chunks = [list(range(i, min(i + 100, count + 1))) for i in range(1, count + 1, 100)]
+    halves = chunks[: len(chunks) // 2], chunks[len(chunks) // 2 :]
     started = time.perf_counter()
+    samples: list[tuple[float, float]] = []  # (RSS, users held) after each half
+    results: list[tuple[float, dict[str, Any]]] = []
     with httpx.Client() as client, ThreadPoolExecutor(8) as pool:
-        results = list(pool.map(lambda ids: post_users(client, gateway.url, ids), chunks))
+        for half in halves:
+            results += pool.map(lambda ids: post_users(client, gateway.url, ids), half)
+            samples.append((rss_mb(gateway.pid), metric(gateway, "gateway_memory_cache_users")))
     wall = time.perf_counter() - started
     unavailable = sum(len(r[1]["unavailable"]) for r in results)
     after = sim_stats(sim)
-    rss = rss_mb(gateway.pid)
+    (half_rss, half_held), (rss, held) = samples
+    per_user = (rss - start_rss_mb) * 1024 * 1024 / held
     return {
         "users": count,
+        "memory_users": int(held),
+        "start_rss_mb": start_rss_mb,
+        "bytes_per_user": per_user,
+        # The slope: what each user of the second half added, without the process's
+        # fixed growth (buffers, the heap's high-water mark) that the first half pays.
+        "bytes_per_user_second_half": (rss - half_rss) * 1024 * 1024 / (held - half_held),
         "upstream_calls": after["calls"] - before["calls"],
         "upstream_lookups": after["ids_requested"] - before["ids_requested"],
         "unique_ids": count,
@@ -148,44 +172,6 @@ def wrk_script(path: Path, max_id: int, api_key: str | None = None) -> None:
         "request = function() i = i % #bodies + 1 return wrk.format(nil, nil, nil, bodies[i]) end"
     )
     path.write_text("\n".join(lua) + "\n")
-
-
-def run_wrk(url: str, script: Path, seconds: int) -> dict[str, Any]:
-    """wrk with 1 thread and HOT_CONNECTIONS connections; requests/s and latency."""
-    out = subprocess.run(
-        [
-            "wrk",
-            "-t1",
-            f"-c{HOT_CONNECTIONS}",
-            f"-d{seconds}s",
-            "--latency",
-            "-s",
-            str(script),
-            url,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=seconds + 60,
-        check=True,
-    ).stdout
-
-    def ms(label: str) -> float:
-        match = re.search(rf"^\s+{label}\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
-        if not match:
-            raise RuntimeError(f"no {label} in wrk output:\n{out}")
-        value, unit = float(match.group(1)), match.group(2)
-        return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
-
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    socket_errors = re.search(r"Socket errors: (.*)", out)
-    return {
-        "rps": rps,
-        "p50_ms": ms("50%"),
-        "p99_ms": ms("99%"),
-        "non_2xx": int(errors.group(1)) if errors else 0,
-        "socket_errors": socket_errors.group(1) if socket_errors else "",
-    }
 
 
 def hot(gateway: Process, sim: Process, max_id: int, work: Path) -> dict[str, Any]:
@@ -293,11 +279,6 @@ def warm_from_store(gateway: Process, max_id: int, key: str | None = BENCH_KEY) 
             client.post(f"{gateway.url}/api/users", json={"user_ids": ids}).raise_for_status()
 
 
-def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """The run with the median requests/s."""
-    return sorted(runs, key=lambda r: r["rps"])[len(runs) // 2]
-
-
 def same_size_body(gateway: Process, script: Path) -> bytes:
     """The gateway's answer to the script's first batch: the fixed body the baseline serves."""
     match = re.search(r"\[\[(.*?)\]\]", script.read_text())
@@ -382,17 +363,15 @@ def scale_out(work: Path, sim: Process, max_id: int) -> dict[str, Any]:
     return results
 
 
-def metric(process: Process, name: str) -> float:
-    """One sample of the process's /metrics."""
-    text = httpx.get(f"{process.url}/metrics", timeout=5).text
-    match = re.search(rf"^{re.escape(name)} ([\d.e+-]+)$", text, re.M)
-    assert match is not None, name
-    return float(match.group(1))
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--users", type=int, default=MEMORY_USERS)
+    parser.add_argument(
+        "--only",
+        choices=["all", "store"],
+        default="all",
+        help="store: only the warm-up (memory per user) and the store-path workload",
+    )
     parser.add_argument(
         "--job-seconds",
         type=float,
@@ -409,12 +388,26 @@ def main() -> int:
         gateway = gateway_process(work, sim)
         sim.start("/_sim/stats")
         gateway.start()
+        start_rss = rss_mb(gateway.pid)
         try:
             workloads: dict[str, Any] = {}
+            if args.only == "store":
+                workloads[f"memory ({args.users} users)"] = warm(
+                    gateway, sim, args.users, start_rss
+                )
+                workloads[f"memory ({args.users} users from the store)"] = memory_from_store(
+                    sim, args.users, work
+                )
+                workloads["store path (50-id batches)"] = store_path(gateway, sim, args.users, work)
+                return report_store_only(workloads, args.users)
             workloads["cold overlap"] = cold_overlap(gateway, sim)
             workloads["one miss"] = one_miss(gateway, sim)
-            workloads[f"memory ({args.users} users)"] = warm(gateway, sim, args.users)
+            workloads[f"memory ({args.users} users)"] = warm(gateway, sim, args.users, start_rss)
             workloads["hot (50-id batches)"] = hot(gateway, sim, args.users, work)
+            workloads[f"memory ({args.users} users from the store)"] = memory_from_store(
+                sim, args.users, work
+            )
+            workloads["store path (50-id batches)"] = store_path(gateway, sim, args.users, work)
             if shutil.which("redis-server") is not None:
                 workloads.update(scale_out(work, sim, args.users))
             else:
@@ -453,7 +446,18 @@ def main() -> int:
         f"middleware, added per request (in-process, bare endpoint {costs['bare_us']:.2f} us): "
         + ", ".join(f"{name} {us:.2f} us" for name, us in costs["added_us"].items())
     )
+    print(store_summary_line(workloads["store path (50-id batches)"]))
+    print(memory_summary(workloads, args.users))
     print("\n".join(jobs.summary(workloads)))
+    return verdict(workloads)
+
+
+def report_store_only(workloads: dict[str, Any], users: int) -> int:
+    """`--only store`: the table, the two figures and the verdict (nothing written)."""
+    print(f"machine: {machine()}")
+    print(table({"workloads": workloads}))
+    print(store_summary_line(workloads["store path (50-id batches)"]))
+    print(memory_summary(workloads, users))
     return verdict(workloads)
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import platform
+import re
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -12,6 +14,11 @@ from typing import Any
 import httpx
 
 HERE = Path(__file__).resolve().parent
+HOT_BATCH = 50
+HOT_CONNECTIONS = 16
+HOT_RUN_S = 3
+HOT_ROUNDS = 3
+BYTES_PER_USER_TARGET = 600
 
 
 def rss_mb(pid: int) -> float:
@@ -99,3 +106,54 @@ def verdict(workloads: dict[str, Any]) -> int:
         return 1
     print("all targets met")
     return 0
+
+
+def run_wrk(url: str, script: Path, seconds: int) -> dict[str, Any]:
+    """wrk with 1 thread and HOT_CONNECTIONS connections; requests/s and latency."""
+    out = subprocess.run(
+        [
+            "wrk",
+            "-t1",
+            f"-c{HOT_CONNECTIONS}",
+            f"-d{seconds}s",
+            "--latency",
+            "-s",
+            str(script),
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=seconds + 60,
+        check=True,
+    ).stdout
+
+    def ms(label: str) -> float:
+        match = re.search(rf"^\s+{label}\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+        if not match:
+            raise RuntimeError(f"no {label} in wrk output:\n{out}")
+        value, unit = float(match.group(1)), match.group(2)
+        return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
+
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    socket_errors = re.search(r"Socket errors: (.*)", out)
+    return {
+        "rps": rps,
+        "p50_ms": ms("50%"),
+        "p99_ms": ms("99%"),
+        "non_2xx": int(errors.group(1)) if errors else 0,
+        "socket_errors": socket_errors.group(1) if socket_errors else "",
+    }
+
+
+def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run with the median requests/s."""
+    return sorted(runs, key=lambda r: r["rps"])[len(runs) // 2]
+
+
+def metric(process: Any, name: str) -> float:
+    """One sample of a running process's /metrics (anything with a `url`)."""
+    text = httpx.get(f"{process.url}/metrics", timeout=5).text
+    match = re.search(rf"^{re.escape(name)} ([\d.e+-]+)$", text, re.M)
+    assert match is not None, name
+    return float(match.group(1))

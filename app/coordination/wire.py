@@ -9,7 +9,7 @@ from typing import Any
 import orjson
 
 from app.domain import UserRecord
-from app.gateway.cache import cache_entry, fetched_at
+from app.gateway.cache import cache_entry, fetched_at, record_of
 from app.gateway.coordinator import Abandoned, Event, Evicted, ExpiredBefore, Fetched
 from app.gateway.results import NOT_FOUND, Failure, Outcome
 
@@ -18,7 +18,7 @@ def outcome_to_wire(outcome: Outcome) -> Any:
     """A JSON-ready form: the record's fields, "nf", or [reason, detail]."""
     if isinstance(outcome, Failure):
         return "nf" if outcome.reason == NOT_FOUND.reason else [outcome.reason, outcome.detail]
-    return {"r": list(outcome[2])}
+    return {"r": list(record_of(outcome))}
 
 
 def outcome_from_wire(data: Any) -> Outcome:

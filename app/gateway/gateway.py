@@ -18,14 +18,14 @@ from typing import Any
 
 from app.clock import Clock, wall_clock
 from app.config import Settings
-from app.domain import UserRecord
+from app.domain import StoredUser, UserRecord
 from app.errors import Overloaded, ShuttingDown, StoreUnavailable
 from app.gateway import coordinator as coord
 from app.gateway.admin import CacheAdmin
 from app.gateway.batching import PRIORITY_JOB, PRIORITY_MISS, PRIORITY_REFRESH, BatchQueue
 from app.gateway.breaker import CircuitBreaker
 from app.gateway.budget import Budget, LocalBudget, budget_windows
-from app.gateway.cache import cache_entry
+from app.gateway.cache import from_store
 from app.gateway.flight import Fetch, PendingLookup, cancel_all, wait_idle
 from app.gateway.memory import Memory
 from app.gateway.planner import Planner, loop_clock
@@ -155,22 +155,27 @@ class Gateway:
 
     async def finish(self, lookup: PendingLookup) -> LookupResult:
         """Complete a lookup from the store and fetches, by its deadline."""
-        stored = await self.writes.read(lookup.pending)
-        for record in stored.values():
-            self.memory.remember(record)
+        stored = await self.writes.read_rendered(lookup.pending)
         # From here to the registration there is no await: the worker cannot complete a
         # fetch between our last look at memory and our decision to start a new one.
-        waits = self._join_or_register(self._answer_from_memory(lookup.pending, lookup), lookup)
+        pending = self._answer_from_memory(lookup.pending, lookup, stored=stored)
+        waits = self._join_or_register(pending, lookup)
         if waits:
             await self._wait(waits, lookup)
         return render(lookup.user_ids, lookup.answers, self.stats)
 
     def _answer_from_memory(
-        self, user_ids: Iterable[int], lookup: PendingLookup, now: float | None = None
+        self,
+        user_ids: Iterable[int],
+        lookup: PendingLookup,
+        now: float | None = None,
+        stored: Mapping[int, StoredUser] | None = None,
     ) -> list[int]:
-        """Answer ids from memory, queueing refreshes of stale ones; return the rest. No await."""
+        """Answer ids from memory (and users just read from the store, which memory then
+        holds), queueing refreshes of stale ones; return the rest. No await."""
         now = self.clock() if now is None else now
-        pending, stale = self.memory.answer(user_ids, now, lookup.answers, lookup.previous)
+        answers, previous = lookup.answers, lookup.previous
+        pending, stale = self.memory.answer(user_ids, now, answers, previous, stored)
         for record in stale:
             self.schedule_refresh(record.user_id, record, PRIORITY_REFRESH, now)
         return pending
@@ -316,11 +321,11 @@ class Gateway:
     async def _take_over(self, ids: list[int]) -> None:
         """Ids another process stopped fetching: answer what the store has, queue the rest."""
         try:
-            stored = await self.writes.read(ids)
+            stored = await self.writes.read_rendered(ids)
         except StoreUnavailable:
             stored = {}
         fresh_after = self.clock() - self.settings.cache_ttl_s
-        self._learn({u: cache_entry(r) for u, r in stored.items() if r.fetched_at > fresh_after})
+        self._learn({u: from_store(s) for u, s in stored.items() if s[1] > fresh_after})
         for uid in ids:
             fetch = self.inflight.get(uid)
             if fetch is not None and fetch.taken:

@@ -8,19 +8,11 @@ copy) are tested without an event loop.
 from __future__ import annotations
 
 import math
-from collections import deque
 from collections.abc import Container, Iterable, Mapping, Sequence
 
 from app.config import Settings
-from app.domain import UserRecord
-from app.gateway.cache import (
-    LRU,
-    CachedUser,
-    ExpiringMap,
-    cache_entry,
-    fetched_at,
-    record_of,
-)
+from app.domain import StoredUser, UserRecord
+from app.gateway.cache import LRU, CachedUser, ExpiringMap, fetched_at, from_store, record_of
 from app.gateway.results import NOT_FOUND, SHUTDOWN, Failure, Outcome, Source
 
 Answers = dict[int, tuple[Source, Outcome]]
@@ -53,23 +45,24 @@ class Memory:
         None as soon as one id needs more (a miss, a stale copy). The users found are
         marked as just used.
         """
-        get = self.users.data.get
+        users = self.users
+        get = users.recent.get
         fresh_after = now - self.ttl_s
         entries = []
         missing: list[int] = []
         for uid in user_ids:
             entry = get(uid)
             if entry is None:
-                if self.not_found.get(uid, now) is None:
-                    return None
-                missing.append(uid)
-            elif entry[1] > fresh_after:
+                entry = users.get(uid)  # from the older generation, if there
+                if entry is None:
+                    if self.not_found.get(uid, now) is None:
+                        return None
+                    missing.append(uid)
+                    continue
+            if entry[1] > fresh_after:
                 entries.append(entry)
             else:
                 return None
-        touch = self.users.data.move_to_end
-        held = [u for u in user_ids if u not in missing] if missing else user_ids
-        deque(map(touch, held), maxlen=0)
         return entries, missing
 
     def answer(
@@ -78,22 +71,33 @@ class Memory:
         now: float,
         answers: Answers,
         previous: dict[int, UserRecord],
+        stored: Mapping[int, StoredUser] | None = None,
     ) -> tuple[list[int], list[UserRecord]]:
         """Answer what memory can: fresh users, stale ones (to refresh), ids known missing.
 
-        Returns the ids still to look up, and the stale users served, which need a
-        refresh. A user too stale to serve is a miss whose record goes in `previous`
-        (its refresh keeps `created_at`).
+        `stored` are users just read from the store: each is held (unless memory holds a
+        newer copy) and answered as it is, its JSON already rendered. Returns the ids still
+        to look up, and the stale users served, which need a refresh. A user too stale to
+        serve is a miss whose record goes in `previous` (its refresh keeps `created_at`).
         """
         fresh_after = now - self.ttl_s
         servable_after = fresh_after - self.stale_if_error_s
-        users_get, not_found_get = self.users.get, self.not_found.get
+        users = self.users
+        # The common cases without a method call: held in the recent generation, or in
+        # neither generation nor the not-found cache (the store path's ids).
+        recent_get, older, not_found = users.recent.get, users.older, self.not_found
         pending: list[int] = []
         stale: list[UserRecord] = []
         for uid in user_ids:
-            entry = users_get(uid)
+            entry = recent_get(uid)
+            if entry is None and uid in older:
+                entry = users.get(uid)
+            found = stored.get(uid) if stored else None
+            if found is not None and (entry is None or entry[1] < found[1]):
+                entry = from_store(found)
+                users.put(uid, entry)
             if entry is not None:
-                fetched = fetched_at(entry)
+                fetched = entry[1]
                 if fetched > fresh_after:
                     answers[uid] = ("cache", entry)
                     continue
@@ -102,17 +106,11 @@ class Memory:
                     stale.append(record_of(entry))
                     continue
                 previous[uid] = record_of(entry)
-            if not_found_get(uid, now) is not None:
+            if uid in not_found.data and not_found.get(uid, now) is not None:
                 answers[uid] = ("cache", NOT_FOUND)
                 continue
             pending.append(uid)
         return pending, stale
-
-    def remember(self, record: UserRecord) -> None:
-        """Hold a stored record unless a newer copy is held already."""
-        held = self.users.get(record.user_id)
-        if held is None or fetched_at(held) < record.fetched_at:
-            self.users.put(record.user_id, cache_entry(record))
 
     def learn(self, user_id: int, outcome: Outcome, now: float, *, hold: bool = True) -> Outcome:
         """Record a fetch's outcome; returns what to answer (a newer held copy wins).

@@ -9,7 +9,7 @@ from typing import Literal, get_args
 import orjson
 
 from app.domain import UserRecord
-from app.gateway.cache import CACHE_TAIL, CachedUser, cache_entry
+from app.gateway.cache import CACHE_JOIN, CACHE_TAIL, CachedUser, cache_entry, user_id_of
 from app.gateway.stats import GatewayStats
 
 Source = Literal["cache", "stale", "fetched", "shared"]
@@ -44,7 +44,6 @@ QUOTA = Failure("quota", "this client is past KEY_MISSES_PER_MIN new ids; cached
 Outcome = CachedUser | Failure
 """One id's answer: the cached user, or why there is none."""
 
-_CUT = -len(CACHE_TAIL)
 _TAIL: dict[str, bytes] = {
     source: b',"source":"%s","stale":%s}'
     % (source.encode(), b"true" if source == "stale" else b"false")
@@ -54,7 +53,7 @@ _NOTHING_MISSING = b'"not_found":[],"unavailable":[],"errors":{}}'
 
 
 def _user_json(entry: CachedUser, source: Source) -> bytes:
-    return entry[0] if source == "cache" else entry[0][:_CUT] + _TAIL[source]
+    return entry[0] + _TAIL[source]
 
 
 @dataclass(slots=True)
@@ -74,7 +73,7 @@ class LookupResult:
     @property
     def user_ids(self) -> list[int]:
         """The ids of the users found, in request order."""
-        return [entry[2][0] for entry in self.users]
+        return [user_id_of(entry) for entry in self.users]
 
     def user_json(self, index: int) -> bytes:
         """One user object as JSON."""
@@ -84,10 +83,13 @@ class LookupResult:
     def to_json(self) -> bytes:
         """The JSON body of `POST /api/users`, spliced from pre-rendered users."""
         if self.sources is None:
-            users = b",".join([entry[0] for entry in self.users])
+            # The users' JSON lacks its closing brace: the fresh hits' tail goes in the join.
+            users = CACHE_JOIN.join([entry[0] for entry in self.users])
+            tail = CACHE_TAIL if self.users else b""
         else:
             users = b",".join(map(_user_json, self.users, self.sources))
-        head = b'{"users":[%b],"total_count":%d,' % (users, len(self.users))
+            tail = b""
+        head = b'{"users":[%b%b],"total_count":%d,' % (users, tail, len(self.users))
         if not (self.not_found or self.unavailable):
             return head + _NOTHING_MISSING
         rest = orjson.dumps(
@@ -108,9 +110,7 @@ def render(
         if not isinstance(outcome, Failure):
             users.append(outcome)
             sources.append(source)
-            if source == "cache":
-                stats.cache_hits += 1
-            elif source == "stale":
+            if source == "stale":
                 stats.stale_hits += 1
         elif outcome.reason == "not_found":
             result.not_found.append(uid)
@@ -122,6 +122,10 @@ def render(
             result.errors[str(uid)] = outcome.reason
             stats.unavailable += 1
             stats.unavailable_reasons[outcome.reason] += 1
+    hits = sources.count("cache")
+    stats.cache_hits += hits
+    if hits == len(sources):
+        result.sources = None  # every user fresh from the cache: one join, as in the hot path
     return result
 
 

@@ -9,15 +9,29 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass, field
 
 from app.config import Settings
-from app.domain import UserRecord
+from app.domain import StoredUser, UserRecord
 from app.errors import StoreUnavailable
 from app.gateway.resilient import backoff_s
 from app.gateway.stats import GatewayStats
 from app.store.base import UserStore
 
 log = logging.getLogger("app.gateway")
+
+
+@dataclass(slots=True)
+class StoreRead:
+    """One store read lookups share: the ids they asked for, and its outcome."""
+
+    done: asyncio.Future[dict[int, StoredUser]]
+    ids: set[int] = field(default_factory=set)
+
+    def fail(self, exc: StoreUnavailable) -> None:
+        """Fail every lookup waiting (one that gave up leaves the error unread: no warning)."""
+        self.done.set_exception(exc)
+        self.done.exception()
 
 
 class WriteBehind:
@@ -32,6 +46,10 @@ class WriteBehind:
         self._unsaved: dict[int, UserRecord] = {}
         self._saving: dict[int, UserRecord] = {}
         """What a save under way is writing (not yet in the store)."""
+        self._reading = False
+        """A store read for lookups is on its way: lookups queue for the next one."""
+        self._next_read: StoreRead | None = None
+        self._read_task: asyncio.Task[None] | None = None
 
     @property
     def pending(self) -> bool:
@@ -105,6 +123,62 @@ class WriteBehind:
         """Stored users among `user_ids`; raises StoreUnavailable (and marks the store down)."""
         try:
             stored = await self.store.get_many(user_ids)
+        except StoreUnavailable:
+            self.stats.store_errors += 1
+            self.store_ready = False
+            raise
+        self.store_ready = True
+        return stored
+
+    async def read_rendered(self, user_ids: list[int]) -> dict[int, StoredUser]:
+        """Stored users among `user_ids` as lookups answer them (their JSON and
+        `fetched_at`); raises StoreUnavailable (and marks the store down).
+
+        Lookups that need the store while a read is on its way go together in the next
+        one: one query, and one trip to the store's thread, for all of them. They would
+        wait for the read on its way anyway (a connection runs one query at a time), so
+        none waits longer; a lookup alone reads at once. One that gives up cancels only
+        its own read, never one others wait for.
+        """
+        if not self._reading:
+            self._reading = True
+            try:
+                return await self._query(user_ids)
+            finally:
+                self._read_next()
+        batch = self._next_read
+        if batch is None:
+            batch = self._next_read = StoreRead(asyncio.get_running_loop().create_future())
+        batch.ids.update(user_ids)
+        await asyncio.wait([batch.done])
+        failure = batch.done.exception()
+        if failure is not None:
+            raise StoreUnavailable(str(failure))
+        stored = batch.done.result()
+        return {uid: stored[uid] for uid in user_ids if uid in stored}
+
+    def _read_next(self) -> None:
+        """The read on its way has ended: start the one lookups queued meanwhile, if any."""
+        batch, self._next_read = self._next_read, None
+        if batch is None:
+            self._reading = False
+            return
+        self._read_task = asyncio.create_task(self._read_batch(batch), name="store-read")
+
+    async def _read_batch(self, batch: StoreRead) -> None:
+        try:
+            batch.done.set_result(await self._query(list(batch.ids)))
+        except StoreUnavailable as exc:
+            batch.fail(exc)
+        except BaseException as exc:
+            batch.fail(StoreUnavailable(f"the store read failed: {exc!r}"))
+            raise
+        finally:
+            self._read_next()
+
+    async def _query(self, user_ids: list[int]) -> dict[int, StoredUser]:
+        try:
+            stored = await self.store.get_rendered(user_ids)
         except StoreUnavailable:
             self.stats.store_errors += 1
             self.store_ready = False

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 from typing import Literal, Protocol
 
-from app.domain import UserRecord
+from app.domain import StoredUser, UserRecord
 
 StoreKind = Literal["sqlite", "mongodb"]
 
@@ -40,8 +40,24 @@ class UserStore(Protocol):
         """The stored users among `user_ids`, in one query; absent ids are left out."""
         ...
 
+    async def get_rendered(self, user_ids: Collection[int]) -> dict[int, StoredUser]:
+        """The stored users among `user_ids` as a lookup answers them: each one's JSON
+        (`UserRecord.rendered()` of the stored fields) and `fetched_at`, in one query.
+
+        The JSON is kept beside the fields, so a hit is neither parsed nor rendered; a
+        user saved before the JSON was kept (or whose JSON was dropped, see `upsert_many`)
+        is rendered from its fields.
+        """
+        ...
+
     async def upsert_many(self, users: Sequence[UserRecord]) -> None:
-        """Insert or update users in one round trip; a stored `created_at` is never overwritten."""
+        """Insert or update users, with their JSON, in one round trip.
+
+        A stored `created_at` is never overwritten, and an older copy never replaces a
+        newer one. When the stored `created_at` shows as another second than the one
+        saved, the saved JSON (which shows the latter) is dropped: `get_rendered` renders
+        that user from its fields until the next save.
+        """
 
     async def delete(self, user_id: int) -> bool:
         """Remove one user; True when it was there."""

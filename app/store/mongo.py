@@ -5,18 +5,21 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 from pymongo import ASCENDING, AsyncMongoClient, UpdateOne
 from pymongo.errors import BulkWriteError, PyMongoError
 
-from app.domain import UserRecord
+from app.domain import StoredUser, UserRecord
 from app.errors import StoreUnavailable
 
 DUPLICATE_KEY = 11000
 
 PROJECTION = {"_id": 0}
+RENDERED = {"_id": 0, "user_id": 1, "fetched_at": 1, "json": 1}
+"""What a hit needs: the rest of a document is neither sent nor decoded."""
+SECOND = timedelta(seconds=1)
 
 
 class MongoUserStore:
@@ -73,21 +76,68 @@ class MongoUserStore:
             documents = await cursor.to_list(None)
         return {doc["user_id"]: _record(doc) for doc in documents}
 
+    async def get_rendered(self, user_ids: Collection[int]) -> dict[int, StoredUser]:
+        """The stored users among `user_ids`, their JSON as stored, in one `$in` query
+        that projects only it and `fetched_at`; documents without it (saved before it was
+        kept) are read whole by a second query and rendered."""
+        if not user_ids:
+            return {}
+        older: list[dict[str, Any]] = []
+        async with self._guard():
+            cursor = self._users.find({"user_id": {"$in": list(user_ids)}}, RENDERED)
+            documents = await cursor.to_list(None)
+            bare = [doc["user_id"] for doc in documents if doc.get("json") is None]
+            if bare:
+                cursor = self._users.find({"user_id": {"$in": bare}}, PROJECTION)
+                older = await cursor.to_list(None)
+        found: dict[int, StoredUser] = {}
+        for doc in documents:
+            json = doc.get("json")
+            if json is not None:
+                found[doc["user_id"]] = (bytes(json), _timestamp(doc["fetched_at"]) or 0.0)
+        for doc in older:
+            record = _record(doc)
+            found[record.user_id] = (record.rendered(), record.fetched_at)
+        return found
+
     async def upsert_many(self, users: Sequence[UserRecord]) -> None:
-        """One unordered bulk_write of upserts; `created_at` only on insert."""
+        """One unordered bulk_write of two updates a user; `created_at` only on insert.
+
+        The first sets the fields and the JSON where the stored `created_at` shows as the
+        same second as the saved one (or inserts the user); the second, where it shows
+        otherwise, sets the fields and drops the JSON (it shows the wrong `created_at`:
+        the user is rendered from its fields on read until its next save). Their filters
+        exclude each other, so the order they run in does not matter.
+        """
         if not users:
             return
         operations = []
         for user in users:
             document = _document(user)
             created_at = document.pop("created_at")
+            first = _datetime(float(user.created_at // 1))
+            same_second = {"$gte": first, "$lt": first + SECOND}
+            other_second = [
+                {"created_at": {"$lt": first}},
+                {"created_at": {"$gte": first + SECOND}},
+                {"created_at": {"$exists": False}},
+            ]
             # Matches only an older copy (or none): a late writer never replaces a newer
             # one. Its upsert then collides on the unique user_id, which is ignored below.
+            newer = {"user_id": user.user_id, "fetched_at": {"$lte": document["fetched_at"]}}
             operations.append(
                 UpdateOne(
-                    {"user_id": user.user_id, "fetched_at": {"$lte": document["fetched_at"]}},
-                    {"$set": document, "$setOnInsert": {"created_at": created_at}},
+                    {**newer, "created_at": same_second},
+                    {
+                        "$set": {**document, "json": user.rendered()},
+                        "$setOnInsert": {"created_at": created_at},
+                    },
                     upsert=True,
+                )
+            )
+            operations.append(
+                UpdateOne(
+                    {**newer, "$or": other_second}, {"$set": document, "$unset": {"json": ""}}
                 )
             )
         async with self._guard():

@@ -19,6 +19,7 @@ from app.errors import StoreUnavailable
 from app.store import SqliteUserStore, create_store
 from app.store.mongo import MongoUserStore
 from tests.store.conftest import mongomock_store
+from tests.store.raw import save_as_before_the_json
 
 
 @pytest.fixture(autouse=True)
@@ -91,3 +92,33 @@ async def test_create_store_picks_the_store_from_the_settings(tmp_path: Path) ->
     assert isinstance(mongo, MongoUserStore)
     assert (mongo.kind, mongo.setting) == ("mongodb", "MONGODB_URL")
     await mongo.close()
+
+
+async def test_a_hit_is_one_find_that_projects_only_the_json_and_fetched_at(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    store = mongomock_store()
+    await store.open()
+    now = float(int(time.time()))
+    users = [
+        UserRecord(i, f"u{i}", "A Name", "Kenya", created_at=now, fetched_at=now)
+        for i in range(100)
+    ]
+    await store.upsert_many(users)
+    await save_as_before_the_json(store, UserRecord(100, "old", created_at=now, fetched_at=now))
+    projections: list[dict[str, Any]] = []
+    collection: Any = store._users
+    original = collection.find
+
+    def find(query: Any, projection: dict[str, Any], *args: Any, **kw: Any) -> Any:
+        projections.append(projection)
+        return original(query, projection, *args, **kw)
+
+    monkeypatch.setattr(collection, "find", find)
+    found = await store.get_rendered(list(range(100)))
+    assert found == {u.user_id: (u.rendered(), now) for u in users}
+    assert projections == [{"_id": 0, "user_id": 1, "fetched_at": 1, "json": 1}]
+    # A document from before the JSON was kept costs one more find, whole.
+    old = await store.get_rendered([99, 100])
+    assert sorted(old) == [99, 100] and len(projections) == 3
+    assert projections[2] == {"_id": 0}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 from pathlib import Path
 
@@ -12,6 +13,8 @@ import pytest
 from app.domain import UserRecord
 from app.errors import StoreUnavailable
 from app.store import SqliteUserStore
+from app.store.sqlite import MMAP_BYTES
+from tests.store.raw import file_from_before_the_json
 
 
 async def test_users_survive_closing_and_reopening_the_file(tmp_path: Path) -> None:
@@ -76,4 +79,65 @@ async def test_concurrent_saves_all_succeed(tmp_path: Path) -> None:
         ]
         await asyncio.gather(*saves)
     assert await store.count() == 10 * 50 * 20
+    await store.close()
+
+
+async def test_a_file_from_before_the_json_was_kept_is_upgraded_and_served(
+    tmp_path: Path,
+) -> None:
+    """A user upgrading keeps their cache: the column is added, old rows answer as memory
+    would, and two processes opening the file at once both open it."""
+    path = tmp_path / "users.db"
+    old = [UserRecord(i, f"u{i}", "Old User", created_at=5.5, fetched_at=6.25) for i in (1, 2)]
+    file_from_before_the_json(path, old)
+    first, second = SqliteUserStore(path), SqliteUserStore(path)
+    await asyncio.gather(first.open(), second.open())
+    assert await first.get_rendered([1, 2]) == {u.user_id: (u.rendered(), 6.25) for u in old}
+    assert await second.count() == 2
+    await first.close()
+    await second.close()
+
+
+async def test_a_batch_is_one_query_on_the_read_connection(tmp_path: Path) -> None:
+    store = SqliteUserStore(tmp_path / "users.db")
+    await store.open()
+    now = time.time()
+    await store.upsert_many(
+        [UserRecord(i, "u", created_at=now, fetched_at=now) for i in range(100)]
+    )
+    reads: list[str] = []
+    writes: list[str] = []
+    assert store._reader is not None and store._db is not None
+    await store._reader.set_trace_callback(reads.append)
+    await store._db.set_trace_callback(writes.append)
+    assert len(await store.get_rendered(list(range(100)))) == 100
+    assert [sql.split()[0] for sql in reads] == ["SELECT"] and writes == []
+    mapped = await store._reader.execute_fetchall("PRAGMA mmap_size")
+    assert list(mapped) == [(MMAP_BYTES,)]
+    await store.close()
+
+
+async def test_reads_do_not_wait_for_a_save_held_up_by_another_writer(tmp_path: Path) -> None:
+    """A save waiting for the write lock (another process writing) holds up the write
+    connection; a lookup's read must not queue behind it."""
+    path = tmp_path / "users.db"
+    store = SqliteUserStore(path)
+    await store.open()
+    now = time.time()
+    await store.upsert_many([UserRecord(1, "one", created_at=now, fetched_at=now)])
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another writer holds the lock
+    save = asyncio.create_task(
+        store.upsert_many([UserRecord(2, "two", created_at=now, fetched_at=now)])
+    )
+    await asyncio.sleep(0)  # the save is queued on the write connection, waiting for the lock
+    try:
+        found = await asyncio.wait_for(store.get_rendered([1, 2]), timeout=2)
+        assert list(found) == [1]
+        assert not save.done(), "the save was still waiting: the read did not queue behind it"
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    await save
+    assert sorted(await store.get_rendered([1, 2])) == [1, 2]
     await store.close()

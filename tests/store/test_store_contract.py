@@ -7,7 +7,9 @@ import time
 import pytest
 
 from app.domain import UserRecord
+from app.gateway.cache import cache_entry
 from app.store import UserStore
+from tests.store.raw import save_as_before_the_json, stored_json
 
 NOW = float(int(time.time()))
 
@@ -116,3 +118,67 @@ async def test_an_older_copy_never_replaces_a_newer_one(store: UserStore) -> Non
     assert 41 in stored, "the rest of the batch is saved"
     await store.upsert_many([user(40, fetched_at=NOW + 60, username="newest")])
     assert (await store.get_many([40]))[40].username == "newest"
+
+
+def answered(record: UserRecord) -> tuple[bytes, float]:
+    """What a lookup answers for `record` from memory: its JSON, and when it was fetched."""
+    return record.rendered(), record.fetched_at
+
+
+async def test_a_stored_user_answers_exactly_what_memory_would(store: UserStore) -> None:
+    full = user(10)
+    sparse = user(11, display_name=None, city=None, registration_date=None, avatar_url=None)
+    foreign = user(12, username="zoë_☃", display_name='A "quoted" \\ name', city="Zürich")
+    await store.upsert_many([full, sparse, foreign])
+    assert await store.get_rendered([]) == {}
+    found = await store.get_rendered([10, 11, 12, 13])
+    assert found == {10: answered(full), 11: answered(sparse), 12: answered(foreign)}
+    assert found[12][0] == cache_entry(foreign)[0] + b"}", "the very bytes memory holds"
+
+
+async def test_a_user_stored_before_the_json_was_kept_still_answers(store: UserStore) -> None:
+    old = user(30, created_at=NOW - 5000.25, fetched_at=NOW - 100.5)
+    await save_as_before_the_json(store, old)
+    assert await stored_json(store, 30) is None
+    assert await store.get_rendered([30]) == {30: answered(old)}
+    refreshed = user(30, username="renamed", created_at=NOW - 5001, fetched_at=NOW)
+    await store.upsert_many([refreshed])  # the next save, showing the same second, keeps it
+    assert await stored_json(store, 30) == refreshed.rendered()
+    assert await store.get_rendered([30]) == {30: answered(refreshed)}
+
+
+async def test_a_changed_user_s_json_is_replaced_on_save_and_keeps_created_at(
+    store: UserStore,
+) -> None:
+    first = user(40, fetched_at=NOW - 1000, created_at=NOW - 1000.5)
+    await store.upsert_many([first])
+    # A refresh carries the created_at memory showed (whole seconds): the same JSON.
+    renamed = user(40, username="renamed", city="Mombasa", fetched_at=NOW, created_at=NOW - 1001)
+    await store.upsert_many([renamed])
+    assert await store.get_rendered([40]) == {40: answered(renamed)}
+    assert await stored_json(store, 40) == renamed.rendered()
+    # A writer that did not know the user shows another created_at: the stored one is
+    # kept, and so is what the store answers (rendered from the fields).
+    stranger = user(40, username="again", fetched_at=NOW + 10, created_at=NOW + 10)
+    await store.upsert_many([stranger])
+    kept = stranger._replace(created_at=NOW - 1000.5)
+    assert await store.get_rendered([40]) == {40: answered(kept)}
+    assert (await store.get_many([40]))[40].created_at == NOW - 1000.5
+    # Its next save by a writer that knows created_at keeps the JSON again.
+    again = user(40, username="again", fetched_at=NOW + 20, created_at=NOW - 1001)
+    await store.upsert_many([again])
+    assert await stored_json(store, 40) == again.rendered()
+
+
+async def test_an_older_copy_never_replaces_a_newer_one_s_json(store: UserStore) -> None:
+    newer = user(50, username="newer", fetched_at=NOW)
+    await store.upsert_many([newer])
+    await store.upsert_many([user(50, username="older", fetched_at=NOW - 60, created_at=NOW)])
+    assert await store.get_rendered([50]) == {50: answered(newer)}
+
+
+async def test_get_rendered_reads_a_batch_of_250(store: UserStore) -> None:
+    users = [user(i) for i in range(1000, 1250)]
+    await store.upsert_many(users)
+    found = await store.get_rendered(list(range(1000, 1260)))
+    assert found == {u.user_id: answered(u) for u in users}

@@ -14,7 +14,7 @@ import pytest
 from fastapi import FastAPI
 
 from app.config import Settings
-from app.domain import UserRecord
+from app.domain import StoredUser, UserRecord
 from app.errors import StoreUnavailable
 from app.gateway import Gateway
 from app.http.state import services_of
@@ -71,6 +71,12 @@ class FlakyStore(SqliteUserStore):
 
     async def get_many(self, user_ids: Collection[int]) -> dict[int, UserRecord]:
         found = await super().get_many(user_ids)
+        if self.after_read is not None:
+            await self.after_read()
+        return found
+
+    async def get_rendered(self, user_ids: Collection[int]) -> dict[int, StoredUser]:
+        found = await super().get_rendered(user_ids)
         if self.after_read is not None:
             await self.after_read()
         return found

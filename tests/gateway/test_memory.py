@@ -1,0 +1,150 @@
+"""What memory holds for a cached user, what it costs, and how the LRU forgets: no I/O."""
+
+from __future__ import annotations
+
+import gc
+import tracemalloc
+from pathlib import Path
+
+import orjson
+from hypothesis import given
+from hypothesis import strategies as st
+
+from app.config import Settings
+from app.domain import UserRecord
+from app.gateway.cache import LRU, cache_entry, from_store, record_of, user_id_of
+from app.gateway.memory import Answers, Memory
+from app.gateway.results import LookupResult, render
+from app.gateway.stats import GatewayStats
+
+NOW = 1_800_000_000.0
+
+
+def user(user_id: int, *, fetched_at: float = NOW, **fields: object) -> UserRecord:
+    values: dict[str, object] = {
+        "username": f"amberfalcon{user_id}",
+        "display_name": f"Amber Falcon {user_id}",
+        "country": "Australia",
+        "city": "Sydney",
+        "role": "freelancer",
+        "registration_date": 1_400_000_000.0 + user_id,
+        "avatar_url": f"https://cdn.example.test/avatars/{user_id}.jpg",
+        "created_at": fetched_at - 86_000.75,
+        "fetched_at": fetched_at,
+    }
+    values.update(fields)
+    return UserRecord(user_id, **values)  # type: ignore[arg-type]
+
+
+def memory(tmp_path: Path, **overrides: object) -> Memory:
+    return Memory(Settings(_env_file=None, sqlite_path=tmp_path / "u.db", **overrides))  # type: ignore[arg-type]
+
+
+def test_an_entry_is_the_json_and_fetched_at_and_gives_the_record_back() -> None:
+    record = user(12345, fetched_at=NOW + 0.625, display_name='Zoë "Z" ☃', city=None)
+    entry = cache_entry(record)
+    assert entry == (record.rendered()[:-1], NOW + 0.625)
+    assert type(entry) is tuple and all(type(part) in (bytes, float) for part in entry)
+    assert from_store((record.rendered(), record.fetched_at)) == entry
+    assert user_id_of(entry) == 12345
+    # The record read back shows what clients saw: times to the second, fetched_at exact.
+    back = record_of(entry)
+    assert back == record._replace(created_at=NOW - 86_001, registration_date=1_400_012_345.0)
+    assert back.rendered() == record.rendered()
+
+
+def test_a_cached_user_costs_its_json_and_little_more() -> None:
+    """Memory per cached user: its JSON, the entry and the map's slot; not a record."""
+    records = [user(i) for i in range(10_000, 12_000)]
+    json_bytes = sum(len(r.rendered()) for r in records)
+    lru: LRU[tuple[bytes, float]] = LRU(100_000)
+    gc.collect()
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    for record in records:
+        lru.put(record.user_id, cache_entry(record))
+    held = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    overhead = (held - json_bytes) / len(records)
+    # bytes header 33, tuple 56, float 24, dict slot about 52: 165 B; the earlier tuple of
+    # every field added about 600 B more.
+    assert overhead < 200, f"{overhead:.0f} B per user beyond its JSON"
+
+
+def test_the_lru_holds_at_most_maxsize_and_forgets_the_unused_first() -> None:
+    lru: LRU[str] = LRU(4)
+    for key in (1, 2, 3, 4):
+        lru.put(key, f"v{key}")
+    lru.put(5, "v5")  # full: the first in goes
+    assert 1 not in lru and len(lru) == 4
+    assert lru.get(2) == "v2"  # used since: kept
+    lru.put(6, "v6")
+    lru.put(7, "v7")
+    assert [k for k in (2, 3, 4, 5, 6, 7) if k in lru] == [2, 5, 6, 7]
+    lru.put(5, "v5 again")  # a replacement takes no room
+    assert len(lru) == 4 and lru.get(5) == "v5 again"
+    assert lru.pop(6) == "v6" and lru.pop(6) is None and len(lru) == 3
+
+
+@given(
+    st.lists(st.tuples(st.sampled_from(["put", "get", "pop"]), st.integers(0, 12)), max_size=300)
+)
+def test_the_lru_never_grows_past_maxsize_nor_answers_a_wrong_value(
+    operations: list[tuple[str, int]],
+) -> None:
+    lru: LRU[tuple[int, int]] = LRU(5)
+    last: dict[int, tuple[int, int]] = {}
+    for step, (operation, key) in enumerate(operations):
+        if operation == "put":
+            last[key] = (key, step)
+            lru.put(key, last[key])
+            assert lru.get(key) == last[key], "a key just put is held"
+        elif operation == "get":
+            value = lru.get(key)
+            assert value is None or value == last.get(key)
+        else:
+            lru.pop(key)
+            last.pop(key, None)
+            assert key not in lru
+        assert len(lru) <= 5
+        assert len(lru.items()) == len(lru)
+
+
+def test_store_hits_are_held_unless_memory_has_a_newer_copy(tmp_path: Path) -> None:
+    held = memory(tmp_path, cache_ttl_s=1000)
+    newer, older = user(1, fetched_at=NOW), user(1, fetched_at=NOW - 10, username="older")
+    held.learn(1, cache_entry(newer), NOW)
+    answers: Answers = {}
+    two = user(2, fetched_at=NOW - 5)
+    stored = {1: (older.rendered(), older.fetched_at), 2: (two.rendered(), two.fetched_at)}
+    pending, stale = held.answer([1, 2, 3], NOW, answers, {}, stored)
+    assert (pending, stale) == ([3], [])
+    assert answers[1] == ("cache", cache_entry(newer)), "a fetch that landed meanwhile wins"
+    assert answers[2] == ("cache", cache_entry(two))
+    assert held.fresh([1, 2], NOW) == ([cache_entry(newer), answers[2][1]], []), "now held"
+
+
+def test_a_batch_of_fresh_hits_renders_as_one_join_the_same_bytes(tmp_path: Path) -> None:
+    """The hot path's join and the per-user path give one body, as orjson would write it."""
+    users = [user(i) for i in (3, 1, 2)]
+    entries = [cache_entry(u) for u in users]
+    joined = LookupResult(entries).to_json()
+    answers: Answers = {u.user_id: ("cache", e) for u, e in zip(users, entries, strict=True)}
+    stats = GatewayStats()
+    rendered = render([3, 1, 2], answers, stats)
+    assert rendered.sources is None and stats.cache_hits == 3
+    assert rendered.to_json() == joined
+    expected = {
+        "users": [{**u.public(), "source": "cache", "stale": False} for u in users],
+        "total_count": 3,
+        "not_found": [],
+        "unavailable": [],
+        "errors": {},
+    }
+    assert joined == orjson.dumps(expected)
+    answers[1] = ("stale", entries[1])
+    mixed = render([3, 1, 2], answers, GatewayStats())
+    expected["users"][1].update(source="stale", stale=True)  # type: ignore[index]
+    assert mixed.to_json() == orjson.dumps(expected)
+    assert mixed.user_json(1) == orjson.dumps(expected["users"][1])  # type: ignore[index]
+    assert LookupResult([]).to_json() == orjson.dumps({**expected, "users": [], "total_count": 0})
