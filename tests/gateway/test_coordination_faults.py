@@ -373,19 +373,26 @@ async def test_other_processes_are_answered_before_a_failing_or_slow_save(
 # ---- 5. learn only what someone here waits for -----------------------------------------
 
 
+def held_fetched_at(node: Node, user_id: int) -> float:
+    """When the copy `node`'s memory holds of `user_id` was fetched (it must hold one)."""
+    entry = node.gateway.memory.users.get(user_id)
+    assert entry is not None, f"{user_id} is not held"
+    return fetched_at(entry)
+
+
 async def test_a_crawl_on_one_process_does_not_fill_the_others_memory(
     start_node: StartNode, redis: Redis
 ) -> None:
     crawling = await start_node()
     other = await start_node()
     await other.gateway.lookup([3000])  # a user the other process's clients asked for
-    held_at = fetched_at(other.gateway.memory.users.data[3000])
+    held_at = held_fetched_at(other, 3000)
     await redis.delete("t:{3000}:done")  # the crawl fetches it again rather than reuse it
     await asyncio.sleep(0.01)  # a later fetched_at
     for first in range(1, 3001, 500):  # as a job does: a chunk at a time, within QUEUE_MAX
         assert all(crawling.gateway.enlist(range(first, first + 500), {}).values())
         assert await crawling.gateway.wait_idle(20)
-    await until(lambda: fetched_at(other.gateway.memory.users.data[3000]) > held_at)
+    await until(lambda: held_fetched_at(other, 3000) > held_at)
     assert len(other.gateway.memory) == 1, "updated what it held, added nothing"
     assert len(other.gateway.memory.not_found.data) == 0
 
