@@ -155,7 +155,7 @@ class Gateway:
 
     async def finish(self, lookup: PendingLookup) -> LookupResult:
         """Complete a lookup from the store and fetches, by its deadline."""
-        stored = await self.writes.read_rendered(lookup.pending)
+        stored = self._with_unsaved(lookup.pending, await self.writes.read_rendered(lookup.pending))
         # From here to the registration there is no await: the worker cannot complete a
         # fetch between our last look at memory and our decision to start a new one.
         pending = self._answer_from_memory(lookup.pending, lookup, stored=stored)
@@ -163,6 +163,20 @@ class Gateway:
         if waits:
             await self._wait(waits, lookup)
         return render(lookup.user_ids, lookup.answers, self.stats)
+
+    def _with_unsaved(
+        self, user_ids: list[int], stored: dict[int, StoredUser]
+    ) -> dict[int, StoredUser]:
+        """`stored`, with the copies the store may not have yet (a job's fetch, not held in
+        memory, whose save failed or is under way) where they are newer."""
+        if not self.writes.holding:
+            return stored
+        held = self.writes.held
+        for uid in user_ids:
+            record = held(uid)
+            if record is not None and (uid not in stored or stored[uid][1] < record.fetched_at):
+                stored[uid] = (record.rendered(), record.fetched_at)
+        return stored
 
     def _answer_from_memory(
         self,
@@ -292,6 +306,7 @@ class Gateway:
         for uid in ids:
             fetch = self.inflight.pop(uid, None)
             hold = fetch is not None and (not fetch.background or fetch.waiters > 0)
+            hold = hold or uid in self.writes.reading  # a lookup's read may miss its save
             outcome = self.memory.learn(uid, outcomes.get(uid, default), now, hold=hold)
             if fetch is not None and not fetch.future.done():
                 fetch.future.set_result(outcome)

@@ -93,7 +93,11 @@ class Memory:
             if entry is None and uid in older:
                 entry = users.get(uid)
             found = stored.get(uid) if stored else None
-            if found is not None and (entry is None or entry[1] < found[1]):
+            if (
+                found is not None
+                and (entry is None or entry[1] < found[1])
+                and not self.evicted_after(uid, found[1])
+            ):
                 entry = from_store(found)
                 users.put(uid, entry)
             if entry is not None:
@@ -122,6 +126,8 @@ class Memory:
             held = self.users.get(user_id)
             if held is not None and fetched_at(held) > fetched_at(outcome):
                 outcome = held
+            if self.evicted_after(user_id, fetched_at(outcome)):
+                return outcome  # answered, but a copy from before an eviction is not held
             if hold or held is not None:
                 self.users.put(user_id, outcome)
             self.failing.pop(user_id)
@@ -151,6 +157,12 @@ class Memory:
         held = self.users.pop(user_id) is not None
         return held | self.not_found.pop(user_id) | self.failing.pop(user_id)
 
+    def evicted_after(self, user_id: int, fetched: float) -> bool:
+        """Whether `user_id` was evicted after a copy fetched at `fetched` (a store read or
+        a fetch that was under way when the eviction came): that copy must not be held."""
+        evicted = self.evicted.data
+        return bool(evicted) and evicted.get(user_id, (0, 0.0))[1] > fetched
+
     def unevicted(self, records: list[UserRecord]) -> list[UserRecord]:
         """`records` but those fetched before their id was evicted: the eviction asked
         for a copy fetched after it, so they are not saved."""
@@ -160,10 +172,7 @@ class Memory:
     def evicted_since_fetch(self, records: list[UserRecord]) -> list[int]:
         """Ids of `records` evicted after the record was fetched (a save that was under
         way when the eviction arrived must be undone)."""
-        evicted = self.evicted.data
-        if not evicted:
-            return []
-        return [r.user_id for r in records if evicted.get(r.user_id, (0, 0.0))[1] > r.fetched_at]
+        return [r.user_id for r in records if self.evicted_after(r.user_id, r.fetched_at)]
 
     def expire_before(self, cutoff: float) -> int:
         """Drop users fetched before `cutoff`; how many were dropped. An infinite cutoff

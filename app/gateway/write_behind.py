@@ -48,6 +48,9 @@ class WriteBehind:
         """What a save under way is writing (not yet in the store)."""
         self._reading = False
         """A store read for lookups is on its way: lookups queue for the next one."""
+        self.reading: dict[int, int] = {}
+        """Ids lookups are reading from the store now, and by how many: a fetch of one that
+        completes meanwhile is held in memory, since the read may have missed its save."""
         self._next_read: StoreRead | None = None
         self._read_task: asyncio.Task[None] | None = None
 
@@ -59,6 +62,15 @@ class WriteBehind:
     def unsaved(self, user_id: int) -> bool:
         """Whether the store may not have this user yet (a save failed or is under way)."""
         return user_id in self._unsaved or user_id in self._saving
+
+    @property
+    def holding(self) -> bool:
+        """True while some users are held here that the store may not have yet."""
+        return bool(self._unsaved or self._saving)
+
+    def held(self, user_id: int) -> UserRecord | None:
+        """The copy of a user the store may not have yet (its save failed or is under way)."""
+        return self._unsaved.get(user_id) or self._saving.get(user_id)
 
     async def open(self) -> bool:
         """Open the store; False (and it is logged) when it cannot be opened yet."""
@@ -140,6 +152,19 @@ class WriteBehind:
         none waits longer; a lookup alone reads at once. One that gives up cancels only
         its own read, never one others wait for.
         """
+        reading = self.reading
+        for uid in user_ids:
+            reading[uid] = reading.get(uid, 0) + 1
+        try:
+            return await self._shared_read(user_ids)
+        finally:
+            for uid in user_ids:
+                if reading[uid] == 1:
+                    del reading[uid]
+                else:
+                    reading[uid] -= 1
+
+    async def _shared_read(self, user_ids: list[int]) -> dict[int, StoredUser]:
         if not self._reading:
             self._reading = True
             try:
