@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
 from pathlib import Path
-
 
 from app.domain import UserRecord
 from app.store import SqliteUserStore
@@ -27,21 +25,6 @@ class Gate:
     async def __call__(self) -> None:
         self.arrived.set()
         await asyncio.wait_for(self.open.wait(), 10)
-
-
-class HeldSaves(FlakyStore):
-    """A FlakyStore whose saves wait at `save_gate` (when set) before they run or fail."""
-
-    def __init__(self, path: Path, *, failing_saves: int = 0) -> None:
-        super().__init__(path, failing_saves=failing_saves)
-        self.save_gate: asyncio.Event | None = None
-        self.save_arrived = asyncio.Event()
-
-    async def upsert_many(self, users: Sequence[UserRecord]) -> None:
-        self.save_arrived.set()
-        if self.save_gate is not None:
-            await asyncio.wait_for(self.save_gate.wait(), 10)
-        await super().upsert_many(users)
 
 
 async def save_directly(path: Path, records: list[UserRecord]) -> None:
@@ -94,31 +77,6 @@ async def test_an_eviction_is_undone_in_memory_by_a_store_read_in_flight(
     assert freelancer.lookups[X] == calls + 1
 
 
-async def test_an_eviction_during_a_failing_save_is_undone_by_the_next_save(
-    start_app: StartApp, freelancer: FakeFreelancer, tmp_path: Path
-) -> None:
-    """Promise 4. X's save is failing its retries when X is evicted (`forget` drops only
-    `_unsaved`, X sits in the save's own `pending`); the failed save puts X back into
-    `_unsaved`, and the next batch's successful save writes the evicted copy back."""
-    store = HeldSaves(tmp_path / "users.db", failing_saves=3)
-    store.save_gate = asyncio.Event()
-    running = await start_app(store=store, store_save_attempts=3)
-    await running.lookup(X)
-    await asyncio.wait_for(store.save_arrived.wait(), 5)  # X's first save attempt
-    evicted = await running.client.delete(f"/api/cache/users/{X}")
-    assert evicted.status_code in (200, 204), evicted.text
-    store.save_gate.set()
-    await until(lambda: len(store.save_attempts) >= 3)
-    assert await running.gateway.wait_idle(5)
-    await running.lookup(Y)  # the store is back: this batch's save succeeds
-    assert await running.gateway.wait_idle(5)
-    await until(lambda: not running.gateway.writes.pending)
-    assert await stored_ids(tmp_path / "users.db", [Y]) == {Y}
-    assert await stored_ids(tmp_path / "users.db", [X]) == set(), (
-        "the copy evicted while its save was failing was written back"
-    )
-
-
 async def test_a_job_fetch_completing_during_a_lookups_store_read_is_fetched_again(
     start_app: StartApp, freelancer: FakeFreelancer, tmp_path: Path
 ) -> None:
@@ -147,4 +105,26 @@ async def test_a_job_fetch_completing_during_a_lookups_store_read_is_fetched_aga
     assert freelancer.lookups[X] == 1, (
         f"X was sent upstream {freelancer.lookups[X]} times: the lookup missed the "
         "completed fetch it raced"
+    )
+
+
+async def test_a_job_fetched_user_waiting_in_write_behind_is_fetched_again_by_a_lookup(
+    start_app: StartApp, freelancer: FakeFreelancer, tmp_path: Path
+) -> None:
+    """Promise 1, with the store failing for a while (promise 2's case). A crawl job
+    fetches X; memory does not hold it (a job's fetch) and its save fails: X waits in
+    write-behind's buffer. A lookup of X misses memory and the store, and the buffer is
+    never consulted: X is sent to Freelancer again though its fresh copy is right here."""
+    store = FlakyStore(tmp_path / "users.db", failing_saves=1000)
+    running = await start_app(store=store, store_save_attempts=1)
+    job = await running.client.post("/api/jobs", json={"user_ids": [X]})
+    assert job.status_code == 202, job.text
+    await until(lambda: freelancer.lookups[X] == 1 and X not in running.gateway.inflight)
+    await until(lambda: running.gateway.writes.unsaved(X))
+    assert X not in running.gateway.memory.users
+    body = await running.lookup(X)
+    assert [u["user_id"] for u in body["users"]] == [X]
+    assert freelancer.lookups[X] == 1, (
+        f"X was sent upstream {freelancer.lookups[X]} times while its fresh copy waited "
+        f"in write-behind (answered as {body['users'][0]['source']!r})"
     )
