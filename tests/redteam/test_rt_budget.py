@@ -10,6 +10,8 @@ import httpx
 
 from app.gateway import Gateway
 from app.gateway.budget import LocalBudget, Window
+from app.http.auth import Client
+from app.http.client_limits import ClientLimits
 from app.store import SqliteUserStore
 from app.upstream import FreelancerClient
 from tests.support.apps import make_settings, until
@@ -63,3 +65,19 @@ async def test_a_clients_miss_does_not_wait_behind_a_job_retry_held_by_the_reser
     finally:
         await gateway.stop()
         await http.aclose()
+
+
+def test_a_keys_miss_quota_split_over_more_processes_than_it_has_ids_is_exceeded(
+    tmp_path: Path,
+) -> None:
+    """Promise (3), quota: "with several processes each counts against its share", so the
+    deployment never fetches more of a key's new ids a minute than KEY_MISSES_PER_MIN.
+
+    KEY_MISSES_PER_MIN=2 behind a balancer of 3 processes: each process's share is
+    `max(1, 2 // 3)` = 1 (client_limits.py, `take_misses`), so one request of one new id
+    to each process gets 3 ids fetched in the same minute: one more than the quota.
+    """
+    settings = make_settings(tmp_path, key_misses_per_min=2)
+    processes = [ClientLimits(settings, lambda: 3, key_names={"k"}) for _ in range(3)]
+    fetched = sum(p.reserve_misses(Client("k", "read")).take(1) for p in processes)
+    assert fetched <= 2, f"{fetched} new ids of key k went upstream in one minute, quota 2"
