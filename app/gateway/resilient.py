@@ -26,6 +26,31 @@ def backoff_s(attempt: int, base: float) -> float:
     return random.uniform(0, min(MAX_BACKOFF_S, base * 2 ** (attempt - 1)))
 
 
+class Slot:
+    """One of the worker's UPSTREAM_CONCURRENCY places, held by a batch while it calls.
+
+    Given up while a retry waits (its backoff, or the budget for its lane) and taken again
+    before the call: a crawl's retry waiting out the jobs' reserve must not keep a client's
+    miss from the calls the window still has for it.
+    """
+
+    def __init__(self, slots: asyncio.Semaphore) -> None:
+        self._slots = slots
+        self._held = True  # made once the worker acquired it
+
+    def release(self) -> None:
+        """Give the place back (once; again after `take`)."""
+        if self._held:
+            self._held = False
+            self._slots.release()
+
+    async def take(self) -> None:
+        """Hold a place again, waiting for one if need be."""
+        if not self._held:
+            await self._slots.acquire()
+            self._held = True
+
+
 class ResilientUpstream:
     """An `Upstream` that wraps another, as httpx transports wrap transports.
 
@@ -58,10 +83,15 @@ class ResilientUpstream:
         self.auth_failed = False
 
     async def fetch_users(
-        self, user_ids: Sequence[int], lane: str = MISSES, ticket: str | None = None
+        self,
+        user_ids: Sequence[int],
+        lane: str = MISSES,
+        ticket: str | None = None,
+        slot: Slot | None = None,
     ) -> UpstreamBatch:
         """One batch call in `lane`, retried with backoff; raises the last UpstreamError.
-        No ids (other processes fetch them all): no call, and a spent `ticket` given back."""
+        No ids (other processes fetch them all): no call, and a spent `ticket` given back.
+        A retry gives `slot` up while it waits and takes it again before it calls."""
         if not user_ids:
             if ticket is not None:
                 await self.budget.refund(ticket)
@@ -73,6 +103,8 @@ class ResilientUpstream:
                 if self.breaker.rejecting:
                     raise UpstreamCircuitOpen("Freelancer is failing; not calling it for a while")
                 ticket = await self.planner.acquire(lane)
+                if slot is not None:
+                    await slot.take()
             if not self.breaker.allow_call():
                 await self.budget.refund(ticket)
                 raise UpstreamCircuitOpen("Freelancer is failing; not calling it for a while")
@@ -90,6 +122,8 @@ class ResilientUpstream:
                     raise
                 self.stats.upstream_retries += 1
                 log.info("retrying batch of %d ids after: %s", len(user_ids), exc.message)
+                if slot is not None:
+                    slot.release()
                 if not isinstance(exc, UpstreamRateLimited):
                     await asyncio.sleep(backoff_s(attempt, self.backoff_base_s))
                 continue

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from app.domain import UserRecord
 from app.errors import UpstreamError
 from app.gateway.planner import Turn
+from app.gateway.resilient import Slot
 from app.gateway.results import INTERNAL, SHUTDOWN, Failure, Outcome, batch_outcomes
 from app.logs import request_id
 from app.upstream.base import UpstreamBatch
@@ -88,6 +89,7 @@ class FetchWorker:
         default = INTERNAL
         records: list[UserRecord] = []
         gone: list[int] = []
+        slot = Slot(self.slots)
         # Its log lines name the requests it serves (the first few, where cheap).
         waiting = {f.request_id for u in ids[:20] if (f := inflight.get(u)) and f.request_id}
         request_id.set(",".join(sorted(waiting)) or None)
@@ -97,9 +99,9 @@ class FetchWorker:
                 fetches = [f for u in claimed if (f := inflight.get(u))]
                 gateway.stats.batches += bool(fetches)
                 gateway.stats.job_batches += bool(fetches) and all(f.background for f in fetches)
-                batch = await gateway.upstream.fetch_users(claimed, turn.lane, turn.ticket)
+                batch = await gateway.upstream.fetch_users(claimed, turn.lane, turn.ticket, slot)
             finally:
-                self.slots.release()
+                slot.release()
             if batch is not None:
                 previous = {u: f.previous for u in claimed if (f := inflight.get(u))}
                 outcomes, records, gone = batch_outcomes(claimed, batch.users, previous)
