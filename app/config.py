@@ -122,6 +122,11 @@ class Settings(BaseSettings):
     cache_ttl_s: float = Field(86400.0, gt=0)
     stale_if_error_s: float = Field(3600.0, ge=0)
     refresh_interval_s: float = Field(0.0, ge=0)
+    # Refresh-ahead: users asked for at least MIN_HITS times per CACHE_TTL_S are refreshed
+    # with spare budget once their copy is older than AT of CACHE_TTL_S.
+    refresh_ahead: bool = True
+    refresh_ahead_at: float = Field(0.8, gt=0, lt=1)
+    refresh_ahead_min_hits: int = Field(3, ge=1)
     memory_cache_size: int = Field(100_000, ge=1000)
 
     @model_validator(mode="after")

@@ -24,6 +24,7 @@ from app.errors import ConfigError
 from app.gateway import Gateway
 from app.gateway.budget import Budget, budget_windows
 from app.gateway.coordinator import Coordinator
+from app.gateway.popularity import PopularityShare
 from app.http.auth import KeyRing, load_keys
 from app.http.client_limits import ClientLimits
 from app.http.docs import install_docs
@@ -184,6 +185,7 @@ async def _running(
             upstream=FreelancerClient(http, base_url=base, clock=clock),
             coordinator=coordinator,
             budget=budget,
+            popularity=_popularity(settings, coordinator),
             clock=clock,
         )
         stack.push_async_callback(gateway.stop)
@@ -266,6 +268,22 @@ def _coordination(settings: Settings) -> tuple[Coordinator | None, Budget | None
         min_processes=settings.workers,
     )
     return coordinator, budget
+
+
+def _popularity(settings: Settings, coordinator: Coordinator | None) -> PopularityShare | None:
+    """Every process's popularity counts merged through Redis, when coordinated."""
+    from app.coordination.popularity_sync import RedisPopularity
+    from app.coordination.redis_coordinator import RedisCoordinator
+
+    if not isinstance(coordinator, RedisCoordinator):
+        return None
+    return RedisPopularity(
+        coordinator.redis,
+        prefix=settings.redis_prefix,
+        process=coordinator.process,
+        timeout_s=settings.redis_timeout_s,
+        leads=coordinator.leads,
+    )
 
 
 def _secret_values(settings: Settings) -> list[str | None]:

@@ -110,6 +110,7 @@ async def test_health_queue_stats_and_metrics_answer(
         "auth": "open",
         "coordination": "local",
         "processes": 1,
+        "refresh_ahead": {"enabled": True, "popular": 0, "covered": 0, "coverage": 1.0},
         "budget": [  # the one call, in both windows
             {
                 "name": "minute",

@@ -30,6 +30,8 @@ class Fetch:
     """Started by a crawl job: unless a client joined it, its user is not added to memory."""
     elsewhere: bool = False
     """Answered by another process's fetch: no upstream call was spent on it here."""
+    ahead: bool = False
+    """Queued by refresh-ahead (a popular user about to turn stale)."""
 
 
 @dataclass(slots=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -29,6 +30,8 @@ from app.gateway.cache import from_store
 from app.gateway.flight import Fetch, PendingLookup, cancel_all, wait_idle
 from app.gateway.memory import Memory
 from app.gateway.planner import Planner, loop_clock
+from app.gateway.popularity import PopularityShare
+from app.gateway.refresh_ahead import RefreshAhead
 from app.gateway.resilient import ResilientUpstream
 from app.gateway.results import (
     BREAKER_OPEN,
@@ -64,6 +67,7 @@ class Gateway:
         upstream: Upstream,
         budget: Budget | None = None,
         coordinator: coord.Coordinator | None = None,
+        popularity: PopularityShare | None = None,
         clock: Clock = wall_clock,
     ) -> None:
         self.settings = settings
@@ -84,6 +88,9 @@ class Gateway:
         self.inflight: dict[int, Fetch] = {}
         """The single-flight table: one entry per id queued or being fetched."""
         self.worker = FetchWorker(self)
+        self.refresh_ahead = RefreshAhead(self, popularity)
+        self._sample_at = 1 if settings.refresh_ahead else sys.maxsize
+        """The request count at which the next lookup's ids are sampled for popularity."""
         self._tasks: set[asyncio.Task[None]] = set()
         self._supervisor: asyncio.Task[None] | None = None
         self._closing = False
@@ -97,6 +104,8 @@ class Gateway:
         self._spawn(self.planner.keep_reading(), "budget-reader")
         if self.settings.refresh_interval_s > 0:
             self._spawn(self.admin.sweep(), "refresh-sweep")
+        if self.settings.refresh_ahead:
+            self._spawn(self.refresh_ahead.run(), "refresh-ahead")
 
     async def stop(self) -> None:
         """Stop taking work, let fetches finish for SHUTDOWN_GRACE_S, answer every waiter."""
@@ -137,6 +146,8 @@ class Gateway:
         stats = self.stats
         stats.requests += 1
         stats.ids_requested += len(user_ids)
+        if stats.requests >= self._sample_at:  # the hot path's whole cost of counting
+            self._sample(user_ids)
         now = self.clock()
         answered = self.memory.fresh(user_ids, now)
         if answered is not None:
@@ -152,6 +163,12 @@ class Gateway:
         if not lookup.pending:
             return render(user_ids, lookup.answers, stats)
         return lookup
+
+    def _sample(self, user_ids: Sequence[int]) -> None:
+        """Note a lookup's ids for refresh-ahead; the next sample in `every` lookups."""
+        popularity = self.refresh_ahead.popularity
+        popularity.saw(user_ids)
+        self._sample_at = self.stats.requests + popularity.every
 
     async def finish(self, lookup: PendingLookup) -> LookupResult:
         """Complete a lookup from the store and fetches, by its deadline."""
@@ -190,7 +207,12 @@ class Gateway:
         now = self.clock() if now is None else now
         answers, previous = lookup.answers, lookup.previous
         pending, stale = self.memory.answer(user_ids, now, answers, previous, stored)
+        popular = self.refresh_ahead.popular
         for record in stale:
+            if record.user_id in popular:
+                self.stats.stale_popular += 1
+            else:
+                self.stats.stale_other += 1
             self.schedule_refresh(record.user_id, record, PRIORITY_REFRESH, now)
         return pending
 

@@ -209,6 +209,21 @@ class Planner:
             for w in self._waiting.values()
         ]
 
+    def spare_calls(self) -> int:
+        """Calls the refresh lane could make now without waiting, from the windows as last
+        read: what each window leaves above the reserve, within the pace; none while a
+        client's miss or a job's ids wait (refresh-ahead spends only this)."""
+        if self.queue.lanes_waiting() & {MISSES, JOBS}:
+            return 0
+        room = min(
+            (
+                max(0, w.limit - r - w.used)
+                for w, r in zip(self.budget.windows(), self.reserve, strict=True)
+            ),
+            default=0,
+        )
+        return min(room, self.pacer.credit(floor_ms(self._clock())))
+
     def job_eta_s(self, calls: int) -> float:
         """Seconds until `calls` job calls have gone out at the jobs' rules, from the windows
         as last read: the calls they may make now, then one per pace interval."""

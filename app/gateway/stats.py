@@ -34,6 +34,14 @@ class GatewayStats:
     job_batches: int = 0
     """Batches that held only crawl jobs' ids (every other call served a client too)."""
     refreshes_queued: int = 0
+    refresh_ahead_calls: int = 0
+    """Upstream calls that carried refresh-ahead ids (counted as they go)."""
+    refresh_ahead_ids: int = 0
+    """Ids refreshed ahead of turning stale (sent upstream)."""
+    stale_popular: int = 0
+    """Stale answers of ids in the popular set (refresh-ahead should keep this at 0)."""
+    stale_other: int = 0
+    """Stale answers of other ids."""
     shed: int = 0
     store_errors: int = 0
     store_save_failures: int = 0

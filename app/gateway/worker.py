@@ -99,6 +99,9 @@ class FetchWorker:
                 fetches = [f for u in claimed if (f := inflight.get(u))]
                 gateway.stats.batches += bool(fetches)
                 gateway.stats.job_batches += bool(fetches) and all(f.background for f in fetches)
+                ahead = sum(f.ahead for f in fetches)
+                gateway.stats.refresh_ahead_calls += ahead > 0
+                gateway.stats.refresh_ahead_ids += ahead
                 batch = await gateway.upstream.fetch_users(claimed, turn.lane, turn.ticket, slot)
             finally:
                 slot.release()

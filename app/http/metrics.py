@@ -38,6 +38,10 @@ COUNTERS = {
     "batches": "Batches sent to Freelancer (each retried call counts once).",
     "job_batches": "Batches that held only crawl jobs' ids.",
     "refreshes_queued": "Background refreshes queued.",
+    "refresh_ahead_calls": "Calls to Freelancer that refreshed popular users ahead of time.",
+    "refresh_ahead_ids": "Popular users refreshed before they turned stale.",
+    "stale_popular": "Stale answers of users in the popular set.",
+    "stale_other": "Stale answers of other users.",
     "shed": "Requests refused with 503 because a bound was hit.",
     "store_errors": "Store reads that failed.",
     "store_save_failures": "Store saves that failed.",
@@ -80,6 +84,16 @@ class GatewayCollector(Collector):
                 "processes",
                 "Processes of the deployment seen alive.",
                 gateway.coordinator.live_processes,
+            ),
+            (
+                "popular_users",
+                "Users asked for at least REFRESH_AHEAD_MIN_HITS times per CACHE_TTL_S.",
+                gateway.refresh_ahead.coverage.popular,
+            ),
+            (
+                "popular_users_fresh",
+                "Popular users with a fresh copy or a refresh under way.",
+                gateway.refresh_ahead.coverage.covered,
             ),
         ):
             yield GaugeMetricFamily(f"gateway_{name}", doc, value=value)

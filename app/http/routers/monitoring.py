@@ -16,6 +16,7 @@ from app.http.schemas.monitoring import (
     JobStats,
     LaneWaiting,
     QueueInfo,
+    RefreshAheadState,
     Stats,
 )
 from app.jobs.runner import JobRunner
@@ -38,6 +39,7 @@ async def health(services: ServicesDep, gateway: GatewayDep) -> Health:
         auth="open" if services.keys.open else "keys",
         coordination=gateway.coordinator.kind,
         processes=gateway.coordinator.live_processes,
+        refresh_ahead=refresh_ahead_state(gateway),
         budget=await budget_windows(gateway, ask=False),
         budget_waiting=budget_waiting(gateway),
     )
@@ -105,6 +107,16 @@ async def budget_windows(gateway: Gateway, *, ask: bool = True) -> list[BudgetWi
     if ask:
         await gateway.budget.refresh()
     return [BudgetWindow.model_validate(w, from_attributes=True) for w in gateway.budget.windows()]
+
+
+def refresh_ahead_state(gateway: Gateway) -> RefreshAheadState:
+    coverage = gateway.refresh_ahead.coverage
+    return RefreshAheadState(
+        enabled=gateway.refresh_ahead.enabled,
+        popular=coverage.popular,
+        covered=coverage.covered,
+        coverage=coverage.ratio,
+    )
 
 
 def budget_waiting(gateway: Gateway) -> list[LaneWaiting]:

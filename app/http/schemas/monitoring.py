@@ -43,6 +43,15 @@ class JobStats(BaseModel):
     running_here: bool = Field(description="This process runs the deployment's jobs")
 
 
+class RefreshAheadState(BaseModel):
+    """Refresh-ahead's reach: of the popular users, how many are kept fresh."""
+
+    enabled: bool
+    popular: int = Field(description="Users asked for at least REFRESH_AHEAD_MIN_HITS a TTL")
+    covered: int = Field(description="Of them, fresh or being refreshed")
+    coverage: float = Field(description="covered / popular (1.0 when none are popular)")
+
+
 class Health(BaseModel):
     message: str = "Freelancer user-info gateway is running"
     status: Literal["healthy", "degraded"]
@@ -59,6 +68,9 @@ class Health(BaseModel):
         description="redis: the processes of the deployment share fetches, budget and cache"
     )
     processes: int = Field(description="Processes of the deployment seen alive lately")
+    refresh_ahead: RefreshAheadState = Field(
+        description="Popular users kept fresh (as the leading process last saw)"
+    )
     budget: list[BudgetWindow] = Field(description="Freelancer's minute and hour windows")
     budget_waiting: list[LaneWaiting] = Field(description="Lanes waiting for the budget, and why")
 
@@ -109,6 +121,10 @@ class Stats(BaseModel):
     batches: int
     job_batches: int
     refreshes_queued: int
+    refresh_ahead_calls: int = Field(description="Calls that refreshed popular users ahead")
+    refresh_ahead_ids: int = Field(description="Popular users refreshed before turning stale")
+    stale_popular: int = Field(description="Stale answers of users in the popular set")
+    stale_other: int = Field(description="Stale answers of other users")
     shed: int
     store_errors: int
     store_save_failures: int

@@ -1,0 +1,155 @@
+"""Refresh-ahead by popularity: the most asked users are refreshed before they turn stale,
+with spare budget only.
+
+Every `tick_s` each process folds its counts (`app.gateway.popularity`) and shares them
+(`PopularityShare`); the leading process (the only one, when alone) takes the deployment's
+ids asked for at least REFRESH_AHEAD_MIN_HITS times per CACHE_TTL_S, most asked first,
+and queues refreshes of those whose copy is older than REFRESH_AHEAD_AT of the TTL, in the
+lowest lane (the sweep's). It queues only what the planner says the refresh lane could
+spend now (`Planner.spare_calls`: nothing while a client's miss or a job's ids wait, the
+reserve and the pace kept), 100 ids to a call, and never more batches than leave a slot
+free for a client. As Caffeine's refreshAfterWrite, a popular user is refreshed while its
+copy is still served fresh; unlike it, nothing is refreshed on a read, so a read never
+pays for it. `coverage()` says how many of the popular set are fresh (`GET /` shows it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from app.errors import StoreUnavailable
+from app.gateway.batching import PRIORITY_SWEEP
+from app.gateway.cache import record_of
+from app.gateway.popularity import LocalShare, Popularity, PopularityShare
+
+if TYPE_CHECKING:
+    from app.domain import UserRecord
+    from app.gateway.gateway import Gateway
+
+log = logging.getLogger("app.gateway")
+
+TICK_S = 5.0
+"""The longest between two looks (shorter with a short TTL: a tenth of the time left to
+refresh in)."""
+SHARE_TOP = 5000
+"""The most asked ids a process shares and the leader considers each look."""
+
+
+@dataclass(frozen=True, slots=True)
+class Coverage:
+    """Of the popular set, how many ids have a fresh copy (or a refresh under way)."""
+
+    popular: int = 0
+    covered: int = 0
+
+    @property
+    def ratio(self) -> float:
+        return 1.0 if not self.popular else round(self.covered / self.popular, 4)
+
+
+class RefreshAhead:
+    """The refresh-ahead loop of one gateway (see the module docstring)."""
+
+    def __init__(self, gateway: Gateway, share: PopularityShare | None = None) -> None:
+        settings = gateway.settings
+        self.gateway = gateway
+        self.enabled = settings.refresh_ahead
+        self.share: PopularityShare = share or LocalShare()
+        self.popularity = Popularity(
+            min_hits=settings.refresh_ahead_min_hits,
+            max_ids=max(SHARE_TOP, settings.memory_cache_size),
+            decay_s=settings.cache_ttl_s,
+            now=gateway.clock(),
+        )
+        self.ttl_s = settings.cache_ttl_s
+        self.due_after_s = settings.cache_ttl_s * settings.refresh_ahead_at
+        self.tick_s = min(TICK_S, max(0.05, (self.ttl_s - self.due_after_s) / 10))
+        self.popular: frozenset[int] = frozenset()
+        """The popular set as last seen: the deployment's on the leader, else this process's."""
+        self.coverage = Coverage()
+        self._ours: set[int] = set()
+        self._stored: dict[int, UserRecord] = {}
+
+    async def run(self) -> None:
+        """Look every `tick_s` until cancelled; a failed look is logged and tried again."""
+        while True:
+            await asyncio.sleep(self.tick_s)
+            try:
+                queued = await self.tick()
+            except StoreUnavailable as exc:
+                log.warning("refresh-ahead skipped: %s", exc)
+                continue
+            except Exception:
+                log.exception("refresh-ahead failed; trying again")
+                continue
+            if queued:
+                log.debug("refresh-ahead queued %d users", queued)
+
+    async def tick(self) -> int:
+        """Fold and share the counts; on the leader, queue what is due and the budget
+        spares, most asked first. Returns how many ids were queued."""
+        gateway = self.gateway
+        popularity = self.popularity
+        popularity.fold(gateway.clock())
+        self.popular = popularity.rank()
+        merged = await self.share.merge(popularity.top(SHARE_TOP), min_hits=popularity.min_hits)
+        if not gateway.coordinator.leads():
+            return 0
+        ranked = sorted(merged, key=merged.__getitem__, reverse=True)[:SHARE_TOP]
+        self.popular = frozenset(ranked)
+        copies = await self._copies(ranked)
+        now = gateway.clock()
+        inflight = gateway.inflight
+        fresh_after, due_before = now - self.ttl_s, now - self.due_after_s
+        due = [u for u in ranked if u in copies and copies[u] <= due_before and u not in inflight]
+        queued = self._enlist(due, now) if due else 0
+        self.coverage = Coverage(
+            popular=len(copies),
+            covered=sum(1 for u, at in copies.items() if at > fresh_after or u in inflight),
+        )
+        return queued
+
+    def _enlist(self, due: list[int], now: float) -> int:
+        """Queue the first of `due` that the spare budget covers; how many were queued."""
+        gateway = self.gateway
+        self._ours = {u for u in self._ours if u in gateway.inflight}
+        size = gateway.settings.batch_size
+        slots = max(1, gateway.settings.upstream_concurrency - 1)
+        queued_refreshes = gateway.queue.qsize(PRIORITY_SWEEP)
+        room = min(gateway.planner.spare_calls(), slots) * size - len(self._ours)
+        room = min(room - queued_refreshes, gateway.queue.room_for(PRIORITY_SWEEP))
+        queued = 0
+        for uid in due[: max(0, room)]:
+            if gateway.schedule_refresh(uid, self._record(uid), PRIORITY_SWEEP, now):
+                gateway.inflight[uid].ahead = True
+                self._ours.add(uid)
+                queued += 1
+        return queued
+
+    async def _copies(self, ids: list[int]) -> dict[int, float]:
+        """When each id's copy was fetched: memory's (without marking it used), else the
+        store's. Ids with neither (never found, or evicted) are left out."""
+        users = self.gateway.memory.users
+        recent, older = users.recent, users.older
+        copies: dict[int, float] = {}
+        self._stored = {}
+        absent: list[int] = []
+        for uid in ids:
+            entry = recent.get(uid) or older.get(uid)
+            if entry is None:
+                absent.append(uid)
+            else:
+                copies[uid] = entry[1]
+        if absent:
+            self._stored = await self.gateway.writes.read(absent)
+            copies.update((u, r.fetched_at) for u, r in self._stored.items())
+        return copies
+
+    def _record(self, uid: int) -> UserRecord | None:
+        """The copy being refreshed (its `created_at` is kept)."""
+        users = self.gateway.memory.users
+        entry = users.recent.get(uid) or users.older.get(uid)
+        return record_of(entry) if entry is not None else self._stored.get(uid)
