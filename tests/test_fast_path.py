@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import re
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from starlette.requests import ClientDisconnect
 
 from app.http import fast_path
 from app.http.routers import users
@@ -255,3 +257,62 @@ async def test_parallel_hits_and_misses_of_one_key_keep_its_miss_quota(
     quota = [u for a in answers for u, why in a.json()["errors"].items() if why == "quota"]
     assert len(quota) == 50
     assert all([u["user_id"] for u in a.json()["users"]][:3] == [1, 2, 3] for a in answers)
+
+
+async def test_a_body_in_several_messages_is_read_whole_and_a_client_that_left_is_not_answered(
+    pair: Pair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await warm(pair, list(range(1, 51)))
+    counts = taken(monkeypatch)
+    body = ids_body([4, 5, 6])
+    headers = [
+        (b"host", b"localhost"),
+        (b"content-type", b"application/json"),
+        (b"content-length", b"%d" % len(body)),
+        (b"x-api-key", KEY.encode()),
+    ]
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/api/users",
+        "raw_path": b"/api/users",
+        "query_string": b"",
+        "root_path": "",
+        "headers": headers,
+        "client": ("127.0.0.1", 5000),
+        "server": ("127.0.0.1", 8000),
+    }
+
+    async def answer(parts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        sent: list[dict[str, Any]] = []
+
+        async def receive() -> dict[str, Any]:
+            if parts:
+                return parts.pop(0)
+            await asyncio.sleep(3600)  # never: every part was already read
+            raise AssertionError
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        await pair.fast.app(dict(scope), receive, send)
+        return sent
+
+    split = [
+        {"type": "http.request", "body": body[:7], "more_body": True},
+        {"type": "http.request", "body": body[7:], "more_body": False},
+    ]
+    sent = await answer(split)
+    assert sent[0]["status"] == 200
+    assert [u["user_id"] for u in json.loads(sent[1]["body"])["users"]] == [4, 5, 6]
+    assert counts == {"fast": 1, "route": 0}
+    left = [
+        {"type": "http.request", "body": body[:7], "more_body": True},
+        {"type": "http.disconnect"},
+    ]
+    with pytest.raises(ClientDisconnect):  # as the route raises when its client leaves
+        await answer(left)
+    assert counts == {"fast": 1, "route": 0}, "a lookup is not started for a client that left"

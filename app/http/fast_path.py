@@ -64,9 +64,16 @@ class FastLookup:
         """The route that serves the path in FastAPI: the metrics label by it."""
 
     async def serve(
-        self, scope: Scope, receive: Receive, send: Send, client: Client, content_type: bytes | None
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        client: Client,
+        content_type: bytes | None,
+        request_id: bytes,
     ) -> Receive | None:
-        """Answer the lookup (None), or the `receive` to hand FastAPI: the body replayed.
+        """Answer the lookup (None: a 200 was sent, with `request_id`), or the `receive`
+        to hand FastAPI: the body replayed.
 
         Called only for a POST to PATH with a declared Content-Length, after the
         middleware's checks. GatewayErrors raised here (429, 503) are answered by the
@@ -75,40 +82,48 @@ class FastLookup:
         gateway = self.services.gateway
         if gateway is None:
             return receive  # the route answers 503
-        messages, body = await _read_body(receive)
-        replay = _replaying(messages, receive)
-        if messages[-1]["type"] != "http.request":
-            return replay  # the client left: FastAPI handles it as it would have
+        message = await receive()
+        if message["type"] == "http.request" and not message.get("more_body", False):
+            messages, body = [message], message.get("body", b"")
+        else:
+            messages, body = await _read_rest(message, receive)
+            if messages[-1]["type"] != "http.request":
+                return _replaying(messages, receive)  # the client left: FastAPI sees it
         try:
-            require_json(content_type.decode("latin-1") if content_type else None)
+            if content_type != _JSON:  # the common case needs no decoding
+                require_json(content_type.decode("latin-1") if content_type else None)
             user_ids = parse_user_ids(body, max_ids=gateway.settings.max_users_per_request)
         except (InvalidRequest, UnsupportedMediaType):
-            return replay  # the route says what is wrong, in its own words
+            return _replaying(messages, receive)  # the route says what is wrong, its way
         scope["route"] = self.route  # from here on the request is the route's, for metrics
         result = await start_lookup(self.services.limits, client, gateway, user_ids)
         if not isinstance(result, LookupResult):
             scope[HANDED] = Handed(gateway, result)
-            return replay
+            return _replaying(messages, receive)
         answer = result.to_json()
-        # The headers, and their order, of the route's `Response(media_type=...)`.
-        headers = [(b"content-length", b"%d" % len(answer)), (b"content-type", _JSON)]
+        # The route's `Response(media_type=...)` headers in its order, then the request id
+        # as the middleware adds it to every answer.
+        headers = [
+            (b"content-length", b"%d" % len(answer)),
+            (b"content-type", _JSON),
+            (b"x-request-id", request_id),
+        ]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": answer})
         return None
 
 
-async def _read_body(receive: Receive) -> tuple[list[Message], bytes]:
+async def _read_rest(first: Message, receive: Receive) -> tuple[list[Message], bytes]:
     """The messages received until the body ended (or the client left), and the body."""
-    messages: list[Message] = []
-    chunks: list[bytes] = []
-    while True:  # bounded: the middleware checked the declared Content-Length
+    messages = [first]
+    chunks = [first.get("body", b"")]
+    message = first
+    # Bounded: the middleware checked the declared Content-Length.
+    while message["type"] == "http.request" and message.get("more_body", False):
         message = await receive()
         messages.append(message)
-        if message["type"] != "http.request":
-            return messages, b""
         chunks.append(message.get("body", b""))
-        if not message.get("more_body", False):
-            return messages, chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    return messages, b"".join(chunks)
 
 
 def _replaying(messages: list[Message], receive: Receive) -> Receive:

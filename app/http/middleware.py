@@ -155,8 +155,9 @@ class GatewayMiddleware:
                     and not scope.get("root_path")
                 ):
                     # The hot lookup, answered here when memory holds it (`app.http.fast_path`).
-                    forward = await fast.serve(scope, receive, send_with_id, client, content_type)
+                    forward = await fast.serve(scope, receive, send, client, content_type, rid)
                     if forward is None:
+                        status = 200
                         return
                     receive = forward
             # The server holds a body with a Content-Length to it: only others are counted.
