@@ -29,6 +29,7 @@ from app.http.auth import KeyRing, load_keys
 from app.http.client_limits import ClientLimits
 from app.http.docs import install_docs
 from app.http.errors import install_error_handlers
+from app.http.fast_path import FastLookup
 from app.http.local_only import LocalOnly, check_protected_mode, watch_listeners
 from app.http.metrics import JobCollector, KeyUsageCollector, RequestMetrics, create_registry
 from app.http.middleware import GatewayMiddleware
@@ -59,12 +60,14 @@ def create_app(
     store: UserStore | None = None,
     upstream_transport: httpx.AsyncBaseTransport | None = None,
     clock: Clock = wall_clock,
+    fast_path: bool = True,
 ) -> FastAPI:
     """Build the app. Nothing is opened here: the lifespan opens the store, client and worker.
 
     `store` and `upstream_transport` replace the configured store and the HTTP transport
     to Freelancer, and `clock` the wall clock freshness is measured on (tests use them to
-    fake the boundary and to step time).
+    fake the boundary and to step time). `fast_path=False` leaves every hot lookup to
+    the FastAPI route (tests compare the two answers).
     """
     settings = settings or Settings()
     keys = KeyRing(load_keys(settings))
@@ -128,6 +131,7 @@ def create_app(
             (settings.allowed_hosts or "").split(","), protect=not settings.auth_disabled
         ),
         trust_forwarded=bool((settings.forwarded_allow_ips or "").strip()),
+        fast_lookup=FastLookup(services, users.hot_route) if fast_path else None,
     )
     customize_openapi(
         app,

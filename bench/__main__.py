@@ -57,6 +57,8 @@ from tests.support.procs import (
 
 SIM_LATENCY_MS = 100.0
 HOT_TARGET_RATIO = 0.70
+BARE_TARGET_RATIO = 0.50
+"""Hot rps as a share of a bare ASGI callable answering the same bytes (70 %: the moonshot)."""
 BENCH_KEY = "bench-key-0123456789abcdef"
 DASHBOARDS = 10
 MEMORY_USERS = 100_000
@@ -175,7 +177,8 @@ def wrk_script(path: Path, max_id: int, api_key: str | None = None) -> None:
 
 
 def hot(gateway: Process, sim: Process, max_id: int, work: Path) -> dict[str, Any]:
-    """Cached 50-id batches: open, secured, and against a fixed-body FastAPI route.
+    """Cached 50-id batches: open, secured, and against a fixed-body FastAPI route and a
+    bare ASGI callable answering the same bytes.
 
     wrk with 1 thread and HOT_CONNECTIONS connections, HOT_RUN_S-second runs alternating
     between the servers, HOT_ROUNDS rounds; each side's median run is reported, and the
@@ -189,8 +192,10 @@ def hot(gateway: Process, sim: Process, max_id: int, work: Path) -> dict[str, An
     body_file = work / "body.json"
     body_file.write_bytes(same_size_body(gateway, script))
     base = baseline_process(work, body_file)
+    bare = baseline_process(work, body_file, bare=True)
     secured = gateway_process(work, sim, API_KEYS=f"bench:{BENCH_KEY}:read", LOG_FORMAT="json")
     base.start("/")
+    bare.start("/")
     secured.start()
     try:
         warm_from_store(secured, max_id)
@@ -198,6 +203,7 @@ def hot(gateway: Process, sim: Process, max_id: int, work: Path) -> dict[str, An
             "gateway": (gateway, script),
             "secured": (secured, keyed_script),
             "fixed": (base, script),
+            "bare": (bare, script),
         }
         for server, lua in servers.values():  # warm the connections and the code
             run_wrk(f"{server.url}/api/users", lua, 2)
@@ -211,12 +217,15 @@ def hot(gateway: Process, sim: Process, max_id: int, work: Path) -> dict[str, An
         upstream_calls = sim_stats(sim)["calls"] - before["calls"]
     finally:
         base.stop()
+        bare.stop()
         secured.stop()
     result = median_run(runs["gateway"])
     fixed = median_run(runs["fixed"])
+    floor = median_run(runs["bare"])
     keyed = median_run(runs["secured"])
     watched = median_run(runs["watched"])
     ratio = result["rps"] / fixed["rps"]
+    bare_ratio = result["rps"] / floor["rps"]
     security_cost = 1 - keyed["rps"] / result["rps"]
     dashboards_cost = 1 - watched["rps"] / result["rps"]
     result.update(
@@ -224,12 +233,15 @@ def hot(gateway: Process, sim: Process, max_id: int, work: Path) -> dict[str, An
         lookups_per_s=result["rps"] * HOT_BATCH,
         runs_rps=[round(r["rps"]) for r in runs["gateway"]],
         fixed_runs_rps=[round(r["rps"]) for r in runs["fixed"]],
+        bare_runs_rps=[round(r["rps"]) for r in runs["bare"]],
         secured_runs_rps=[round(r["rps"]) for r in runs["secured"]],
         watched_runs_rps=[round(r["rps"]) for r in runs["watched"]],
         dashboards_cost=dashboards_cost,
         fixed_body=fixed,
         secured=keyed,
         vs_fixed_body=ratio,
+        bare_asgi=floor,
+        vs_bare_asgi=bare_ratio,
         security_cost=security_cost,
     )
     errors = [r for rs in runs.values() for r in rs if r["non_2xx"] or r["socket_errors"]]
@@ -237,6 +249,7 @@ def hot(gateway: Process, sim: Process, max_id: int, work: Path) -> dict[str, An
         "rps >= 3000": result["rps"] >= 3000,
         "p99 <= 15 ms": result["p99_ms"] <= 15,
         f">= {HOT_TARGET_RATIO:.0%} of fixed-body FastAPI": ratio >= HOT_TARGET_RATIO,
+        f">= {BARE_TARGET_RATIO:.0%} of a bare ASGI callable": bare_ratio >= BARE_TARGET_RATIO,
         "keys, request ids, JSON logs cost <= 10 %": security_cost <= 0.10,
         f"{DASHBOARDS} dashboards open cost <= 5 %": dashboards_cost <= 0.05,
         "no errors": not errors,
@@ -293,13 +306,15 @@ def same_size_body(gateway: Process, script: Path) -> bytes:
     return response.content
 
 
-def baseline_process(work: Path, body_file: Path) -> Process:
-    """A bare FastAPI route answering `body_file`, served with the gateway's uvicorn flags."""
+def baseline_process(work: Path, body_file: Path, *, bare: bool = False) -> Process:
+    """A bare FastAPI route (or, `bare`, a bare ASGI callable) answering `body_file`,
+    served with the gateway's uvicorn flags."""
     port = free_port()
+    args = [sys.executable, "-m", "bench.baseline", "--port", str(port), "--body", str(body_file)]
     return Process(
-        [sys.executable, "-m", "bench.baseline", "--port", str(port), "--body", str(body_file)],
+        [*args, "--bare"] if bare else args,
         port,
-        work / "base.log",
+        work / ("bare.log" if bare else "base.log"),
         cwd=HERE.parent,
     )
 
@@ -368,9 +383,10 @@ def main() -> int:
     parser.add_argument("--users", type=int, default=MEMORY_USERS)
     parser.add_argument(
         "--only",
-        choices=["all", "store"],
+        choices=["all", "store", "hot"],
         default="all",
-        help="store: only the warm-up (memory per user) and the store-path workload",
+        help="store: only the warm-up (memory per user) and the store-path workload; "
+        "hot: only the warm-up and the hot workload",
     )
     parser.add_argument(
         "--job-seconds",
@@ -400,6 +416,12 @@ def main() -> int:
                 )
                 workloads["store path (50-id batches)"] = store_path(gateway, sim, args.users, work)
                 return report_store_only(workloads, args.users)
+            if args.only == "hot":
+                workloads[f"memory ({args.users} users)"] = warm(
+                    gateway, sim, args.users, start_rss
+                )
+                workloads["hot (50-id batches)"] = hot(gateway, sim, args.users, work)
+                return report_hot_only(workloads)
             workloads["cold overlap"] = cold_overlap(gateway, sim)
             workloads["one miss"] = one_miss(gateway, sim)
             workloads[f"memory ({args.users} users)"] = warm(gateway, sim, args.users, start_rss)
@@ -418,23 +440,21 @@ def main() -> int:
     hot_result = workloads["hot (50-id batches)"]
     workloads["hot, with key + request ids + JSON logs"] = hot_result.pop("secured")
     workloads["fixed-body FastAPI"] = hot_result.pop("fixed_body")
+    workloads["bare ASGI callable"] = hot_result.pop("bare_asgi")
     workloads.update(jobs.run(args.job_seconds))
     results = {
         "machine": machine(),
         "date": time.strftime("%Y-%m-%d"),
         "workloads": workloads,
         "hot_vs_fixed_body": hot_result["vs_fixed_body"],
+        "hot_vs_bare_asgi": hot_result["vs_bare_asgi"],
         "security_cost": hot_result["security_cost"],
         "middleware_us": asyncio.run(middleware.measure()),
     }
     (HERE / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(f"machine: {results['machine']}")
     print(table(results))
-    print(
-        f"hot / fixed-body FastAPI: {results['hot_vs_fixed_body']:.0%} (medians of "
-        f"{HOT_ROUNDS} alternating {HOT_RUN_S} s runs: {hot_result['runs_rps']} vs "
-        f"{workloads['fixed-body FastAPI']['rps']:.0f} of {hot_result['fixed_runs_rps']})"
-    )
+    print(hot_summary(hot_result, workloads))
     print(
         f"hot with a key, request ids and JSON logs: {hot_result['security_cost']:.1%} slower "
         f"than open ({hot_result['secured_runs_rps']} vs {hot_result['runs_rps']}); with "
@@ -449,6 +469,29 @@ def main() -> int:
     print(store_summary_line(workloads["store path (50-id batches)"]))
     print(memory_summary(workloads, args.users))
     print("\n".join(jobs.summary(workloads)))
+    return verdict(workloads)
+
+
+def hot_summary(hot_result: dict[str, Any], workloads: dict[str, Any]) -> str:
+    """The hot rps as a share of the fixed-body FastAPI route and of the bare callable."""
+    return (
+        f"hot / fixed-body FastAPI: {hot_result['vs_fixed_body']:.0%}, hot / bare ASGI "
+        f"callable: {hot_result['vs_bare_asgi']:.0%} (medians of {HOT_ROUNDS} alternating "
+        f"{HOT_RUN_S} s runs: {hot_result['rps']:.0f} of {hot_result['runs_rps']} vs "
+        f"{workloads['fixed-body FastAPI']['rps']:.0f} of {hot_result['fixed_runs_rps']} vs "
+        f"{workloads['bare ASGI callable']['rps']:.0f} of {hot_result['bare_runs_rps']})"
+    )
+
+
+def report_hot_only(workloads: dict[str, Any]) -> int:
+    """`--only hot`: the table, the ratios and the verdict (nothing written)."""
+    hot_result = workloads["hot (50-id batches)"]
+    workloads["hot, with key + request ids + JSON logs"] = hot_result.pop("secured")
+    workloads["fixed-body FastAPI"] = hot_result.pop("fixed_body")
+    workloads["bare ASGI callable"] = hot_result.pop("bare_asgi")
+    print(f"machine: {machine()}")
+    print(table({"workloads": workloads}))
+    print(hot_summary(hot_result, workloads))
     return verdict(workloads)
 
 

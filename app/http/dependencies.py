@@ -10,7 +10,9 @@ from fastapi import Depends, Request
 
 from app.errors import ShuttingDown
 from app.gateway import Gateway, LookupResult
+from app.gateway.flight import PendingLookup
 from app.http.auth import Client, Role
+from app.http.client_limits import ClientLimits
 from app.http.schemas.common import require_json
 from app.http.state import Services, services_of
 from app.jobs.runner import JobRunner
@@ -60,19 +62,34 @@ async def lookup_for_client(
     """A lookup counted against the caller's ids a minute and new ids a minute."""
     client = get_client(request)
     limits = services_of(request.app).limits
-    await limits.admit_ids(client, len(user_ids))
-    # A batch memory holds whole is answered without awaiting the gateway at all.
-    result = gateway.lookup_now(user_ids)
+    result = await start_lookup(limits, client, gateway, user_ids)
     if isinstance(result, LookupResult):
         return result
+    return await finish_lookup(limits, client, gateway, result)
+
+
+async def start_lookup(
+    limits: ClientLimits, client: Client, gateway: Gateway, user_ids: Sequence[int]
+) -> LookupResult | PendingLookup:
+    """Count the ids against the client's ids a minute (429 past it), then look them up:
+    the answer when memory holds the batch whole (no await), else what `finish_lookup`
+    completes. The fast path (`app.http.fast_path`) and the route share it."""
+    await limits.admit_ids(client, len(user_ids))
+    return gateway.lookup_now(user_ids)
+
+
+async def finish_lookup(
+    limits: ClientLimits, client: Client, gateway: Gateway, lookup: PendingLookup
+) -> LookupResult:
+    """Complete a lookup memory did not answer, its new ids taken from the client's quota."""
     # The gateway decides which ids are new with no await, and takes them from the
     # client's quota there: parallel lookups of one client cannot each see the same room.
     reservation = limits.reserve_misses(client)
-    result.allow_misses = reservation.take
+    lookup.allow_misses = reservation.take
     try:
-        return await gateway.finish(result)
+        return await gateway.finish(lookup)
     finally:
-        reservation.settle(answered_elsewhere=result.answered_elsewhere)
+        reservation.settle(answered_elsewhere=lookup.answered_elsewhere)
 
 
 def log_audit(client: Client, action: str, size: int) -> None:

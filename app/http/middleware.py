@@ -21,6 +21,7 @@ from app.errors import GatewayError, PayloadTooLarge
 from app.http.auth import Client, KeyRing
 from app.http.client_limits import ClientLimits
 from app.http.errors import error_response
+from app.http.fast_path import PATH, FastLookup
 from app.http.local_only import LocalOnly
 from app.http.metrics import RequestMetrics
 from app.logs import request_id
@@ -36,7 +37,7 @@ _ids = itertools.count(1)
 _READ = frozenset(
     {
         *(b"content-length", b"host", b"x-request-id", b"origin", b"sec-fetch-site"),
-        *(b"x-forwarded-for", b"forwarded"),
+        *(b"x-forwarded-for", b"forwarded", b"content-type"),
     }
 )
 """The headers this middleware reads."""
@@ -63,6 +64,7 @@ class GatewayMiddleware:
         access_log: bool = False,
         local_only: LocalOnly | None = None,
         trust_forwarded: bool = False,
+        fast_lookup: FastLookup | None = None,
     ) -> None:
         self.app = app
         self.max_bytes = max_bytes
@@ -77,13 +79,14 @@ class GatewayMiddleware:
         # server that trusts the header anyway (plain uvicorn trusts loopback) would let
         # every request pick its own name, and so its own limits.
         self.trust_forwarded = trust_forwarded
+        self.fast_lookup = fast_lookup
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        rid = length = host = origin = fetch_site = None
+        rid = length = host = origin = fetch_site = content_type = None
         forwarded = False
         for name, value in scope["headers"]:
             if name not in _READ:  # most headers: one set look-up, not a chain of compares
@@ -98,6 +101,9 @@ class GatewayMiddleware:
                 origin = value
             elif name == b"sec-fetch-site":
                 fetch_site = value
+            elif name == b"content-type":
+                if content_type is None:  # the first, as `request.headers` gives the route
+                    content_type = value
             elif name == b"x-forwarded-for" or name == b"forwarded":
                 forwarded = True
         rid = rid or b"%s%x" % (_ID_PREFIX, next(_ids))
@@ -140,6 +146,20 @@ class GatewayMiddleware:
                     address = scope["client"][0] if scope.get("client") else "unknown"
                 client = scope["gateway.client"] = self.keys.identify(scope["headers"], address)
                 await self.limits.admit(client)
+                fast = self.fast_lookup
+                if (
+                    fast is not None
+                    and length
+                    and path == PATH
+                    and scope["method"] == "POST"
+                    and not scope.get("root_path")
+                ):
+                    # The hot lookup, answered here when memory holds it (`app.http.fast_path`).
+                    forward = await fast.serve(scope, receive, send, client, content_type, rid)
+                    if forward is None:
+                        status = 200
+                        return
+                    receive = forward
             # The server holds a body with a Content-Length to it: only others are counted.
             await self.app(scope, receive if length else _limited(receive, limit), send_with_id)
         except GatewayError as exc:  # raised here, before the app answered
