@@ -75,11 +75,13 @@ check: $(STAMP)
 simulator: $(STAMP)
 	$(BIN)/python -m app.simulator --port 9000
 
-## bench: performance targets, the budget's lanes over simulated hours (a minute), then a
+## bench: performance targets, the budget's lanes over simulated hours (a minute),
+##        refresh-ahead under a Zipf workload over three TTLs, on and off (20 s), then a
 ##        5-minute soak (app + simulator on loopback; needs wrk); each exits 1 on a miss
 bench: $(STAMP) wrk
 	$(BIN)/python -m bench
 	$(BIN)/python -m bench.budget
+	$(BIN)/python -m bench.refresh_ahead
 	$(BIN)/python -m bench.soak
 
 ## fuzz: Schemathesis' command line, every check and phase (stateful too), against

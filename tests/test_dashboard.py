@@ -61,6 +61,7 @@ SAMPLE_FIELDS = {
     "store",
     "store_size",
     "memory_size",
+    "refresh_ahead",
     "keys",
     "jobs",
 }
@@ -300,6 +301,16 @@ async def test_events_are_well_formed_and_counters_move_after_a_lookup(
         "used",
         "remaining",
         "next_call_in_s",
+    }
+
+    assert first["refresh_ahead"] == {
+        "enabled": True,
+        "calls_total": 0,
+        "ids_total": 0,
+        "stale_popular_total": 0,
+        "stale_other_total": 0,
+        "popular": 0,
+        "coverage": 1.0,
     }
 
     await running.lookup(1, 2, 3)

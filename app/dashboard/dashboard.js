@@ -173,9 +173,25 @@
     setText("store-size", s.store_size == null ? "–" : `${fmtInt(s.store_size)} users`);
     setText("store-kind", s.store);
     setText("memory-size", fmtInt(s.memory_size));
+    renderRefreshAhead(s.refresh_ahead);
     renderBudget(s);
     renderKeys(s.keys);
     renderJobs(s.jobs);
+  }
+
+  // Refresh-ahead's work, and the stale answers it exists to avoid: served of popular
+  // users (refresh-ahead keeps that at 0 while the budget spares calls) and of others.
+  function renderRefreshAhead(r) {
+    setText("refresh-ahead-ids", fmtInt(r.ids_total));
+    setText("refresh-ahead-calls", fmtInt(r.calls_total));
+    setText(
+      "refresh-ahead-coverage",
+      !r.enabled ? "off" : `${fmtPct(r.coverage)} of ${fmtInt(r.popular)} popular fresh`,
+    );
+    setText("stale-answers", fmtInt(r.stale_popular_total + r.stale_other_total));
+    setText("stale-popular", fmtInt(r.stale_popular_total));
+    setText("stale-other", fmtInt(r.stale_other_total));
+    $("stale-popular").classList.toggle("bad", r.stale_popular_total > 0);
   }
 
   // Each budget window from the budget's own log (every process's calls, whether or not a

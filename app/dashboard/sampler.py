@@ -5,6 +5,9 @@ dashboard is open). It turns the cumulative counters of `GatewayStats` into rate
 interval since the previous sample, reads the gauges (queue, in flight, breaker, budget),
 and keeps the last HISTORY_S chart points. Nothing here awaits or starts a task.
 
+Refresh-ahead's calls and ids and the stale answers served (popular users and others
+apart) are totals since start, as `GatewayStats` counts them.
+
 The budget comes from the budget's own log (every process's calls in each window, whether
 or not a dashboard was open), with the lanes that wait for it and why (the planner's).
 
@@ -90,6 +93,22 @@ def _per_s(delta: int, seconds: float) -> float | None:
 
 def _ratio(part: int, whole: int) -> float | None:
     return round(part / whole, 4) if whole > 0 else None
+
+
+def _refresh_ahead(gateway: Gateway) -> dict[str, Any]:
+    """Refresh-ahead's work since start, and the stale answers it exists to avoid: of the
+    popular set, and of other users, apart (`GatewayStats`)."""
+    stats, loop = gateway.stats, gateway.refresh_ahead
+    coverage = loop.coverage
+    return {
+        "enabled": loop.enabled,
+        "calls_total": stats.refresh_ahead_calls,
+        "ids_total": stats.refresh_ahead_ids,
+        "stale_popular_total": stats.stale_popular,
+        "stale_other_total": stats.stale_other,
+        "popular": coverage.popular,
+        "coverage": coverage.ratio,
+    }
 
 
 class RateSampler:
@@ -189,6 +208,7 @@ class RateSampler:
             "store": gateway.store.kind,
             "store_size": store_size,
             "memory_size": len(gateway.memory),
+            "refresh_ahead": _refresh_ahead(gateway),
             "keys": self._keys(key_usage, seconds),
             "jobs": None,
         }

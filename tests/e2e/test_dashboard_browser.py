@@ -170,6 +170,50 @@ def test_the_jobs_panel_shows_active_jobs_and_their_counts(
     assert_clean_exit(gateway_process)
 
 
+def test_the_page_shows_refresh_ahead_and_stale_answers_popular_and_others_apart(
+    browser: Browser, tmp_path: Path, simulator: Process
+) -> None:
+    """A 10 s TTL: an id asked for every 0.3 s is popular and refreshed ahead of turning
+    stale (the ids and calls move, the popular users' stale answers stay 0); an id asked
+    for once is answered stale past the TTL (the others' count moves)."""
+    gateway_process = start_gateway(tmp_path, simulator, CACHE_TTL_S="10")
+    gateway_process.start()
+    try:
+        page, watch = open_dashboard(browser, gateway_process)
+        expect(page.locator("#refresh-ahead-ids")).to_have_text("0", timeout=10_000)
+        expect(page.locator("#refresh-ahead-calls")).to_have_text("0")
+        expect(page.locator("#stale-answers")).to_have_text("0")
+        expect(page.locator("#stale-popular")).to_have_text("0")
+        expect(page.locator("#stale-other")).to_have_text("0")
+        stale: dict[int, int] = {41: 0, 51: 0}
+        with httpx.Client(base_url=gateway_process.url, timeout=10) as client:
+            started = time.monotonic()
+            client.post("/api/users", json={"user_ids": [51]})  # asked once, then after the TTL
+            # Popular is asked REFRESH_AHEAD_MIN_HITS (3) times a TTL, kept up (counts are
+            # halved every TTL); 41 is due at 8 s (REFRESH_AHEAD_AT 0.8).
+            while time.monotonic() - started < 30:
+                ids = [41, 51] if time.monotonic() - started > 10.5 else [41]
+                for user in client.post("/api/users", json={"user_ids": ids}).json()["users"]:
+                    stale[user["user_id"]] += user["stale"]
+                if stale[51] and watch.number("#refresh-ahead-ids") >= 1:
+                    break
+                page.wait_for_timeout(300)
+        assert stale == {41: 0, 51: 1}, stale
+        watch.wait_number("#refresh-ahead-ids", 1)
+        watch.wait_number("#refresh-ahead-calls", 1)
+        expect(page.locator("#refresh-ahead-coverage")).to_have_text("100.0% of 1 popular fresh")
+        watch.wait_number("#stale-other", 1)
+        watch.wait_number("#stale-answers", 1)
+        assert page.locator("#stale-popular").inner_text() == "0"
+        if shot := os.environ.get("REFRESH_AHEAD_SCREENSHOT"):  # to look at the cards
+            page.screenshot(path=shot, full_page=True)
+        assert_clean(watch)
+        page.close()
+    finally:
+        if gateway_process.popen is not None:
+            gateway_process.stop()
+
+
 def test_the_key_is_sent_as_a_header_and_kept_out_of_urls_and_storage(
     browser: Browser, tmp_path: Path, simulator: Process
 ) -> None:
