@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import json
 import re
+from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -47,20 +48,26 @@ class Pair:
         return fast, routed
 
 
-@pytest.fixture
-async def pair(start_app: StartApp, tmp_path: Path) -> Pair:
+async def make_pair(start_app: StartApp, tmp_path: Path, **overrides: Any) -> Pair:
+    """The same app twice, on one clock: with the fast path, and without it (the route)."""
     clock = FakeClock()
-    apps = []
+    apps: list[Running] = []
     for name, fast in (("fast", True), ("routed", False)):
         folder = tmp_path / name
         folder.mkdir()
         freelancer = FakeFreelancer(missing=MISSING)
-        settings = make_settings(folder, api_keys=KEYS, max_users_per_request=60)
+        settings = make_settings(folder, api_keys=KEYS, **overrides)
         app = create_app(
             settings, upstream_transport=freelancer.transport, clock=clock, fast_path=fast
         )
         apps.append(await start_app(app=app))
-    return Pair(*apps, clock=clock)
+    fast_app, routed_app = apps
+    return Pair(fast_app, routed_app, clock=clock)
+
+
+@pytest.fixture
+async def pair(start_app: StartApp, tmp_path: Path) -> Pair:
+    return await make_pair(start_app, tmp_path, max_users_per_request=60)
 
 
 def raw(response: httpx.Response, *, own_id: bool = True) -> tuple[Any, ...]:
@@ -85,7 +92,8 @@ async def warm(pair: Pair, ids: list[int]) -> None:
 def taken(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     """Counts of lookups the fast path started and the route started."""
     counts = {"fast": 0, "route": 0}
-    start, route_lookup = fast_path.start_lookup, users.lookup_for_client
+    start = fast_path.start_lookup  # type: ignore[attr-defined]
+    route_lookup = users.lookup_for_client  # type: ignore[attr-defined]
 
     async def fast_start(*args: Any) -> Any:
         counts["fast"] += 1
@@ -176,7 +184,7 @@ async def until_idle(running: Running) -> None:
 async def request_counts(running: Running) -> dict[tuple[str, ...], float]:
     """Requests counted in /metrics by (method, route, status), /metrics itself left out."""
     text = (await running.client.get("/metrics")).text
-    counts = {}
+    counts: dict[tuple[str, ...], float] = {}
     pattern = (
         r"gateway_http_request_duration_seconds_count"
         r'\{method="(\w+)",route="([^"]*)",status="(\d+)"\} (\S+)'
@@ -213,17 +221,7 @@ async def test_a_fall_through_after_the_body_was_read_fetches_once_and_counts_on
 async def test_a_client_past_its_ids_a_minute_gets_the_routes_429(
     start_app: StartApp, tmp_path: Path
 ) -> None:
-    clock = FakeClock()
-    apps = []
-    for name, fast in (("fast", True), ("routed", False)):
-        folder = tmp_path / name
-        folder.mkdir()
-        settings = make_settings(folder, api_keys=KEYS, rate_limit_ids_per_min=120)
-        app = create_app(
-            settings, upstream_transport=FakeFreelancer().transport, clock=clock, fast_path=fast
-        )
-        apps.append(await start_app(app=app))
-    pair = Pair(*apps, clock=clock)
+    pair = await make_pair(start_app, tmp_path, rate_limit_ids_per_min=120)
     await warm(pair, list(range(1, 51)))
     answers = [await pair.both(ids_body(list(range(1, 51))), KEYED) for _ in range(2)]
     fast, routed = answers[-1]
@@ -295,8 +293,8 @@ async def test_a_body_in_several_messages_is_read_whole_and_a_client_that_left_i
             await asyncio.sleep(3600)  # never: every part was already read
             raise AssertionError
 
-        async def send(message: dict[str, Any]) -> None:
-            sent.append(message)
+        async def send(message: MutableMapping[str, Any]) -> None:
+            sent.append(dict(message))
 
         await pair.fast.app(dict(scope), receive, send)
         return sent
@@ -309,7 +307,7 @@ async def test_a_body_in_several_messages_is_read_whole_and_a_client_that_left_i
     assert sent[0]["status"] == 200
     assert [u["user_id"] for u in json.loads(sent[1]["body"])["users"]] == [4, 5, 6]
     assert counts == {"fast": 1, "route": 0}
-    left = [
+    left: list[dict[str, Any]] = [
         {"type": "http.request", "body": body[:7], "more_body": True},
         {"type": "http.disconnect"},
     ]
