@@ -172,6 +172,7 @@ async def workload(on: bool, ttl_s: float, seed: int, folder: Path) -> dict[str,
         ahead_calls = stats.refresh_ahead_calls - before[0]
         ahead_ids = stats.refresh_ahead_ids - before[1]
         calls = len(sim.freelancer.calls) - calls_before
+        sizes = [len(ids) for _, ids in sim.freelancer.calls[calls_before : calls_before + calls]]
         await run
         times = [at - began for at in sim.freelancer.times()]
         waits = sorted(measured.miss_waits)
@@ -186,6 +187,8 @@ async def workload(on: bool, ttl_s: float, seed: int, folder: Path) -> dict[str,
             "warmup_stale_top": warmup.stale_top,
             "warmup_stale_rest": warmup.stale_rest,
             "calls": calls,
+            "ids_per_call": round(sum(sizes) / len(sizes), 1) if sizes else 0.0,
+            "small_calls": sum(size < 50 for size in sizes),
             "calls_with_warmup": len(times),
             "busiest_minute": busiest(times, 60.0),
             "busiest_hour": busiest(times, 3600.0),
@@ -240,6 +243,7 @@ def table(results: Sequence[dict[str, Any]]) -> str:
             "run",
             "stale top 1 % / rest",
             "calls",
+            "ids a call",
             "busiest min",
             "busiest hour",
             "ahead calls / ids",
@@ -255,6 +259,7 @@ def table(results: Sequence[dict[str, Any]]) -> str:
                 name(r),
                 f"{r['stale_top']} / {r['stale_rest']}",
                 str(r["calls"]),
+                f"{r['ids_per_call']} ({r['small_calls']} under 50)",
                 f"{r['busiest_minute']} / {MINUTE}",
                 f"{r['busiest_hour']} / {HOUR}",
                 f"{r['refresh_ahead_calls']} / {r['refresh_ahead_ids']}",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 from collections.abc import Callable
 
@@ -22,6 +23,14 @@ BUDGET_LANE = {
     PRIORITY_SWEEP: REFRESHES,
 }
 """The budget lane each queue lane spends in (the sweep is a refresh)."""
+
+
+def loop_clock() -> float:
+    """The running loop's clock (monotonic; virtual in simulations), else time.monotonic."""
+    try:
+        return asyncio.get_running_loop().time()
+    except RuntimeError:
+        return time.monotonic()
 
 
 class BatchQueue:
@@ -44,6 +53,8 @@ class BatchQueue:
         self.maxsize = maxsize
         self._lanes: list[deque[int]] = [deque() for _ in range(LANES)]
         self._size = 0
+        self._since = [0.0] * LANES
+        """When each lane last went from empty to holding an id (`loop_clock`)."""
         self._ready = asyncio.Event()
         self.changed = asyncio.Event()
         """Set whenever an id is queued (the planner clears it before it looks)."""
@@ -52,7 +63,10 @@ class BatchQueue:
         """Queue an id; raises asyncio.QueueFull when there is no room for its lane."""
         if self.room_for(priority) <= 0:
             raise asyncio.QueueFull
-        self._lanes[priority].append(user_id)
+        lane = self._lanes[priority]
+        if not lane:
+            self._since[priority] = loop_clock()
+        lane.append(user_id)
         self._size += 1
         self._ready.set()
         self.changed.set()
@@ -74,6 +88,11 @@ class BatchQueue:
     def qsize(self, priority: int | None = None) -> int:
         """Ids queued (in one lane, when given)."""
         return self._size if priority is None else len(self._lanes[priority])
+
+    def oldest(self, priorities: tuple[int, ...]) -> float | None:
+        """When the longest waiting of these lanes began to wait (None: all are empty). A
+        lane's first id may have been taken since; its wait is counted from then anyway."""
+        return min((self._since[p] for p in priorities if self._lanes[p]), default=None)
 
     def lanes_waiting(self) -> set[str]:
         """The budget lanes with ids queued."""

@@ -23,13 +23,19 @@ from app.domain import StoredUser, UserRecord
 from app.errors import Overloaded, ShuttingDown, StoreUnavailable
 from app.gateway import coordinator as coord
 from app.gateway.admin import CacheAdmin
-from app.gateway.batching import PRIORITY_JOB, PRIORITY_MISS, PRIORITY_REFRESH, BatchQueue
+from app.gateway.batching import (
+    PRIORITY_JOB,
+    PRIORITY_MISS,
+    PRIORITY_REFRESH,
+    BatchQueue,
+    loop_clock,
+)
 from app.gateway.breaker import CircuitBreaker
 from app.gateway.budget import Budget, LocalBudget, budget_windows
 from app.gateway.cache import from_store
 from app.gateway.flight import Fetch, PendingLookup, cancel_all, wait_idle
 from app.gateway.memory import Memory
-from app.gateway.planner import Planner, loop_clock
+from app.gateway.planner import Planner
 from app.gateway.popularity import PopularityShare
 from app.gateway.refresh_ahead import RefreshAhead
 from app.gateway.resilient import ResilientUpstream

@@ -23,27 +23,24 @@ then made of the lane that may call at that moment, and no claim is held through
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 from app.config import Settings
-from app.gateway.batching import BatchQueue
+from app.gateway.batching import PRIORITY_REFRESH, PRIORITY_SWEEP, BatchQueue, loop_clock
 from app.gateway.budget import JOBS, MISSES, REFRESHES, Ask, Budget, floor_ms
 
 PACED = frozenset({JOBS, REFRESHES})
+REFRESH_PATIENCE_S = 60.0
+"""The longest a refresh waits for its call to fill once the pace binds (and at most a
+twentieth of CACHE_TTL_S, half of STALE_IF_ERROR_S)."""
+SCARCE_INTERVAL_S = 1.0
+"""A background pace this slow (fewer than one call a second: 800 an hour at the defaults)
+makes the refresh lane fill its calls before it spends them."""
 READ_EVERY_S = 2.0
 """How often the budget is read while idle (`GET /` shows it without a round trip)."""
 MAX_SLEEP_S = 60.0
 """The longest the planner sleeps before it looks again (the shared log may have moved)."""
-
-
-def loop_clock() -> float:
-    """The running loop's clock (monotonic; virtual in simulations), else time.monotonic."""
-    try:
-        return asyncio.get_running_loop().time()
-    except RuntimeError:
-        return time.monotonic()
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +121,9 @@ class Planner:
             key=lambda pair: pair[0] / pair[1],
         )
         self.pacer = Pacer(left, period, settings.upstream_burst)
+        self.patience_s = min(
+            REFRESH_PATIENCE_S, settings.cache_ttl_s / 20, settings.stale_if_error_s / 2
+        )
         self._waiting: dict[str, LaneWait] = {}
         self._waiting_at = 0.0
 
@@ -267,10 +267,25 @@ class Planner:
                 paced.append(False)
             elif lane in PACED and pace_wait > 0:
                 held[lane] = LaneWait(lane, "pace", pace_wait / 1000)
+            elif lane == REFRESHES and (filling := self._filling_s(now_ms)) > 0:
+                held[lane] = LaneWait(lane, "filling", filling)
             else:
                 asks.append(self.ask(lane))
                 paced.append(lane in PACED)
         return asks, paced, held
+
+    def _filling_s(self, now_ms: int) -> float:
+        """How long the refresh lane still waits for its call to fill: 0 with a full batch
+        queued, or when background calls are plentiful (a pace under SCARCE_INTERVAL_S);
+        else until its oldest id has waited `patience_s`. On a scarce budget, refreshes sent
+        as they come (a few ids a call, one call a pace step) spent the whole background
+        hour on near-empty calls and left nothing for refresh-ahead (`python -m
+        bench.refresh_ahead`); the stale copies are served meanwhile."""
+        queued = self.queue.qsize(PRIORITY_REFRESH) + self.queue.qsize(PRIORITY_SWEEP)
+        if queued >= self.batch_size or self.pacer.interval_s < SCARCE_INTERVAL_S:
+            return 0.0
+        since = self.queue.oldest((PRIORITY_REFRESH, PRIORITY_SWEEP))
+        return 0.0 if since is None else max(0.0, since + self.patience_s - now_ms / 1000)
 
     def _note(self, waiting: dict[str, LaneWait]) -> None:
         self._waiting = waiting

@@ -27,10 +27,10 @@ from app.clock import Clock
 from app.domain import UserRecord
 from app.errors import StoreUnavailable
 from app.gateway import Gateway
+from app.gateway.batching import loop_clock
 from app.gateway.budget import JOBS
 from app.gateway.cache import fetched_at, record_of
 from app.gateway.flight import cancel_all
-from app.gateway.planner import loop_clock
 from app.gateway.results import NOT_FOUND, Failure
 from app.jobs.model import ACTIVE, FAILED, FOUND, Item, Job
 from app.jobs.model import NOT_FOUND as ITEM_NOT_FOUND
