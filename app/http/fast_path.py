@@ -1,4 +1,4 @@
-"""The hot lookup at the outermost ASGI layer: a batch memory holds whole, answered before routing.
+"""The lookup at the outermost ASGI layer: a valid `POST /api/users`, answered before routing.
 
 `POST /api/users` with 50 cached ids spent about 40 % of its in-process time in the
 framework rather than the lookup: routing, the request wrappers, the response object.
@@ -13,14 +13,10 @@ keeps the gateway's counts). Anything the route would refuse (another content ty
 body that is not a valid id list) is not judged here: the request goes on to FastAPI
 untouched, its body replayed, and the route answers it with its own message.
 
-When memory cannot answer the batch whole, `lookup_now` has already counted the request
-and the ids (and the client's ids a minute are spent), so starting over in the route
-would count them twice. The `PendingLookup` is handed to the route in the scope
-(`HANDED`) instead, and the route completes it with `finish_lookup`, which takes the new
-ids from the client's miss quota as it always did. That is simpler than guessing before
-`lookup_now` whether memory will answer (the guess would have to repeat the gateway's
-freshness rules and would miss its counts), and nothing is leaked or done twice: until
-`finish` a PendingLookup holds no Future, no queued id and no quota.
+When memory cannot answer the batch whole, the lookup is finished here too, with the
+route's `finish_lookup` (its new ids taken from the client's miss quota, then the store
+and the fetches): the store path, which the route served at a FastAPI route's cost, is
+as cheap at the edge as a memory hit's, and nothing is counted twice.
 
 Answered here, a request is labelled in the metrics by the route FastAPI would have
 matched (`scope["route"]`), so it is counted exactly as before. The route stays the
@@ -29,36 +25,23 @@ one documented in /docs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from starlette.routing import BaseRoute
 from starlette.types import Message, Receive, Scope, Send
 
 from app.errors import InvalidRequest, UnsupportedMediaType
-from app.gateway import Gateway, LookupResult
-from app.gateway.flight import PendingLookup
+from app.gateway import LookupResult
 from app.http.auth import Client
-from app.http.dependencies import start_lookup
+from app.http.dependencies import finish_lookup, start_lookup
 from app.http.schemas.common import require_json
 from app.http.schemas.users import parse_user_ids
 from app.http.state import Services
 
 PATH = "/api/users"
-HANDED = "gateway.lookup"
-"""The scope key of a lookup the fast path started and the route finishes (`Handed`)."""
 _JSON = b"application/json"
 
 
-@dataclass(slots=True, frozen=True)
-class Handed:
-    """A lookup started at the edge that memory did not answer whole: the route finishes it."""
-
-    gateway: Gateway
-    lookup: PendingLookup
-
-
 class FastLookup:
-    """Serves `POST /api/users` from memory before routing, when memory holds the batch."""
+    """Serves `POST /api/users` before routing: from memory, the store and the fetches."""
 
     def __init__(self, services: Services, route: BaseRoute) -> None:
         self.services = services
@@ -98,10 +81,10 @@ class FastLookup:
         except (InvalidRequest, UnsupportedMediaType):
             return _replaying(messages, receive)  # the route says what is wrong, its way
         scope["route"] = self.route  # from here on the request is the route's, for metrics
-        result = await start_lookup(self.services.limits, client, gateway, user_ids)
+        limits = self.services.limits
+        result = await start_lookup(limits, client, gateway, user_ids)
         if not isinstance(result, LookupResult):
-            scope[HANDED] = Handed(gateway, result)
-            return _replaying(messages, receive)
+            result = await finish_lookup(limits, client, gateway, result)
         answer = result.to_json()
         # The route's `Response(media_type=...)` headers in its order, then the request id
         # as the middleware adds it to every answer.

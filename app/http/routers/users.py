@@ -20,12 +20,9 @@ from app.http.dependencies import (
     AdminClient,
     CrawlClient,
     GatewayDep,
-    finish_lookup,
-    get_client,
     get_gateway,
     lookup_for_client,
 )
-from app.http.fast_path import HANDED, Handed
 from app.http.routers import cache
 from app.http.routers.cache import ERRORS, EVICT_LINKS, UserIdPath
 from app.http.schemas.common import ErrorResponse, require_json
@@ -39,7 +36,6 @@ from app.http.schemas.users import (
     parse_user_ids,
     users_request_schema,
 )
-from app.http.state import services_of
 
 router = APIRouter(tags=["users"])
 
@@ -123,12 +119,6 @@ LOOKUP_LINKS = {
 
 async def lookup_users(request: Request) -> Response:
     """Answer up to MAX_USERS_PER_REQUEST ids from the cache, fetching misses once each."""
-    handed: Handed | None = request.scope.pop(HANDED, None)
-    if handed is not None:  # started by `app.http.fast_path`; memory did not hold it whole
-        client = get_client(request)
-        limits = services_of(request.app).limits
-        result = await finish_lookup(limits, client, handed.gateway, handed.lookup)
-        return Response(result.to_json(), media_type="application/json")
     gateway = get_gateway(request)
     require_json(request.headers.get("content-type"))
     user_ids = parse_user_ids(await request.body(), max_ids=gateway.settings.max_users_per_request)
@@ -136,11 +126,11 @@ async def lookup_users(request: Request) -> Response:
     return Response(result.to_json(), media_type="application/json")
 
 
-# The hot path: a batch memory holds whole is answered by `app.http.fast_path` before
-# routing; the rest reach this plain Starlette route, which `create_app` puts before every
-# other route (FastAPI's per-request machinery, dependency solving and its request
-# wrappers, cost a 50-id cached batch more than the gateway's own work did in
-# `make bench`). The FastAPI route below only documents the path in /docs.
+# A valid lookup is answered by `app.http.fast_path` before routing (unless
+# `create_app(fast_path=False)`). What it leaves (a body it would refuse) reaches this
+# plain Starlette route, which `create_app` puts before every other route: FastAPI's
+# per-request machinery cost a 50-id cached batch more than the gateway's own work did in
+# `make bench`. The FastAPI route below only documents the path in /docs.
 hot_route = PlainRoute("/api/users", lookup_users, methods=["POST"])
 router.add_api_route(
     "/api/users",
