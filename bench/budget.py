@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.measure import HERE, percentile, verdict
+from bench.measure import HERE, columns, percentile, verdict
 from tests.support.simulation import (
     JOB_IDS,
     Simulation,
@@ -156,10 +156,7 @@ def table(results: Sequence[dict[str, Any]]) -> str:
                 "ok" if not failed else "FAILED: " + "; ".join(failed),
             )
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join(
-        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows
-    )
+    return columns(rows)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

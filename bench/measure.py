@@ -8,6 +8,7 @@ import platform
 import re
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -157,3 +158,11 @@ def metric(process: Any, name: str) -> float:
     match = re.search(rf"^{re.escape(name)} ([\d.e+-]+)$", text, re.M)
     assert match is not None, name
     return float(match.group(1))
+
+
+def columns(rows: Sequence[Sequence[str]]) -> str:
+    """Rows of cells as text in aligned columns (the first row the header)."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows
+    )

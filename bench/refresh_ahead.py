@@ -37,7 +37,7 @@ from typing import Any
 
 from app.domain import UserRecord
 from app.gateway.cache import cache_entry, user_id_of
-from bench.measure import HERE, percentile, verdict
+from bench.measure import HERE, columns, percentile, verdict
 from tests.support.simulation import Simulation, VirtualTimeLoop, busiest, simulation
 
 USERS = 10_000
@@ -268,10 +268,7 @@ def table(results: Sequence[dict[str, Any]]) -> str:
                 "ok" if not failed else "FAILED: " + "; ".join(failed),
             )
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join(
-        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows
-    )
+    return columns(rows)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

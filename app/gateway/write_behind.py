@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from app.config import Settings
 from app.domain import StoredUser, UserRecord
@@ -17,6 +19,8 @@ from app.errors import StoreUnavailable
 from app.gateway.resilient import backoff_s
 from app.gateway.stats import GatewayStats
 from app.store.base import UserStore
+
+T = TypeVar("T")
 
 log = logging.getLogger("app.gateway")
 
@@ -133,14 +137,7 @@ class WriteBehind:
 
     async def read(self, user_ids: list[int]) -> dict[int, UserRecord]:
         """Stored users among `user_ids`; raises StoreUnavailable (and marks the store down)."""
-        try:
-            stored = await self.store.get_many(user_ids)
-        except StoreUnavailable:
-            self.stats.store_errors += 1
-            self.store_ready = False
-            raise
-        self.store_ready = True
-        return stored
+        return await self._reached(self.store.get_many(user_ids))
 
     async def read_rendered(self, user_ids: list[int]) -> dict[int, StoredUser]:
         """Stored users among `user_ids` as lookups answer them (their JSON and
@@ -202,14 +199,18 @@ class WriteBehind:
             self._read_next()
 
     async def _query(self, user_ids: list[int]) -> dict[int, StoredUser]:
+        return await self._reached(self.store.get_rendered(user_ids))
+
+    async def _reached(self, read: Awaitable[T]) -> T:
+        """A read's answer; a failure is counted and marks the store down, a success up."""
         try:
-            stored = await self.store.get_rendered(user_ids)
+            answer = await read
         except StoreUnavailable:
             self.stats.store_errors += 1
             self.store_ready = False
             raise
         self.store_ready = True
-        return stored
+        return answer
 
     def forget(self, user_id: int) -> None:
         """Drop an unsaved copy (the user was evicted)."""

@@ -17,6 +17,7 @@ from app.gateway.cache import LRU
 from app.gateway.stats import GatewayStats
 from app.gateway.write_behind import WriteBehind
 from app.store import SqliteUserStore
+from tests.store.raw import stored_ids
 from tests.support.apps import FlakyStore, StartApp, make_settings, until
 from tests.support.freelancer import FakeFreelancer
 
@@ -36,15 +37,6 @@ class HeldSaves(FlakyStore):
         if self.save_gate is not None:
             await asyncio.wait_for(self.save_gate.wait(), 10)
         await super().upsert_many(users)
-
-
-async def stored_ids(path: Path, ids: list[int]) -> set[int]:
-    store = SqliteUserStore(path)
-    await store.open()
-    try:
-        return set(await store.get_many(ids))
-    finally:
-        await store.close()
 
 
 async def test_an_eviction_during_a_failing_save_is_not_written_back_later(

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from app.domain import UserRecord
 from app.store import SqliteUserStore
+from tests.store.raw import stored_ids
 from tests.support.apps import FlakyStore, StartApp, until
 from tests.support.freelancer import FakeFreelancer
 
@@ -33,16 +34,6 @@ async def save_directly(path: Path, records: list[UserRecord]) -> None:
     await store.open()
     try:
         await store.upsert_many(records)
-    finally:
-        await store.close()
-
-
-async def stored_ids(path: Path, ids: list[int]) -> set[int]:
-    """What the file holds, read on a connection of its own."""
-    store = SqliteUserStore(path)
-    await store.open()
-    try:
-        return set(await store.get_many(ids))
     finally:
         await store.close()
 

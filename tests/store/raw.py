@@ -61,3 +61,13 @@ async def stored_json(store: UserStore, user_id: int) -> bytes | None:
     assert isinstance(store, MongoUserStore)
     document = await store._users.find_one({"user_id": user_id})
     return None if document is None or document.get("json") is None else bytes(document["json"])
+
+
+async def stored_ids(path: Path, ids: list[int]) -> set[int]:
+    """The ids of `ids` the SQLite file at `path` holds, read on a connection of its own."""
+    store = SqliteUserStore(path)
+    await store.open()
+    try:
+        return set(await store.get_many(ids))
+    finally:
+        await store.close()
