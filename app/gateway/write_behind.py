@@ -48,6 +48,8 @@ class WriteBehind:
         self.keep_max = settings.memory_cache_size
         self.store_ready = False
         self._unsaved: dict[int, UserRecord] = {}
+        self._turn = asyncio.Lock()
+        """Held by the one save under way (see `save`)."""
         self._saving: dict[int, UserRecord] = {}
         """What a save under way is writing (not yet in the store)."""
         self._reading = False
@@ -101,16 +103,29 @@ class WriteBehind:
             log.info("store is back")
 
     async def save(self, records: list[UserRecord]) -> None:
-        """Upsert `records` (and any an earlier failed save left), retrying briefly."""
-        pending = {**self._unsaved, **{r.user_id: r for r in records}}
-        self._unsaved = {}
-        self._saving |= pending
-        try:
-            await self._save(pending)
-        finally:
-            for uid, record in pending.items():
-                if self._saving.get(uid) is record:
-                    del self._saving[uid]
+        """Upsert `records` (and any an earlier failed save left), retrying briefly.
+
+        One save at a time: `records` join the unsaved buffer, and whoever holds the turn
+        saves the whole buffer in one transaction; a caller whose records an earlier turn
+        saved returns at once. Concurrent saves (one per batch, as a burst of misses makes)
+        used to queue separately on the store's one writer, time out there, and each put
+        every unsaved user back for the next to rewrite: 1 000 batches in flight grew a
+        process by hundreds of MB in `make bench`.
+        """
+        unsaved = self._unsaved
+        for record in records:
+            unsaved[record.user_id] = record
+        async with self._turn:
+            pending, self._unsaved = self._unsaved, {}
+            if not pending:
+                return
+            self._saving |= pending
+            try:
+                await self._save(pending)
+            finally:
+                for uid, record in pending.items():
+                    if self._saving.get(uid) is record:
+                        del self._saving[uid]
 
     async def _save(self, pending: dict[int, UserRecord]) -> None:
         for attempt in range(1, self.attempts + 1):

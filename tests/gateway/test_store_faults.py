@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import Sequence
 from pathlib import Path
 
-from tests.support.apps import FlakyStore, StartApp, until
+from app.domain import UserRecord
+from app.gateway.stats import GatewayStats
+from app.gateway.write_behind import WriteBehind
+from app.store import SqliteUserStore
+from tests.support.apps import FlakyStore, StartApp, make_settings, until
 from tests.support.freelancer import FakeFreelancer
 
 
@@ -49,3 +56,34 @@ async def test_a_failing_save_still_answers_the_waiters_and_is_retried(
     assert await running.gateway.wait_idle(5)
     assert sorted(await store.get_many([1, 2, 3])) == [1, 2, 3]
     assert store.save_attempts[-1] == 3
+
+
+async def test_saves_made_together_take_turns_and_lose_nothing(tmp_path: Path) -> None:
+    """Twenty batches' saves arriving while one is under way: one transaction at a time on
+    the store's writer, the waiting ones written together, every user stored."""
+    store = SqliteUserStore(tmp_path / "users.db")
+    await store.open()
+    writes = WriteBehind(store, stats=GatewayStats(), settings=make_settings(tmp_path))
+    gate = asyncio.Event()
+    upsert = store.upsert_many
+    sizes: list[int] = []
+
+    async def held_up(users: Sequence[UserRecord]) -> None:
+        sizes.append(len(users))
+        await gate.wait()
+        await upsert(users)
+
+    store.upsert_many = held_up  # type: ignore[method-assign]
+    now = time.time()
+    saves = [
+        asyncio.create_task(writes.save([UserRecord(i, f"u{i}", fetched_at=now)]))
+        for i in range(1, 21)
+    ]
+    await until(lambda: len(sizes) == 1)
+    assert writes.holding and writes.held(20) is not None, "waiting users are held"
+    gate.set()
+    await asyncio.gather(*saves)
+    assert sizes == [1, 19], "the first alone, then the rest in one"
+    assert set(await store.get_many(range(1, 21))) == set(range(1, 21))
+    assert not writes.holding
+    await store.close()
