@@ -48,10 +48,10 @@ test: $(STAMP) lint typecheck system-packages
 
 ## test-fast: the unit and in-process layer only (no subprocesses, Redis, browser or
 ##            fuzzing), and the import contracts: under a minute, for the edit-test loop
-FAST := not (e2e or redis or browser or fuzz)
+FAST := not (e2e or redis or browser or fuzz or sim)
 test-fast: $(STAMP)
 	$(BIN)/lint-imports --no-cache
-	$(BIN)/python -m pytest -m "$(FAST)" -q
+	$(BIN)/python -m pytest -m "$(FAST)" -q -n auto
 
 # chromium: the dashboard's browser test; redis-server: the multi-process tests;
 # docker-compose: checks docker-compose.yml (it needs no engine for that).

@@ -10,6 +10,8 @@ import random
 from collections.abc import Sequence
 from pathlib import Path
 
+import pytest
+
 from app.gateway.coordinator import LocalCoordinator
 from tests.support.simulation import CountingFreelancer, Simulation, busiest, clients, simulate
 
@@ -51,6 +53,7 @@ def flood(tmp_path: Path, *, margin_s: float, trip_s: float, claim_s: float) -> 
     )
 
 
+@pytest.mark.sim
 def test_with_trips_within_the_margin_freelancer_never_sees_a_minute_over_the_limit(
     tmp_path: Path,
 ) -> None:
@@ -60,6 +63,7 @@ def test_with_trips_within_the_margin_freelancer_never_sees_a_minute_over_the_li
     assert len(arrivals) >= 10 * LIMIT - 5, "and used minute after minute"
 
 
+@pytest.mark.sim
 def test_without_the_margin_a_trip_puts_freelancer_over_the_limit(tmp_path: Path) -> None:
     """Why the margin: the log is exact, but calls arrive a trip after they are logged;
     a late one and an early one `limit` apart land less than a minute apart."""
@@ -67,6 +71,7 @@ def test_without_the_margin_a_trip_puts_freelancer_over_the_limit(tmp_path: Path
     assert busiest(sim.freelancer.times(), 60.0) > LIMIT
 
 
+@pytest.mark.sim
 def test_a_slow_claim_does_not_eat_the_margin_calls_are_logged_when_sent(tmp_path: Path) -> None:
     """Claims of up to 2 s between the grant and the send, and a margin of 50 ms for the
     trip: the call is logged at its send (`Budget.stamp`), not at its grant."""

@@ -138,6 +138,7 @@ async def test_two_processes_on_redis_flooding_never_put_freelancer_over_a_windo
     assert any(call[0] >= JOB_IDS for call in freelancer.calls), "the crawl got calls too"
 
 
+@pytest.mark.sim
 def test_over_an_hour_a_crawl_never_makes_clients_wait_and_is_not_starved(
     tmp_path: Path,
 ) -> None:

@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pytest
+
 from app.gateway.batching import PRIORITY_JOB
 from tests.support.apps import StartApp, until
 from tests.support.freelancer import FakeFreelancer
@@ -117,6 +119,7 @@ def test_with_the_defaults_clients_get_fifty_calls_in_the_first_minute(tmp_path:
     assert 61.0 <= max(sim.miss_waits) <= 62.0
 
 
+@pytest.mark.sim
 def test_a_crawl_is_paced_to_the_hour_and_keeps_the_reserve(tmp_path: Path) -> None:
     async def scenario(sim: Simulation) -> None:
         await sim.submit_job(JOB_IDS, 1_000_000)
@@ -133,6 +136,7 @@ def test_a_crawl_is_paced_to_the_hour_and_keeps_the_reserve(tmp_path: Path) -> N
     assert busiest(jobs, 600.0) <= 10 + 134
 
 
+@pytest.mark.sim
 def test_an_owed_job_gets_its_share_of_every_hour_under_a_client_flood(tmp_path: Path) -> None:
     """Clients want twice the minute's calls for two hours and a half, and fill the queue;
     a job arrives after their first minute. In every hour-long span from its second hour
