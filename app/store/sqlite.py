@@ -79,6 +79,7 @@ UPSERT = (
 )
 # SQLite caps the number of `?` in one statement; 500 stays well under every build's limit.
 CHUNK = 500
+WAL_ATTEMPTS = 50
 MMAP_BYTES = 256 * 1024 * 1024
 """Reads map the file (up to this much) instead of copying pages through read()."""
 
@@ -255,7 +256,7 @@ async def connect(path: Path, schema: str) -> aiosqlite.Connection:
     # instead of waiting its turn as an immediate one does.
     db = await aiosqlite.connect(path, isolation_level="IMMEDIATE")
     try:
-        await run(db, "PRAGMA journal_mode=WAL")
+        await wal(db)
         await run(db, "PRAGMA synchronous=NORMAL")
         await db.executescript(schema)
         await db.commit()
@@ -263,6 +264,21 @@ async def connect(path: Path, schema: str) -> aiosqlite.Connection:
         await db.close()
         raise
     return db
+
+
+async def wal(db: aiosqlite.Connection) -> None:
+    """Put the file in WAL mode. Leaving a rollback journal needs the file to itself, and
+    SQLite's busy timeout does not wait for that: two processes opening a file not yet in
+    WAL at once get "database is locked" straight away, so it is tried again, for about
+    a second."""
+    for attempt in range(WAL_ATTEMPTS):
+        try:
+            await run(db, "PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or attempt == WAL_ATTEMPTS - 1:
+                raise
+            await asyncio.sleep(0.02)
 
 
 async def connect_reader(path: Path) -> aiosqlite.Connection:

@@ -141,3 +141,16 @@ async def test_reads_do_not_wait_for_a_save_held_up_by_another_writer(tmp_path: 
     await save
     assert sorted(await store.get_rendered([1, 2])) == [1, 2]
     await store.close()
+
+
+async def test_processes_opening_a_file_not_in_wal_mode_at_once_all_open(tmp_path: Path) -> None:
+    """Leaving a rollback journal for WAL needs the file alone, and SQLite does not wait for
+    that: replicas starting together on such a file failed with "database is locked"."""
+    for round_no in range(30):  # bounded; it failed within a few rounds before
+        path = tmp_path / f"users-{round_no}.db"
+        file_from_before_the_json(path, [UserRecord(1, "u1", created_at=1.0, fetched_at=2.0)])
+        stores = [SqliteUserStore(path) for _ in range(6)]
+        await asyncio.gather(*(store.open() for store in stores))
+        for store in stores:
+            assert await store.count() == 1
+            await store.close()
