@@ -5,18 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Collection
 from pathlib import Path
 
 import pytest
 
-from app.domain import StoredUser, UserRecord
+from app.domain import UserRecord
 from app.errors import StoreUnavailable
 from app.gateway.stats import GatewayStats
 from app.gateway.write_behind import WriteBehind
-from app.store import SqliteUserStore
 from tests.store.raw import file_from_before_the_json
-from tests.support.apps import Running, StartApp, make_settings, until
+from tests.support.apps import GatedReads, Running, StartApp, make_settings, until
 from tests.support.clock import FakeClock
 from tests.support.freelancer import FakeFreelancer, error_response
 
@@ -98,26 +96,8 @@ async def test_a_cache_kept_by_an_earlier_version_is_served_after_the_upgrade(
     assert await bodies(running, IDS) == from_store, "as memory answers it"
 
 
-class GatedStore(SqliteUserStore):
-    """A SQLite store whose lookup reads wait for `gate` (when set), and are recorded."""
-
-    def __init__(self, path: Path) -> None:
-        super().__init__(path)
-        self.reads: list[list[int]] = []
-        self.gate: asyncio.Event | None = None
-        self.fail = False
-
-    async def get_rendered(self, user_ids: Collection[int]) -> dict[int, StoredUser]:
-        self.reads.append(sorted(user_ids))
-        if self.gate is not None:
-            await self.gate.wait()
-        if self.fail:
-            raise StoreUnavailable("SQLite store failed: disk I/O error; check SQLITE_PATH")
-        return await super().get_rendered(user_ids)
-
-
-async def gated_writes(tmp_path: Path) -> tuple[GatedStore, WriteBehind]:
-    store = GatedStore(tmp_path / "users.db")
+async def gated_writes(tmp_path: Path) -> tuple[GatedReads, WriteBehind]:
+    store = GatedReads(tmp_path / "users.db")
     await store.open()
     now = time.time()
     await store.upsert_many(

@@ -4,21 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from app.domain import StoredUser, UserRecord
+from app.domain import UserRecord
 from app.errors import StoreUnavailable
 from app.gateway.cache import LRU
 from app.gateway.stats import GatewayStats
 from app.gateway.write_behind import WriteBehind
-from app.store import SqliteUserStore
 from tests.store.raw import stored_ids
-from tests.support.apps import FlakyStore, StartApp, make_settings, until
+from tests.support.apps import FlakyStore, GatedReads, StartApp, make_settings, until
 from tests.support.freelancer import FakeFreelancer
 
 X, Y = 501, 502
@@ -59,24 +58,6 @@ async def test_an_eviction_during_a_failing_save_is_not_written_back_later(
     assert await running.gateway.wait_idle(5)
     await until(lambda: not running.gateway.writes.pending)
     assert await stored_ids(tmp_path / "users.db", [X, Y]) == {Y}
-
-
-class GatedReads(SqliteUserStore):
-    """Lookup reads wait for `gate` (when set) and fail while `fail` is set."""
-
-    def __init__(self, path: Path) -> None:
-        super().__init__(path)
-        self.reads: list[list[int]] = []
-        self.gate: asyncio.Event | None = None
-        self.fail = False
-
-    async def get_rendered(self, user_ids: Collection[int]) -> dict[int, StoredUser]:
-        self.reads.append(sorted(user_ids))
-        if self.gate is not None:
-            await asyncio.wait_for(self.gate.wait(), 10)
-        if self.fail:
-            raise StoreUnavailable("SQLite store failed: disk I/O error; check SQLITE_PATH")
-        return await super().get_rendered(user_ids)
 
 
 async def test_a_cancelled_leading_read_and_a_failed_shared_read_leave_no_one_hanging(

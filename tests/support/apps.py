@@ -82,6 +82,25 @@ class FlakyStore(SqliteUserStore):
         return found
 
 
+class GatedReads(SqliteUserStore):
+    """A SQLite store whose lookup reads are recorded, wait for `gate` (when set, 10 s at
+    most) and fail while `fail` is set."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.reads: list[list[int]] = []
+        self.gate: asyncio.Event | None = None
+        self.fail = False
+
+    async def get_rendered(self, user_ids: Collection[int]) -> dict[int, StoredUser]:
+        self.reads.append(sorted(user_ids))
+        if self.gate is not None:
+            await asyncio.wait_for(self.gate.wait(), 10)
+        if self.fail:
+            raise StoreUnavailable("SQLite store failed: disk I/O error; check SQLITE_PATH")
+        return await super().get_rendered(user_ids)
+
+
 async def until(condition: Callable[[], bool], *, within_s: float = 5.0) -> None:
     """Yield to the event loop until `condition()` holds; fail after `within_s`."""
     loop = asyncio.get_running_loop()
