@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 Kind = Literal[
     "pause",
@@ -23,16 +23,7 @@ Kind = Literal[
     "link-delay",
     "link-silence",
 ]
-KINDS: tuple[Kind, ...] = (
-    "pause",
-    "kill",
-    "redis-restart",
-    "redis-freeze",
-    "pubsub-kill",
-    "link-cut",
-    "link-delay",
-    "link-silence",
-)
+KINDS: tuple[Kind, ...] = get_args(Kind)
 PROCESS_KINDS = ("pause", "kill")
 LINK_KINDS = ("link-cut", "link-delay", "link-silence")
 REDIS_KINDS = ("redis-restart", "redis-freeze", "pubsub-kill")
