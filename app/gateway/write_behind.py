@@ -65,10 +65,6 @@ class WriteBehind:
         """True while some fetched users wait for a save that succeeds."""
         return bool(self._unsaved)
 
-    def unsaved(self, user_id: int) -> bool:
-        """Whether the store may not have this user yet (a save failed or is under way)."""
-        return user_id in self._unsaved or user_id in self._saving
-
     @property
     def holding(self) -> bool:
         """True while some users are held here that the store may not have yet."""

@@ -310,7 +310,7 @@ class JobRunner:
             entry = gateway.memory.users.get(item.user_id)
             if entry is not None and fetched_at(entry) >= fresh_after:
                 done.append(Item(item.seq, item.user_id, FOUND))
-                if gateway.writes.unsaved(item.user_id):  # saved below, before `found`
+                if gateway.writes.held(item.user_id) is not None:  # saved before `found`
                     records.append(record_of(entry))
             elif gateway.memory.not_found.get(item.user_id, now) is not None:
                 done.append(Item(item.seq, item.user_id, ITEM_NOT_FOUND))

@@ -110,7 +110,7 @@ async def test_a_job_fetched_user_waiting_in_write_behind_is_fetched_again_by_a_
     job = await running.client.post("/api/jobs", json={"user_ids": [X]})
     assert job.status_code == 202, job.text
     await until(lambda: freelancer.lookups[X] == 1 and X not in running.gateway.inflight)
-    await until(lambda: running.gateway.writes.unsaved(X))
+    await until(lambda: running.gateway.writes.held(X) is not None)
     assert X not in running.gateway.memory.users
     body = await running.lookup(X)
     assert [u["user_id"] for u in body["users"]] == [X]
