@@ -34,16 +34,12 @@ def bearer(secret: str) -> dict[str, str]:
 
 @pytest.fixture
 def limits_clock(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeClock]:
-    """The `limits` package's windows (and our credit and Retry-After) on a test clock."""
-    import limits.aio.storage.memory
-    import limits.aio.strategies
-
+    """The client limits' windows (and Retry-After) on a test clock."""
     import app.http.client_limits
 
     clock = FakeClock()
     fake_time = types.SimpleNamespace(time=clock, monotonic=clock)
-    for module in (limits.aio.storage.memory, limits.aio.strategies, app.http.client_limits):
-        monkeypatch.setattr(module, "time", fake_time)
+    monkeypatch.setattr(app.http.client_limits, "time", fake_time)
     yield clock
 
 
@@ -134,6 +130,28 @@ async def test_requests_past_the_limit_get_429_with_ratelimit_headers(
     assert (await lookup(running, [1], key(CRAWL))).status_code == 200
     limits_clock.advance(120)
     assert (await lookup(running, [1], key(READ))).status_code == 200
+
+
+async def test_no_span_of_a_minute_holds_more_than_the_limit(
+    start_app: StartApp, freelancer: FakeFreelancer, limits_clock: FakeClock
+) -> None:
+    """The limit is exact wherever the requests fall: 10 just before a minute's boundary
+    (on the wall clock) and 11 just after let 10 in, not 11 (an estimated window weighted
+    the first 10 as 9.99, rounded down, and let the 21st in: seen in CI). Retry-After
+    is when the oldest requests leave the window, and then as many fit again."""
+    limits_clock.now = 1_800_000_000.0 - 0.25  # a quarter of a second before a minute starts
+    running = await start_app(api_keys=KEYS, rate_limit_per_min=20)
+    statuses = [(await lookup(running, [1], key(READ))).status_code for _ in range(10)]
+    limits_clock.advance(0.5)
+    statuses += [(await lookup(running, [1], key(READ))).status_code for _ in range(11)]
+    assert statuses == [200] * 20 + [429]
+    refused = await lookup(running, [1], key(READ))
+    assert refused.headers["Retry-After"] == "60", "the first ten leave in 59.5 s"
+    limits_clock.advance(59.5 - 0.001)
+    assert (await lookup(running, [1], key(READ))).status_code == 429, "not yet"
+    limits_clock.advance(0.001)
+    statuses = [(await lookup(running, [1], key(READ))).status_code for _ in range(11)]
+    assert statuses == [200] * 10 + [429], "ten left, ten came"
 
 
 async def test_ids_count_against_their_own_limit(
@@ -309,7 +327,7 @@ async def test_clients_named_by_address_are_bounded_and_idle_ones_leave(
     assert len(rows) <= 256 + 2, "at most 256 address clients, the caller, and ip:*"
     assert sum(row["requests"] for row in rows) == 301, "nothing counted is lost"
     limits = running.app.state.services.limits
-    assert len(limits._credit) <= 2 * 258
+    assert len(limits._logs) <= 3 * 258, "a log per limit per client kept, no more"
     text = (await running.client.get("/metrics")).text
     families = {f.name: f for f in text_string_to_metric_families(text)}
     labels = {s.labels["key"]: s.value for s in families["gateway_key_requests"].samples}

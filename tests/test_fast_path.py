@@ -95,9 +95,9 @@ def taken(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     start = fast_path.start_lookup  # type: ignore[attr-defined]
     route_lookup = users.lookup_for_client  # type: ignore[attr-defined]
 
-    async def fast_start(*args: Any) -> Any:
+    def fast_start(*args: Any) -> Any:
         counts["fast"] += 1
-        return await start(*args)
+        return start(*args)
 
     async def routed(*args: Any) -> Any:
         counts["route"] += 1

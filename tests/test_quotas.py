@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from app.gateway.coordinator import LocalCoordinator, LocalHub
 from app.gateway.flight import PendingLookup
 from app.gateway.gateway import Gateway
-from app.http.client_limits import WINDOW_S, MissQuota
+from app.http.client_limits import WINDOW_S, SlidingLog
 from app.store import SqliteUserStore
 from tests.support.apps import Running, StartApp, make_settings
 from tests.support.freelancer import FakeFreelancer, SlowUpstream
@@ -114,7 +114,7 @@ async def test_parallel_requests_of_one_key_never_pass_its_ids_a_minute(
     assert statuses.count(200) == 20 and statuses.count(429) == 10, statuses
 
 
-# ---- the quota's arithmetic against a reference model ---------------------------------
+# ---- the limits' arithmetic against a reference model ---------------------------------
 
 steps = st.lists(
     st.tuples(
@@ -132,7 +132,7 @@ steps = st.lists(
 def test_the_quota_never_passes_its_limit_in_any_window_and_never_refuses_room(
     limit: int, steps: list[tuple[float, int, int]]
 ) -> None:
-    quota = MissQuota()
+    quota = SlidingLog()
     now = 1000.0
     takes: list[list[float]] = []  # reference: [time, ids still counted]
     entries: list[list[float] | None] = []
@@ -148,7 +148,48 @@ def test_the_quota_never_passes_its_limit_in_any_window_and_never_refuses_room(
             returned = min(back, int(takes[index][1]))
             takes[index][1] -= returned
             if entries[index] is not None:
-                MissQuota.give_back(entries[index], returned)  # type: ignore[arg-type]
+                quota.give_back(entries[index], returned)  # type: ignore[arg-type]
         # In every window ending now, what is counted never passes the limit.
         assert sum(ids for at, ids in takes if at > now - WINDOW_S) <= limit
         assert quota.used(now) == sum(ids for at, ids in takes if at > now - WINDOW_S)
+
+
+@pytest.mark.fuzz
+@settings(max_examples=300, deadline=None)
+@given(
+    limit=st.integers(1, 40),
+    steps=st.lists(
+        st.tuples(st.floats(0.0, 40.0, allow_nan=False), st.integers(1, 45)), max_size=80
+    ),
+)
+def test_requests_and_ids_a_minute_are_exact_and_retry_after_is_when_room_comes_back(
+    limit: int, steps: list[tuple[float, int]]
+) -> None:
+    """All or nothing (requests, ids): taken iff it fits in the window ending now, so no span
+    of a minute ever holds more than the limit, and nothing is refused while there is room;
+    the wait it names is the first instant the cost fits."""
+    log = SlidingLog()
+    now = 1000.0
+    takes: list[tuple[float, int]] = []  # reference: every cost taken, with its time
+
+    def live(at: float) -> int:
+        """What the window ending at `at` holds."""
+        return sum(cost for taken_at, cost in takes if at - WINDOW_S < taken_at <= at)
+
+    for elapsed, cost in steps:
+        now += elapsed
+        fits = live(now) + cost <= limit
+        wait = log.wait(cost, limit, now)
+        assert log.take_all(cost, limit, now) == fits
+        if fits:
+            assert wait == 0.0
+            takes.append((now, cost))
+        elif cost > limit:
+            assert wait == WINDOW_S, "never fits: a window's wait"
+        else:
+            assert 0 < wait <= WINDOW_S
+            assert live(now + wait + 1e-6) + cost <= limit, "fits once the wait is over"
+            assert live(now + max(0.0, wait - 1e-6)) + cost > limit, "not a moment sooner"
+        assert log.used(now) == live(now)
+        # Any span of a minute (the windows ending at each take) holds at most the limit.
+        assert all(live(at) <= limit for at, _ in takes)

@@ -62,19 +62,19 @@ async def lookup_for_client(
     """A lookup counted against the caller's ids a minute and new ids a minute."""
     client = get_client(request)
     limits = services_of(request.app).limits
-    result = await start_lookup(limits, client, gateway, user_ids)
+    result = start_lookup(limits, client, gateway, user_ids)
     if isinstance(result, LookupResult):
         return result
     return await finish_lookup(limits, client, gateway, result)
 
 
-async def start_lookup(
+def start_lookup(
     limits: ClientLimits, client: Client, gateway: Gateway, user_ids: Sequence[int]
 ) -> LookupResult | PendingLookup:
     """Count the ids against the client's ids a minute (429 past it), then look them up:
-    the answer when memory holds the batch whole (no await), else what `finish_lookup`
-    completes. The fast path (`app.http.fast_path`) and the route share it."""
-    await limits.admit_ids(client, len(user_ids))
+    the answer when memory holds the batch whole (in one step, no await), else what
+    `finish_lookup` completes. The fast path (`app.http.fast_path`) and the route share it."""
+    limits.admit_ids(client, len(user_ids))
     return gateway.lookup_now(user_ids)
 
 

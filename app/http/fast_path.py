@@ -82,7 +82,7 @@ class FastLookup:
             return _replaying(messages, receive)  # the route says what is wrong, its way
         scope["route"] = self.route  # from here on the request is the route's, for metrics
         limits = self.services.limits
-        result = await start_lookup(limits, client, gateway, user_ids)
+        result = start_lookup(limits, client, gateway, user_ids)
         if not isinstance(result, LookupResult):
             result = await finish_lookup(limits, client, gateway, result)
         answer = result.to_json()

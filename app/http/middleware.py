@@ -145,7 +145,7 @@ class GatewayMiddleware:
                 else:
                     address = scope["client"][0] if scope.get("client") else "unknown"
                 client = scope["gateway.client"] = self.keys.identify(scope["headers"], address)
-                await self.limits.admit(client)
+                self.limits.admit(client)
                 fast = self.fast_lookup
                 if (
                     fast is not None
