@@ -61,6 +61,7 @@ class Usage:
 
 COUNTS = tuple(f.name for f in fields(Usage) if f.name != "seen")
 WINDOW_S = 60.0
+WINDOW_MS = 60_000
 MAX_ADDRESS_CLIENTS = 256
 IDLE_S = 2 * WINDOW_S
 ADDRESSES = "ip:*"
@@ -69,55 +70,73 @@ a colon, so it names no key)."""
 
 
 class SlidingLog:
-    """What one client took of one limit in the last `WINDOW_S`: a log of takes, oldest
-    first, and their running total.
+    """What one client took of one limit in the last `WINDOW_S`: takes by millisecond,
+    oldest first, and their running total.
 
-    Each take is an entry `[time, amount]`; the window holds the entries younger than
-    `WINDOW_S` (fractional seconds, the caller's monotonic clock). An entry leaves the log
-    with its amount set to 0, so giving back to a take the window already forgot changes
-    nothing. No method awaits: a caller sees and spends the room in one step.
+    Time is whole milliseconds, to the safe side (as the budget's windows count it): a
+    take is logged at its time rounded up, and "now" is rounded down when the log is read,
+    so the window can look fuller than it is, by under 1 ms, never emptier. Takes in the
+    same millisecond share one entry, so a client's log holds at most one entry a
+    millisecond (and at most `limit` entries): bounded whatever the limit. Times and amounts
+    are two deques of numbers (not an object per take, which the garbage collector would
+    walk), and a take's handle is its entry's position counted from the log's start, so
+    giving back to a take the window already forgot finds nothing. No method awaits: a
+    caller sees and spends the room in one step.
     """
 
-    __slots__ = ("entries", "total")
+    __slots__ = ("amounts", "gone", "times", "total")
 
     def __init__(self) -> None:
-        self.entries: deque[list[float]] = deque()
+        self.times: deque[int] = deque()
+        self.amounts: deque[int] = deque()
+        self.gone = 0
+        """Entries that left the window since the log began (handles below it are gone)."""
         self.total = 0
 
     def used(self, now: float) -> int:
         """Taken in the window ending at `now` (older entries leave the log)."""
-        entries = self.entries
-        horizon = now - WINDOW_S
-        while entries and entries[0][0] <= horizon:
-            entry = entries.popleft()
-            self.total -= int(entry[1])
-            entry[1] = 0
+        times = self.times
+        horizon = math.floor(now * 1000) - WINDOW_MS
+        while times and times[0] <= horizon:
+            times.popleft()
+            self.total -= self.amounts.popleft()
+            self.gone += 1
         return self.total
 
-    def take(self, count: int, limit: int, now: float) -> tuple[int, list[float] | None]:
-        """Up to `count` of what is left of `limit`, and the entry to give back to."""
+    def _add(self, amount: int, now: float) -> int:
+        """Log `amount` taken at `now`; its entry's handle."""
+        at = math.ceil(now * 1000)
+        times, amounts = self.times, self.amounts
+        if times and times[-1] >= at:  # the same millisecond: one entry
+            amounts[-1] += amount
+        else:
+            times.append(at)
+            amounts.append(amount)
+        self.total += amount
+        return self.gone + len(times) - 1
+
+    def take(self, count: int, limit: int, now: float) -> tuple[int, int | None]:
+        """Up to `count` of what is left of `limit`, and the handle to give back to."""
         allowed = max(0, min(count, limit - self.used(now)))
         if not allowed:
             return 0, None
-        entry = [now, allowed]
-        self.entries.append(entry)
-        self.total += allowed
-        return allowed, entry
+        return allowed, self._add(allowed, now)
 
     def take_all(self, cost: int, limit: int, now: float) -> bool:
         """Take `cost` if all of it fits, else nothing."""
         if self.used(now) + cost > limit:
             return False
-        self.entries.append([now, cost])
-        self.total += cost
+        self._add(cost, now)
         return True
 
-    def give_back(self, entry: list[float], count: int) -> None:
-        """Return up to `count` of a take: the window forgets them now, where it would
-        have forgotten them with the take (never later)."""
-        returned = min(count, int(entry[1]))
-        entry[1] -= returned
-        self.total -= returned
+    def give_back(self, handle: int, count: int) -> None:
+        """Return up to `count` of the take at `handle` (never more than its entry holds):
+        the window forgets them now, where it would have forgotten them with the take."""
+        index = handle - self.gone
+        if 0 <= index < len(self.amounts):  # else the window forgot it already
+            returned = min(count, self.amounts[index])
+            self.amounts[index] -= returned
+            self.total -= returned
 
     def wait(self, cost: int, limit: int, now: float) -> float:
         """Seconds until `cost` fits (the oldest takes leave first); WINDOW_S when it never
@@ -126,10 +145,10 @@ class SlidingLog:
         if room >= cost:
             return 0.0
         if cost <= limit:
-            for at, amount in self.entries:
-                room += int(amount)
+            for at, amount in zip(self.times, self.amounts, strict=True):
+                room += amount
                 if room >= cost:
-                    return at + WINDOW_S - now
+                    return max(0.0, (at + WINDOW_MS) / 1000 - now)
         return WINDOW_S
 
 
@@ -141,7 +160,8 @@ class MissReservation:
     def __init__(self, limits: ClientLimits, name: str) -> None:
         self._limits = limits
         self._name = name
-        self._entries: list[tuple[SlidingLog, list[float]]] = []
+        self._entries: list[tuple[SlidingLog, int, int]] = []
+        """Each take: its log, its handle, how many it took."""
         self.allowed = 0
         self.refused = 0
 
@@ -149,9 +169,9 @@ class MissReservation:
         """How many of `count` new ids may go upstream now (no await: the gateway calls it
         while it registers them); the rest are answered `quota`."""
         log = self._limits.log(self._name, "misses")
-        allowed, entry = log.take(count, self._limits.share("misses"), time.monotonic())
-        if entry is not None:
-            self._entries.append((log, entry))
+        allowed, handle = log.take(count, self._limits.share("misses"), time.monotonic())
+        if handle is not None:
+            self._entries.append((log, handle, allowed))
         self.allowed += allowed
         self.refused += count - allowed
         return allowed
@@ -159,12 +179,12 @@ class MissReservation:
     def settle(self, answered_elsewhere: int) -> None:
         """The lookup ended: give back the ids another fetch answered, and count the rest."""
         back = min(answered_elsewhere, self.allowed)
-        for log, entry in reversed(self._entries):
+        for log, handle, taken in reversed(self._entries):
             if back <= 0:
                 break
-            taken = int(entry[1])
-            log.give_back(entry, back)
-            back -= taken
+            returned = min(back, taken)
+            log.give_back(handle, returned)
+            back -= returned
         usage = self._limits.usage(self._name)
         usage.misses += self.allowed - min(answered_elsewhere, self.allowed)
         usage.over_quota += self.refused
