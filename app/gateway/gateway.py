@@ -2,8 +2,9 @@
 
 A lookup answers from memory with no await, reads the rest from the store in one query
 (SQLite: at once, on this thread, so store hits too are answered with no await; see
-`app.store.sqlite`), then, *with no await in between*, re-checks memory, joins a Future in flight or registers
-one and queues the id, and awaits its Futures (never cancelling them) until one deadline.
+`app.store.sqlite`), then, *with no await in between*, re-checks memory, joins a Future
+in flight or registers one and queues the id, and awaits its Futures (never cancelling
+them) until one deadline.
 The worker has the `Planner` spend a call and gather its batch, claims it through the
 `Coordinator`, calls the `ResilientUpstream`, and in one synchronous step (`_complete`)
 updates memory, resolves the Futures and drops the in-flight entries. Futures carry values.
@@ -96,6 +97,8 @@ class Gateway:
         """The single-flight table: one entry per id queued or being fetched."""
         self.worker = FetchWorker(self)
         self.refresh_ahead = RefreshAhead(self, popularity)
+        if settings.refresh_ahead:  # its counts decide which store hits memory admits
+            self.memory.popularity = self.refresh_ahead.popularity
         self._sample_at = 1 if settings.refresh_ahead else sys.maxsize
         """The request count at which the next lookup's ids are sampled for popularity."""
         self._tasks: set[asyncio.Task[None]] = set()
