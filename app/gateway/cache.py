@@ -110,6 +110,15 @@ class LRU(Generic[V]):
             if older.pop(order.popleft(), None) is not None:
                 return
 
+    def victim(self) -> int | None:
+        """The key the next `put` of a new key into a full map would evict (None: empty)."""
+        older, order = self.older, self._order
+        while order and order[0] not in older:
+            order.popleft()  # gone since it came into `older`: `_evict` would skip it too
+        if order:
+            return order[0]
+        return next(iter(self.recent), None)  # the flip makes `recent`'s first the next
+
     def pop(self, key: int) -> V | None:
         """Remove and return, or None."""
         value = self.recent.pop(key, None)

@@ -1,8 +1,10 @@
 """The single-flight core: memory → store → in-flight futures → queue → batched upstream calls.
 
-A lookup answers from memory with no await, reads the rest from the store in one query,
-then, *with no await in between*, re-checks memory, joins a Future in flight or registers
-one and queues the id, and awaits its Futures (never cancelling them) until one deadline.
+A lookup answers from memory with no await, reads the rest from the store in one query
+(SQLite: at once, on this thread, so store hits too are answered with no await; see
+`app.store.sqlite`), then, *with no await in between*, re-checks memory, joins a Future
+in flight or registers one and queues the id, and awaits its Futures (never cancelling
+them) until one deadline.
 The worker has the `Planner` spend a call and gather its batch, claims it through the
 `Coordinator`, calls the `ResilientUpstream`, and in one synchronous step (`_complete`)
 updates memory, resolves the Futures and drops the in-flight entries. Futures carry values.
@@ -95,6 +97,8 @@ class Gateway:
         """The single-flight table: one entry per id queued or being fetched."""
         self.worker = FetchWorker(self)
         self.refresh_ahead = RefreshAhead(self, popularity)
+        if settings.refresh_ahead:  # its counts decide which store hits memory admits
+            self.memory.popularity = self.refresh_ahead.popularity
         self._sample_at = 1 if settings.refresh_ahead else sys.maxsize
         """The request count at which the next lookup's ids are sampled for popularity."""
         self._tasks: set[asyncio.Task[None]] = set()
@@ -165,8 +169,13 @@ class Gateway:
             return LookupResult(hits, not_found=missing)
         deadline = asyncio.get_running_loop().time() + self.settings.wait_timeout_s
         lookup = PendingLookup(user_ids, [], deadline)
-        lookup.pending = self._answer_from_memory(user_ids, lookup, now)
-        if not lookup.pending:
+        pending = self._answer_from_memory(user_ids, lookup, now)
+        stored = self.writes.read_now(pending) if pending else None
+        if stored is not None:  # read with no await: SQLite, on this thread
+            stored = self._with_unsaved(pending, stored)
+            pending = self._answer_from_memory(pending, lookup, now, stored)
+        lookup.pending = pending
+        if not pending:
             return render(user_ids, lookup.answers, stats)
         return lookup
 
@@ -178,7 +187,12 @@ class Gateway:
 
     async def finish(self, lookup: PendingLookup) -> LookupResult:
         """Complete a lookup from the store and fetches, by its deadline."""
-        stored = self._with_unsaved(lookup.pending, await self.writes.read_rendered(lookup.pending))
+        # Read again, though `lookup_now` may have read these ids: an await may have come
+        # between (a fetch completed, its user not held in memory, but saved).
+        stored = self.writes.read_now(lookup.pending)
+        if stored is None:
+            stored = await self.writes.read_rendered(lookup.pending)
+        stored = self._with_unsaved(lookup.pending, stored)
         # From here to the registration there is no await: the worker cannot complete a
         # fetch between our last look at memory and our decision to start a new one.
         pending = self._answer_from_memory(lookup.pending, lookup, stored=stored)

@@ -3,6 +3,15 @@
 Synchronous and free of I/O on purpose: the gateway reads and updates it in the stretches
 that must not await, and its rules (newer copies win, a failure never hides a good
 copy) are tested without an event loop.
+
+A user read from the store enters a full memory only if it is asked for more than the
+user it would evict (TinyLFU's admission, on the decaying counts refresh-ahead keeps):
+otherwise it is answered and not held. Admitting every store hit made the long tail
+(a scan, a crawl of old ids, uniform traffic over more users than fit) evict as many
+users as it read, each put and eviction a third of the store path's own work, and
+pushed the most asked users out for users asked once. A fetch's user is always held
+(`learn`): the rule is for store hits only, and without counts (refresh-ahead off)
+every store hit is admitted as before.
 """
 
 from __future__ import annotations
@@ -13,6 +22,7 @@ from collections.abc import Container, Iterable, Mapping, Sequence
 from app.config import Settings
 from app.domain import StoredUser, UserRecord
 from app.gateway.cache import LRU, CachedUser, ExpiringMap, fetched_at, from_store, record_of
+from app.gateway.popularity import Popularity
 from app.gateway.results import NOT_FOUND, SHUTDOWN, Failure, Outcome, Source
 
 Answers = dict[int, tuple[Source, Outcome]]
@@ -33,6 +43,8 @@ class Memory:
         self.stale_if_error_s = settings.stale_if_error_s
         self.not_found_ttl_s = settings.not_found_ttl_s
         self.error_ttl_s = settings.error_ttl_s
+        self.popularity: Popularity | None = None
+        """The counts store hits are admitted by (see the module docstring); None: all are."""
 
     def __len__(self) -> int:
         return len(self.users)
@@ -98,8 +110,10 @@ class Memory:
                 and (entry is None or entry[1] < found[1])
                 and not self.evicted_after(uid, found[1])
             ):
+                held = entry is not None
                 entry = from_store(found)
-                users.put(uid, entry)
+                if held or self._admits(uid):
+                    users.put(uid, entry)
             if entry is not None:
                 fetched = entry[1]
                 if fetched > fresh_after:
@@ -115,6 +129,15 @@ class Memory:
                 continue
             pending.append(uid)
         return pending, stale
+
+    def _admits(self, user_id: int) -> bool:
+        """Whether a store hit not held enters memory: yes while there is room, else if
+        asked for more than the user it would evict."""
+        users, popularity = self.users, self.popularity
+        if popularity is None or len(users) < users.maxsize:
+            return True
+        counts = popularity.counts
+        return counts.get(user_id, 0) > counts.get(users.victim(), 0)  # type: ignore[arg-type]
 
     def learn(self, user_id: int, outcome: Outcome, now: float, *, hold: bool = True) -> Outcome:
         """Record a fetch's outcome; returns what to answer (a newer held copy wins).

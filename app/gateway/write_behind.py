@@ -150,6 +150,14 @@ class WriteBehind:
         """Stored users among `user_ids`; raises StoreUnavailable (and marks the store down)."""
         return await self._reached(self.store.get_many(user_ids))
 
+    def read_now(self, user_ids: list[int]) -> dict[int, StoredUser] | None:
+        """`read_rendered` with no await where the store can answer so (SQLite: on this
+        thread), else None: the caller then awaits `read_rendered`, which reports failures."""
+        stored = self.store.read_now(user_ids)
+        if stored is not None:
+            self.store_ready = True
+        return stored
+
     async def read_rendered(self, user_ids: list[int]) -> dict[int, StoredUser]:
         """Stored users among `user_ids` as lookups answer them (their JSON and
         `fetched_at`); raises StoreUnavailable (and marks the store down).

@@ -50,6 +50,12 @@ class UserStore(Protocol):
         """
         ...
 
+    def read_now(self, user_ids: Collection[int]) -> dict[int, StoredUser] | None:
+        """`get_rendered` answered at once, with no await, where the store can (an embedded
+        file read in a few hundred µs); None where it cannot, now or ever (a network store):
+        the caller then awaits `get_rendered`. Never raises."""
+        ...
+
     async def upsert_many(self, users: Sequence[UserRecord]) -> None:
         """Insert or update users, with their JSON, in one round trip.
 

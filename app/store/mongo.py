@@ -100,6 +100,10 @@ class MongoUserStore:
             found[record.user_id] = (record.rendered(), record.fetched_at)
         return found
 
+    def read_now(self, user_ids: Collection[int]) -> dict[int, StoredUser] | None:
+        """None: a read from MongoDB is a network round trip, always awaited."""
+        return None
+
     async def upsert_many(self, users: Sequence[UserRecord]) -> None:
         """One unordered bulk_write of two updates a user; `created_at` only on insert.
 

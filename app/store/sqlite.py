@@ -14,6 +14,17 @@ when it runs the same cached statement ("bad parameter or other API misuse" unde
 concurrent saves). And a cursor left open across an await would hold a read snapshot,
 and a write on the same connection after another connection committed would then fail
 at once with "database is locked".
+
+`read_now` reads the lookups' users on the caller's (the event loop's) thread, with the
+stdlib `sqlite3` on a third connection (mapped, query_only), skipping aiosqlite's trip to
+its thread and back: a 50-id read took 110 µs so, 165 µs through aiosqlite. It can block
+the loop only briefly: its busy timeout is 0, so when the file is locked (a WAL reader
+waits only while another connection recovers the WAL or holds the file in exclusive
+mode) it gives up at once and answers None, and the lookup reads through aiosqlite's
+thread instead, which may wait (up to the store's timeout) without holding up the loop.
+Any other failure also answers None: the threaded read then meets it too and reports it
+as every read does (StoreUnavailable within the timeout, the store marked down). Rows
+without their JSON also answer None (rendering them is the threaded read's work).
 """
 
 from __future__ import annotations
@@ -95,6 +106,8 @@ class SqliteUserStore:
         self.timeout_s = timeout_s
         self._db: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
+        self._now: sqlite3.Connection | None = None
+        """`read_now`'s connection, used on the event loop's thread only."""
 
     async def open(self) -> None:
         """Create the folder, the file and the table (WAL mode); open the read connection."""
@@ -105,7 +118,11 @@ class SqliteUserStore:
             try:
                 await add_json_column(db)
                 self._reader = await connect_reader(self.path)
+                self._now = connect_now(self.path)
             except BaseException:
+                if self._reader is not None:
+                    await self._reader.close()
+                    self._reader = None
                 await db.close()
                 raise
             self._db = db
@@ -114,6 +131,9 @@ class SqliteUserStore:
         """Close both connections, if open."""
         db, self._db = self._db, None
         reader, self._reader = self._reader, None
+        now, self._now = self._now, None
+        if now is not None:
+            now.close()
         for connection in (reader, db):
             if connection is not None:
                 await connection.close()
@@ -150,6 +170,27 @@ class SqliteUserStore:
             if bare:
                 for uid, record in (await self.get_many(bare)).items():
                     found[uid] = (record.rendered(), record.fetched_at)
+        return found
+
+    def read_now(self, user_ids: Collection[int]) -> dict[int, StoredUser] | None:
+        """`get_rendered` without an await, on this thread; None when it cannot answer so
+        (not open, the file locked, any failure, a row without its JSON): see the module
+        docstring."""
+        db = self._now
+        if db is None or self._db is None:
+            return None
+        ids = list(user_ids)
+        found: dict[int, StoredUser] = {}
+        try:
+            for start in range(0, len(ids), CHUNK):
+                chunk = ids[start : start + CHUNK]
+                sql = f"{SELECT_RENDERED} WHERE user_id IN ({','.join('?' * len(chunk))})"
+                for uid, fetched, json in db.execute(sql, chunk).fetchall():
+                    if json is None:
+                        return None
+                    found[uid] = (json, fetched)
+        except (sqlite3.Error, OSError, ValueError):
+            return None
         return found
 
     async def get_many(self, user_ids: Collection[int]) -> dict[int, UserRecord]:
@@ -291,6 +332,20 @@ async def connect_reader(path: Path) -> aiosqlite.Connection:
         await db.execute_fetchall("PRAGMA query_only=1")
     except BaseException:
         await db.close()
+        raise
+    return db
+
+
+def connect_now(path: Path) -> sqlite3.Connection:
+    """`read_now`'s connection: as the read connection, but in the stdlib on the caller's
+    thread, in autocommit (a read holds no snapshot once fetched) and with a busy timeout
+    of 0 (a locked file is left to the threaded read at once)."""
+    db = sqlite3.connect(path, timeout=0, isolation_level=None)
+    try:
+        db.execute(f"PRAGMA mmap_size={MMAP_BYTES}").fetchall()
+        db.execute("PRAGMA query_only=1").fetchall()
+    except BaseException:
+        db.close()
         raise
     return db
 

@@ -148,3 +148,36 @@ def test_a_batch_of_fresh_hits_renders_as_one_join_the_same_bytes(tmp_path: Path
     assert mixed.to_json() == orjson.dumps(expected)
     assert mixed.user_json(1) == orjson.dumps(expected["users"][1])  # type: ignore[index]
     assert LookupResult([]).to_json() == orjson.dumps({**expected, "users": [], "total_count": 0})
+
+
+def test_a_full_memory_admits_a_store_hit_only_if_asked_more_than_its_victim(
+    tmp_path: Path,
+) -> None:
+    from app.gateway.popularity import Popularity
+
+    mem = memory(tmp_path, memory_cache_size=1000)
+    stored = {i: (user(i).rendered(), NOW) for i in range(1, 1003)}
+    mem.answer(range(1, 1001), NOW, {}, {}, stored)  # room: every store hit is held
+    assert len(mem) == 1000
+    counts = Popularity(min_hits=3, max_ids=10_000, decay_s=3600.0, now=NOW)
+    counts.counts.update({i: 5 for i in range(1, 1001)} | {1002: 9})
+    mem.popularity = counts
+    answers: Answers = {}
+    pending, _ = mem.answer([1001, 1002], NOW, answers, {}, stored)
+    assert not pending and answers[1001][1] == from_store(stored[1001])  # answered anyway
+    assert 1001 not in mem.users  # asked less than the user it would evict: not held
+    assert 1002 in mem.users and len(mem) == 1000  # asked more: held, one user evicted
+    mem.popularity = None  # no counts: held as before
+    mem.answer([1001], NOW, {}, {}, stored)
+    assert 1001 in mem.users and len(mem) == 1000
+
+
+def test_the_lru_names_the_victim_its_next_put_evicts() -> None:
+    lru: LRU[int] = LRU(3)
+    for key in (1, 2, 3):
+        lru.put(key, key)
+    for key in (4, 5, 6, 7):
+        victim = lru.victim()
+        assert victim is not None and victim in lru
+        lru.put(key, key)
+        assert victim not in lru and len(lru) == 3

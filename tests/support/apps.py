@@ -75,6 +75,11 @@ class FlakyStore(SqliteUserStore):
             await self.after_read()
         return found
 
+    def read_now(self, user_ids: Collection[int]) -> dict[int, StoredUser] | None:
+        # A read that awaits `after_read` is the threaded one: a read on the loop's thread
+        # has no await for a race to come in.
+        return None if self.after_read is not None else super().read_now(user_ids)
+
     async def get_rendered(self, user_ids: Collection[int]) -> dict[int, StoredUser]:
         found = await super().get_rendered(user_ids)
         if self.after_read is not None:
@@ -84,13 +89,16 @@ class FlakyStore(SqliteUserStore):
 
 class GatedReads(SqliteUserStore):
     """A SQLite store whose lookup reads are recorded, wait for `gate` (when set, 10 s at
-    most) and fail while `fail` is set."""
+    most) and fail while `fail` is set: all through the threaded read (no `read_now`)."""
 
     def __init__(self, path: Path) -> None:
         super().__init__(path)
         self.reads: list[list[int]] = []
         self.gate: asyncio.Event | None = None
         self.fail = False
+
+    def read_now(self, user_ids: Collection[int]) -> dict[int, StoredUser] | None:
+        return None  # every lookup read goes through `get_rendered`, to be gated
 
     async def get_rendered(self, user_ids: Collection[int]) -> dict[int, StoredUser]:
         self.reads.append(sorted(user_ids))
