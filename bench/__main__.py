@@ -43,7 +43,7 @@ from bench.measure import (
     table,
     verdict,
 )
-from bench.store_path import memory_from_store, memory_summary, store_path
+from bench.store_path import memory_from_store, memory_kb, memory_summary, store_path
 from bench.store_path import summary as store_summary_line
 from tests.support.procs import (
     Process,
@@ -134,6 +134,7 @@ def warm(gateway: Process, sim: Process, count: int, start_rss_mb: float) -> dic
             results += pool.map(lambda ids: post_users(client, gateway.url, ids), half)
             samples.append((rss_mb(gateway.pid), metric(gateway, "gateway_memory_cache_users")))
     wall = time.perf_counter() - started
+    kinds = memory_kb(gateway.pid)
     unavailable = sum(len(r[1]["unavailable"]) for r in results)
     after = sim_stats(sim)
     (half_rss, half_held), (rss, held) = samples
@@ -152,6 +153,8 @@ def warm(gateway: Process, sim: Process, count: int, start_rss_mb: float) -> dic
         "wall_s": wall,
         "unavailable": unavailable,
         "rss_mb": rss,
+        "rss_anon_mb": kinds["RssAnon"] / 1024,
+        "rss_file_mb": kinds["RssFile"] / 1024,
         "checks": {"RSS <= 300 MB": rss <= 300, "nothing unavailable": unavailable == 0},
     }
 

@@ -201,6 +201,7 @@ def memory_summary(workloads: dict[str, Any], users: int) -> str:
         f"{held['start_anon_mb']:.0f} -> {held['anon_mb']:.0f} MB, and {held['file_mb']:.0f} MB "
         f"of the file mapped; target <= {BYTES_PER_USER_TARGET} B); after the "
         f"warm-up's fetches {warmed['bytes_per_user']:.0f} B ({warmed['start_rss_mb']:.0f} -> "
-        f"{warmed['rss_mb']:.0f} MB), {warmed['bytes_per_user_second_half']:.0f} B a user over "
-        "its second half"
+        f"{warmed['rss_mb']:.0f} MB: {warmed['rss_anon_mb']:.0f} MB anonymous, "
+        f"{warmed['rss_file_mb']:.0f} MB of files mapped), "
+        f"{warmed['bytes_per_user_second_half']:.0f} B a user over its second half"
     )

@@ -8,6 +8,7 @@ batch. While the store cannot be opened it is reopened in the background.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
@@ -23,6 +24,11 @@ from app.store.base import UserStore
 T = TypeVar("T")
 
 log = logging.getLogger("app.gateway")
+
+SAVE_MAX_USERS = 1000
+"""Users a save writes in one transaction: about 20 ms of SQLite's writer on this
+project's benchmark machine, so a backlog is written in steps that each end well within
+STORE_TIMEOUT_S, and reads between them."""
 
 
 @dataclass(slots=True)
@@ -102,28 +108,44 @@ class WriteBehind:
         """Upsert `records` (and any an earlier failed save left), retrying briefly.
 
         One save at a time: `records` join the unsaved buffer, and whoever holds the turn
-        saves the whole buffer in one transaction; a caller whose records an earlier turn
-        saved returns at once. Concurrent saves (one per batch, as a burst of misses makes)
-        used to queue separately on the store's one writer, time out there, and each put
-        every unsaved user back for the next to rewrite: 1 000 batches in flight grew a
-        process by hundreds of MB in `make bench`.
+        saves the buffer, oldest first, SAVE_MAX_USERS to a transaction, until it is empty
+        or the store fails; a caller whose records an earlier turn saved returns at once.
+        Concurrent saves (one per batch, as a burst of misses makes) used to queue
+        separately on the store's one writer, time out there, and each put every unsaved
+        user back for the next to rewrite: 1 000 batches in flight grew a process by
+        hundreds of MB in `make bench`. One transaction for the whole buffer then grew
+        with the backlog instead: 24 000 users in one upsert timed out, again and again.
         """
         unsaved = self._unsaved
         for record in records:
             unsaved[record.user_id] = record
         async with self._turn:
-            pending, self._unsaved = self._unsaved, {}
-            if not pending:
-                return
-            self._saving |= pending
-            try:
-                await self._save(pending)
-            finally:
-                for uid, record in pending.items():
-                    if self._saving.get(uid) is record:
-                        del self._saving[uid]
+            while self._unsaved:
+                pending = self._take(SAVE_MAX_USERS)
+                self._saving |= pending
+                try:
+                    saved = await self._save(pending)
+                finally:
+                    for uid, record in pending.items():
+                        if self._saving.get(uid) is record:
+                            del self._saving[uid]
+                if not saved:
+                    return  # the rest waits for the next save, as what failed does
 
-    async def _save(self, pending: dict[int, UserRecord]) -> None:
+    def _take(self, count: int) -> dict[int, UserRecord]:
+        """Up to `count` of the unsaved users, the oldest first, out of the buffer."""
+        unsaved = self._unsaved
+        if len(unsaved) <= count:
+            self._unsaved = {}
+            return unsaved
+        taken = dict(itertools.islice(unsaved.items(), count))
+        for uid in taken:
+            del unsaved[uid]
+        return taken
+
+    async def _save(self, pending: dict[int, UserRecord]) -> bool:
+        """Save `pending` with STORE_SAVE_ATTEMPTS tries; False (and the users kept, up to
+        MEMORY_CACHE_SIZE) when every try failed."""
         for attempt in range(1, self.attempts + 1):
             try:
                 await self.store.upsert_many(list(pending.values()))
@@ -141,10 +163,11 @@ class WriteBehind:
                 continue
             self.store_ready = True
             log.debug("saved %d users", len(pending))
-            return
+            return True
         self.store_ready = False
         keep = list(pending.items())[-self.keep_max :]
         self._unsaved = dict(keep) | self._unsaved
+        return False
 
     async def read(self, user_ids: list[int]) -> dict[int, UserRecord]:
         """Stored users among `user_ids`; raises StoreUnavailable (and marks the store down)."""

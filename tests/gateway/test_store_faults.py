@@ -9,7 +9,7 @@ from pathlib import Path
 
 from app.domain import UserRecord
 from app.gateway.stats import GatewayStats
-from app.gateway.write_behind import WriteBehind
+from app.gateway.write_behind import SAVE_MAX_USERS, WriteBehind
 from app.store import SqliteUserStore
 from tests.support.apps import FlakyStore, StartApp, make_settings, until
 from tests.support.freelancer import FakeFreelancer
@@ -85,5 +85,59 @@ async def test_saves_made_together_take_turns_and_lose_nothing(tmp_path: Path) -
     await asyncio.gather(*saves)
     assert sizes == [1, 19], "the first alone, then the rest in one"
     assert set(await store.get_many(range(1, 21))) == set(range(1, 21))
+    assert not writes.holding
+    await store.close()
+
+
+async def test_a_backlog_is_saved_in_bounded_transactions_oldest_first(tmp_path: Path) -> None:
+    """2 500 users waiting while a save is held up are written SAVE_MAX_USERS at a time,
+    oldest first, not as one transaction that grows with the backlog (24 000 users in one
+    upsert timed out again and again in `make bench`'s warm-up)."""
+    store = SqliteUserStore(tmp_path / "users.db")
+    await store.open()
+    writes = WriteBehind(store, stats=GatewayStats(), settings=make_settings(tmp_path))
+    gate = asyncio.Event()
+    upsert = store.upsert_many
+    batches: list[list[int]] = []
+
+    async def held_up(users: Sequence[UserRecord]) -> None:
+        batches.append([user.user_id for user in users])
+        await gate.wait()
+        await upsert(users)
+
+    store.upsert_many = held_up  # type: ignore[method-assign]
+    now = time.time()
+    first = asyncio.create_task(writes.save([UserRecord(0, "u0", fetched_at=now)]))
+    await until(lambda: len(batches) == 1)
+    backlog = [
+        asyncio.create_task(
+            writes.save([UserRecord(i, f"u{i}", fetched_at=now) for i in range(b, b + 100)])
+        )
+        for b in range(1, 2501, 100)
+    ]
+    await asyncio.sleep(0)
+    gate.set()
+    await asyncio.gather(first, *backlog)
+    assert [len(batch) for batch in batches] == [1, SAVE_MAX_USERS, SAVE_MAX_USERS, 500]
+    assert [uid for batch in batches for uid in batch] == list(range(2501)), "oldest first"
+    assert len(await store.get_many(range(2501))) == 2501
+    assert not writes.holding
+    await store.close()
+
+
+async def test_a_failing_chunk_stops_the_turn_and_nothing_is_lost(tmp_path: Path) -> None:
+    """The store failing halfway through a backlog: the chunk that failed and the rest stay
+    held (the lookups still read them), and the next save writes them all."""
+    store = FlakyStore(tmp_path / "users.db", failing_saves=1)
+    await store.open()
+    writes = WriteBehind(
+        store, stats=GatewayStats(), settings=make_settings(tmp_path, store_save_attempts=1)
+    )
+    now = time.time()
+    await writes.save([UserRecord(i, f"u{i}", fetched_at=now) for i in range(1, 1501)])
+    assert store.save_attempts == [SAVE_MAX_USERS], "one failed try, then the turn ends"
+    assert all(writes.held(i) is not None for i in range(1, 1501)), "nothing dropped"
+    await writes.save([])
+    assert len(await store.get_many(range(1, 1501))) == 1500
     assert not writes.holding
     await store.close()
