@@ -24,7 +24,10 @@ mode) it gives up at once and answers None, and the lookup reads through aiosqli
 thread instead, which may wait (up to the store's timeout) without holding up the loop.
 Any other failure also answers None: the threaded read then meets it too and reports it
 as every read does (StoreUnavailable within the timeout, the store marked down). Rows
-without their JSON also answer None (rendering them is the threaded read's work).
+without their JSON also answer None (rendering them is the threaded read's work). What
+it does not avoid: pages not yet in the page cache are read from the disk on the loop's
+thread (a 50-id lookup touches at most about 50 pages: a few ms on a cold SSD, once),
+and only lookups (at most MAX_USERS_PER_REQUEST ids) read this way, never a job.
 """
 
 from __future__ import annotations
