@@ -16,7 +16,7 @@ from app.gateway.flight import PendingLookup
 from app.gateway.gateway import Gateway
 from app.http.client_limits import WINDOW_S, SlidingLog
 from app.store import SqliteUserStore
-from tests.support.apps import Running, StartApp, make_settings
+from tests.support.apps import Running, StartApp, make_settings, until
 from tests.support.freelancer import FakeFreelancer, SlowUpstream
 
 KEY = "quota-key-0123456789abcdef"
@@ -65,6 +65,27 @@ async def test_a_greedy_burst_cannot_fill_the_queue_for_other_clients(
     assert len([u for u in freelancer.lookups if u < 50_000]) == 40
 
 
+async def test_new_ids_of_a_request_shed_as_overloaded_are_given_back_to_the_quota(
+    start_app: StartApp, freelancer: FakeFreelancer
+) -> None:
+    """The gateway takes the quota before it checks its bounds: a request it then sheds
+    (503) fetched nothing, so it must spend nothing of the client's new ids a minute."""
+    freelancer.latency_s = 0.3
+    running = await start_app(api_keys=KEYS, key_misses_per_min=10, max_waiters_per_id=1)
+    first = asyncio.ensure_future(lookup(running, [1], OTHER))  # waits on id 1's fetch
+    await until(lambda: (f := running.gateway.inflight.get(1)) is not None and f.waiters > 0)
+    shed = await lookup(running, [1, *range(2, 11)])  # id 1 has its one waiter already
+    assert shed.status_code == 503, shed.text
+    assert (await first).status_code == 200
+    answer = await lookup(running, list(range(2, 11)))
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["unavailable"] == [], "nothing was fetched for the shed request"
+    assert sorted(u for u in freelancer.lookups if u != 1) == list(range(2, 11))
+    stats = (await running.client.get("/api/stats", headers={"X-API-Key": KEY})).json()
+    usage = {row["name"]: row for row in stats["keys"]}["greedy"]
+    assert (usage["misses"], usage["over_quota"]) == (9, 0)
+
+
 async def test_ids_another_process_fetched_are_given_back_to_the_quota(tmp_path: Path) -> None:
     upstream = SlowUpstream(delay_s=0.1)
     hub = LocalHub()
@@ -95,7 +116,9 @@ async def test_ids_another_process_fetched_are_given_back_to_the_quota(tmp_path:
         await first
         assert result.user_ids == [1, 2, 3, 4]
         assert taken == [4], "all four were new to b when it registered them"
-        assert pending.answered_elsewhere == 3, "a's fetch answered 1, 2 and 3: given back"
+        assert len(pending.started) == 4 and pending.fetched_here == 1, (
+            "a's fetch answered 1, 2 and 3: given back"
+        )
         assert sorted(u for call in upstream.calls for u in call) == [1, 2, 3, 4]
     finally:
         await a.stop()

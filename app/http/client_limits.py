@@ -156,9 +156,13 @@ class MissReservation:
         self.refused += count - allowed
         return allowed
 
-    def settle(self, answered_elsewhere: int) -> None:
-        """The lookup ended: give back the ids another fetch answered, and count the rest."""
-        back = min(answered_elsewhere, self.allowed)
+    def settle(self, fetched_here: int) -> None:
+        """The lookup ended: count the new ids it fetched here, and give back the rest of
+        what it took: those another fetch answered, and those it never started (the
+        gateway takes the quota before it checks its bounds, and may then shed the
+        request)."""
+        spent = min(fetched_here, self.allowed)
+        back = self.allowed - spent
         for log, entry in reversed(self._entries):
             if back <= 0:
                 break
@@ -166,7 +170,7 @@ class MissReservation:
             log.give_back(entry, back)
             back -= taken
         usage = self._limits.usage(self._name)
-        usage.misses += self.allowed - min(answered_elsewhere, self.allowed)
+        usage.misses += spent
         usage.over_quota += self.refused
 
 
