@@ -11,10 +11,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from app.errors import TooManyRequests
 from app.gateway.coordinator import LocalCoordinator, LocalHub
 from app.gateway.flight import PendingLookup
 from app.gateway.gateway import Gateway
-from app.http.client_limits import WINDOW_S, SlidingLog
+from app.http import client_limits
+from app.http.auth import Client
+from app.http.client_limits import WINDOW_S, ClientLimits, SlidingLog
 from app.store import SqliteUserStore
 from tests.support.apps import Running, StartApp, make_settings, until
 from tests.support.freelancer import FakeFreelancer, SlowUpstream
@@ -216,3 +219,20 @@ def test_requests_and_ids_a_minute_are_exact_and_retry_after_is_when_room_comes_
         assert log.used(now) == live(now)
         # Any span of a minute (the windows ending at each take) holds at most the limit.
         assert all(live(at) <= limit for at, _ in takes)
+
+
+@pytest.mark.parametrize("now", [1001.7220027435345582, 5000.1, 123456.789])
+def test_retry_after_is_the_minute_when_the_room_leaves_at_the_same_instant(
+    now: float, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two requests in one clock tick against a limit of 1: the room comes back in exactly
+    a minute, so Retry-After says 60 (the sum `at + 60 - now` came to 60.0000000000001
+    in floats, and 61 went out)."""
+    monkeypatch.setattr(client_limits.time, "monotonic", lambda: now)
+    limits = ClientLimits(make_settings(tmp_path, rate_limit_per_min=1))
+    client = Client("k", "read")
+    limits.admit(client)
+    with pytest.raises(TooManyRequests) as refused:
+        limits.admit(client)
+    assert refused.value.retry_after == 60
+    assert refused.value.limit_headers["RateLimit"] == '"requests";r=0;t=60'

@@ -129,7 +129,9 @@ class SlidingLog:
             for at, amount in self.entries:
                 room += int(amount)
                 if room >= cost:
-                    return at + WINDOW_S - now
+                    # Not `at + WINDOW_S - now`: that sum rounds, and a take at `now`
+                    # came to 60.0000000000001 s, a Retry-After of 61.
+                    return WINDOW_S - (now - at)
         return WINDOW_S
 
 
