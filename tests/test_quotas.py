@@ -236,3 +236,57 @@ def test_retry_after_is_the_minute_when_the_room_leaves_at_the_same_instant(
         limits.admit(client)
     assert refused.value.retry_after == 60
     assert refused.value.limit_headers["RateLimit"] == '"requests";r=0;t=60'
+
+
+def test_address_clients_rotating_past_the_table_never_pass_their_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """300 addresses (more than the table keeps) asking in turn, five rounds in a minute,
+    against 2 requests a minute: an address pushed out of the table while its takes are
+    in the window came back with an empty log, so every address got 2 more each round.
+    Now no address passes 2 in the minute, those in the table get their 2, and memory
+    stays bounded."""
+    clock = [5000.0]
+
+    def monotonic() -> float:
+        clock[0] += 0.001
+        return clock[0]
+
+    monkeypatch.setattr(client_limits.time, "monotonic", monotonic)
+    limits = ClientLimits(make_settings(tmp_path, rate_limit_per_min=2))
+    addresses = [f"ip:10.0.{i // 256}.{i % 256}" for i in range(300)]
+    admitted = dict.fromkeys(addresses, 0)
+    for _ in range(5):  # 1 500 calls: 1.5 s of the clock, well inside one minute
+        for name in addresses:
+            try:
+                limits.admit(Client(name, "admin"))
+            except TooManyRequests:
+                continue
+            admitted[name] += 1
+    assert max(admitted.values()) <= 2, "no address passes its limit in a minute"
+    first = addresses[: client_limits.MAX_ADDRESS_CLIENTS]
+    assert all(admitted[name] == 2 for name in first), "those kept are never refused room"
+    assert len(limits._addresses) <= client_limits.MAX_ADDRESS_CLIENTS
+    assert len(limits._logs) <= (client_limits.MAX_ADDRESS_CLIENTS + 1) * len(client_limits.LIMITS)
+
+
+def test_an_address_counted_as_ip_star_keeps_its_count_when_it_gets_a_place(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past a full table a newcomer counts in the `ip:*` share; when a place frees up within
+    the minute, what it took there still counts (its logs start from that share's)."""
+    clock = [5000.0]
+    monkeypatch.setattr(client_limits.time, "monotonic", lambda: clock[0])
+    limits = ClientLimits(make_settings(tmp_path, rate_limit_per_min=2))
+    limits.admit(Client("ip:10.0.0.1", "admin"))  # the oldest: its place frees first
+    clock[0] += 30.0
+    for n in range(2, client_limits.MAX_ADDRESS_CLIENTS + 1):
+        limits.admit(Client(f"ip:10.0.{n // 256}.{n % 256}", "admin"))
+    newcomer = Client("ip:192.0.2.7", "admin")
+    limits.admit(newcomer)
+    limits.admit(newcomer)  # its 2, in the ip:* share (the table is full)
+    clock[0] += 31.0  # 10.0.0.1's take has left the window: its place is free
+    with pytest.raises(TooManyRequests) as refused:
+        limits.admit(newcomer)
+    assert refused.value.retry_after == 29, "its takes leave a minute after it made them"
+    assert "ip:192.0.2.7" in limits._addresses, "it has a place now"

@@ -21,9 +21,17 @@ or nothing, in the gateway's await-free stretch (so parallel requests of one key
 each see the same room), and give back what another fetch answered.
 
 Clients named by a key are few and configured. Clients named by their address (open
-mode) are not: at most MAX_ADDRESS_CLIENTS of them are kept, the least recently seen
-and those idle for IDLE_S leave (their counts go to one `ip:*` row, so totals never go
-back), and metrics label them all `ip:*`, so no caller can grow a map or a label set.
+mode) are not: at most MAX_ADDRESS_CLIENTS of them are kept, and metrics label them all
+`ip:*`, so no caller can grow a map or a label set. One idle for IDLE_S leaves (its counts
+go to one `ip:*` row, so totals never go back); so does the least recently seen when the
+table is full and nothing it took is still in the window. One with takes in the window
+never leaves: it would come back with an empty log, and 257 addresses asking in turn
+would each pass their limit as often as they liked. While the table is full of such
+clients, a new address is counted with the others in its place, in the `ip:*` logs (the
+limit once, for all of them together); when it gets a place of its own, its logs start as
+a copy of those, so what it took among them still counts. Both err on the side of
+refusing: past MAX_ADDRESS_CLIENTS addresses in a minute, a newcomer may be refused while
+it alone would have room, never let past its limit.
 """
 
 from __future__ import annotations
@@ -111,6 +119,13 @@ class SlidingLog:
         self.entries.append([now, cost])
         self.total += cost
         return True
+
+    def copy(self) -> SlidingLog:
+        """A log holding the same takes (given back to on its own)."""
+        log = SlidingLog()
+        log.entries.extend([at, amount] for at, amount in self.entries if amount)
+        log.total = self.total
+        return log
 
     def give_back(self, entry: list[float], count: int) -> None:
         """Return up to `count` of a take: the window forgets them now, where it would
@@ -210,10 +225,16 @@ class ClientLimits:
         return max(1, self._limits[name] // max(1, self._processes()))
 
     def log(self, client: str, name: str) -> SlidingLog:
-        """The client's log for one limit (a new one, if it has none yet)."""
+        """The client's log for one limit (a new one, if it has none yet); an address
+        client without a place in the table (it never had one, or it left) counts in the
+        `ip:*` logs."""
         log = self._logs.get((client, name))
         if log is None:
-            log = self._logs[(client, name)] = SlidingLog()
+            if client not in self._keyed and client not in self._addresses:
+                client = ADDRESSES
+                log = self._logs.get((client, name))
+            if log is None:
+                log = self._logs[(client, name)] = SlidingLog()
         return log
 
     def usage(self, name: str, now: float | None = None) -> Usage:
@@ -232,21 +253,37 @@ class ClientLimits:
         if name in self._key_names:
             usage = self._keyed[name] = Usage()
             return usage
+        self._expire(now, room=True)
+        if len(self._addresses) >= MAX_ADDRESS_CLIENTS:
+            return self._gone  # no place: it counts with the others, as `ip:*`
         usage = self._addresses[name] = Usage(seen=now)
-        self._expire(now)
+        for limit in LIMITS:  # what it may have taken as `ip:*` still counts
+            shared = self._logs.get((ADDRESSES, limit))
+            if shared is not None and shared.used(now):
+                self._logs[(name, limit)] = shared.copy()
         return usage
 
-    def _expire(self, now: float) -> None:
-        """Address clients past MAX_ADDRESS_CLIENTS or idle for IDLE_S leave."""
+    def _expire(self, now: float, *, room: bool = False) -> None:
+        """Address clients idle for IDLE_S leave; with `room`, so does the least recently
+        seen while the table is full; either only once nothing it took is in the window."""
         clients = self._addresses
         while clients:
             name, oldest = next(iter(clients.items()))
-            if len(clients) <= MAX_ADDRESS_CLIENTS and now - oldest.seen < IDLE_S:
+            due = now - oldest.seen >= IDLE_S or (room and len(clients) >= MAX_ADDRESS_CLIENTS)
+            if not (due and self._idle(name, now)):
                 return
             del clients[name]
             self._gone.add(oldest)
             for limit in LIMITS:
                 self._logs.pop((name, limit), None)
+
+    def _idle(self, name: str, now: float) -> bool:
+        """Nothing the client took is in the window ending at `now`."""
+        for limit in LIMITS:
+            log = self._logs.get((name, limit))
+            if log is not None and log.used(now):
+                return False
+        return True
 
     def admit(self, client: Client) -> None:
         """Count a request; TooManyRequests when the client is past its requests a minute."""
