@@ -114,9 +114,13 @@ class SlidingLog:
 
     def take_all(self, cost: int, limit: int, now: float) -> bool:
         """Take `cost` if all of it fits, else nothing."""
-        if self.used(now) + cost > limit:
+        entries = self.entries
+        # `used` only when an entry is due to leave: this runs on every request.
+        if entries and entries[0][0] <= now - WINDOW_S:
+            self.used(now)
+        if self.total + cost > limit:
             return False
-        self.entries.append([now, cost])
+        entries.append([now, cost])
         self.total += cost
         return True
 
@@ -222,7 +226,9 @@ class ClientLimits:
     def share(self, name: str) -> int:
         """This process's share of a limit: with N processes behind one balancer, 1/N each
         (at least 1)."""
-        return max(1, self._limits[name] // max(1, self._processes()))
+        processes = self._processes()  # every request asks: one call, no max() when alone
+        limit = self._limits[name]
+        return limit if processes <= 1 else max(1, limit // processes)
 
     def log(self, client: str, name: str) -> SlidingLog:
         """The client's log for one limit (a new one, if it has none yet); an address
