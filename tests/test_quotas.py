@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from app.errors import TooManyRequests
+from app.errors import InvalidRequest, TooManyRequests
 from app.gateway.coordinator import LocalCoordinator, LocalHub
 from app.gateway.flight import PendingLookup
 from app.gateway.gateway import Gateway
@@ -290,3 +290,17 @@ def test_an_address_counted_as_ip_star_keeps_its_count_when_it_gets_a_place(
         limits.admit(newcomer)
     assert refused.value.retry_after == 29, "its takes leave a minute after it made them"
     assert "ip:192.0.2.7" in limits._addresses, "it has a place now"
+
+
+def test_a_batch_past_this_process_share_of_the_ids_a_minute_is_bad_input(
+    tmp_path: Path,
+) -> None:
+    """150 ids a minute over 2 processes: 75 here, so 100 ids can never fit in this one."""
+    limits = ClientLimits(make_settings(tmp_path, rate_limit_ids_per_min=150), lambda: 2)
+    client = Client("k", "read")
+    with pytest.raises(InvalidRequest) as refused:
+        limits.admit_ids(client, 100)
+    assert refused.value.status_code == 400
+    assert "at most 75 ids (got 100)" in str(refused.value)
+    assert "150 over the processes" in str(refused.value)
+    limits.admit_ids(client, 75)  # nothing was spent by the refused batch

@@ -44,7 +44,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from app.config import Settings
-from app.errors import TooManyRequests
+from app.errors import InvalidRequest, TooManyRequests
 from app.http.auth import Client
 
 
@@ -140,7 +140,7 @@ class SlidingLog:
 
     def wait(self, cost: int, limit: int, now: float) -> float:
         """Seconds until `cost` fits (the oldest takes leave first); WINDOW_S when it never
-        fits (`cost` above `limit`)."""
+        fits (`cost` above `limit`: ClientLimits refuses that as bad input instead)."""
         room = limit - self.used(now)
         if room >= cost:
             return 0.0
@@ -310,6 +310,14 @@ class ClientLimits:
         limit = self.share(name)
         if log.take_all(cost, limit, now):
             return
+        if cost > limit:  # it never fits: no wait would help (only ids cost more than 1)
+            whole = self._limits[name]
+            shared = f" ({whole} over the processes)" if limit < whole else ""
+            raise InvalidRequest(
+                f"user_ids must hold at most {limit} ids (got {cost}): {client.name!r} may "
+                f"look up {limit} {name} a minute here{shared}",
+                status_code=400,
+            )
         usage.refused += 1
         retry_after = max(1, math.ceil(log.wait(cost, limit, now)))
         remaining = max(0, limit - log.used(now))
