@@ -167,6 +167,19 @@ async def test_ids_count_against_their_own_limit(
     assert (await lookup(running, list(range(1, 101)), key(READ))).status_code == 200
 
 
+async def test_a_batch_larger_than_the_ids_a_minute_is_refused_as_such_not_told_to_wait(
+    start_app: StartApp, freelancer: FakeFreelancer, limits_clock: FakeClock
+) -> None:
+    """60 ids against 50 ids a minute never fit: a 429 saying "retry in 60 s" was a lie
+    (the same 429 came after any wait). The answer says what is wrong, and spends nothing."""
+    running = await start_app(api_keys=KEYS, rate_limit_ids_per_min=50)
+    refused = await lookup(running, list(range(1, 61)), key(READ))
+    assert refused.status_code == 400, refused.text
+    assert "at most 50 ids" in refused.json()["detail"], refused.text
+    assert "retry-after" not in refused.headers
+    assert (await lookup(running, list(range(1, 51)), key(READ))).status_code == 200
+
+
 async def test_a_greedy_client_gets_quota_for_new_ids_and_others_are_unaffected(
     start_app: StartApp, freelancer: FakeFreelancer, limits_clock: FakeClock
 ) -> None:

@@ -51,9 +51,10 @@ class PendingLookup:
     """The fetches this lookup started (its new ids)."""
 
     @property
-    def answered_elsewhere(self) -> int:
-        """How many of the fetches it started another process's fetch answered."""
-        return sum(fetch.elsewhere for fetch in self.started)
+    def fetched_here(self) -> int:
+        """How many of the fetches it started were not answered by another process's
+        fetch: the new ids that spent (or may still spend) an upstream call here."""
+        return sum(not fetch.elsewhere for fetch in self.started)
 
 
 async def cancel_all(tasks: set[asyncio.Task[None]]) -> None:

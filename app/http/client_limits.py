@@ -21,9 +21,17 @@ or nothing, in the gateway's await-free stretch (so parallel requests of one key
 each see the same room), and give back what another fetch answered.
 
 Clients named by a key are few and configured. Clients named by their address (open
-mode) are not: at most MAX_ADDRESS_CLIENTS of them are kept, the least recently seen
-and those idle for IDLE_S leave (their counts go to one `ip:*` row, so totals never go
-back), and metrics label them all `ip:*`, so no caller can grow a map or a label set.
+mode) are not: at most MAX_ADDRESS_CLIENTS of them are kept, and metrics label them all
+`ip:*`, so no caller can grow a map or a label set. One idle for IDLE_S leaves (its counts
+go to one `ip:*` row, so totals never go back); so does the least recently seen when the
+table is full and nothing it took is still in the window. One with takes in the window
+never leaves: it would come back with an empty log, and 257 addresses asking in turn
+would each pass their limit as often as they liked. While the table is full of such
+clients, a new address is counted with the others in its place, in the `ip:*` logs (the
+limit once, for all of them together); when it gets a place of its own, its logs start as
+a copy of those, so what it took among them still counts. Both err on the side of
+refusing: past MAX_ADDRESS_CLIENTS addresses in a minute, a newcomer may be refused while
+it alone would have room, never let past its limit.
 """
 
 from __future__ import annotations
@@ -36,7 +44,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from app.config import Settings
-from app.errors import TooManyRequests
+from app.errors import InvalidRequest, TooManyRequests
 from app.http.auth import Client
 
 
@@ -61,7 +69,6 @@ class Usage:
 
 COUNTS = tuple(f.name for f in fields(Usage) if f.name != "seen")
 WINDOW_S = 60.0
-WINDOW_MS = 60_000
 MAX_ADDRESS_CLIENTS = 256
 IDLE_S = 2 * WINDOW_S
 ADDRESSES = "ip:*"
@@ -73,21 +80,21 @@ class SlidingLog:
     """What one client took of one limit in the last `WINDOW_S`: takes by millisecond,
     oldest first, and their running total.
 
-    Time is whole milliseconds, to the safe side (as the budget's windows count it): a
-    take is logged at its time rounded up, and "now" is rounded down when the log is read,
-    so the window can look fuller than it is, by under 1 ms, never emptier. Takes in the
-    same millisecond share one entry, so a client's log holds at most one entry a
-    millisecond (and at most `limit` entries): bounded whatever the limit. Times and amounts
-    are two deques of numbers (not an object per take, which the garbage collector would
-    walk), and a take's handle is its entry's position counted from the log's start, so
-    giving back to a take the window already forgot finds nothing. No method awaits: a
-    caller sees and spends the room in one step.
+    Takes in the same millisecond of the clock (the same `floor(t * 1000)`) share one
+    entry, dated by the latest of them, so a log holds at most one entry a millisecond (and
+    at most `limit` entries): bounded whatever the limit, even lifted. An entry leaves the
+    window `WINDOW_S` after its date, so a take counts exactly as long as it should when it
+    is alone in its millisecond, and under 1 ms longer when not: the window can look fuller
+    than it is, never emptier. Times and amounts are two deques of numbers (not an object
+    per take, which the garbage collector would walk), and a take's handle is its entry's
+    position counted from the log's start, so giving back to a take the window already
+    forgot finds nothing. No method awaits: a caller sees and spends the room in one step.
     """
 
     __slots__ = ("amounts", "gone", "times", "total")
 
     def __init__(self) -> None:
-        self.times: deque[int] = deque()
+        self.times: deque[float] = deque()
         self.amounts: deque[int] = deque()
         self.gone = 0
         """Entries that left the window since the log began (handles below it are gone)."""
@@ -96,7 +103,7 @@ class SlidingLog:
     def used(self, now: float) -> int:
         """Taken in the window ending at `now` (older entries leave the log)."""
         times = self.times
-        horizon = math.floor(now * 1000) - WINDOW_MS
+        horizon = now - WINDOW_S
         while times and times[0] <= horizon:
             times.popleft()
             self.total -= self.amounts.popleft()
@@ -105,12 +112,12 @@ class SlidingLog:
 
     def _add(self, amount: int, now: float) -> int:
         """Log `amount` taken at `now`; its entry's handle."""
-        at = math.ceil(now * 1000)
         times, amounts = self.times, self.amounts
-        if times and times[-1] >= at:  # the same millisecond: one entry
+        if times and int(times[-1] * 1000) == int(now * 1000):  # the same millisecond
+            times[-1] = now
             amounts[-1] += amount
         else:
-            times.append(at)
+            times.append(now)
             amounts.append(amount)
         self.total += amount
         return self.gone + len(times) - 1
@@ -124,10 +131,22 @@ class SlidingLog:
 
     def take_all(self, cost: int, limit: int, now: float) -> bool:
         """Take `cost` if all of it fits, else nothing."""
-        if self.used(now) + cost > limit:
+        times = self.times
+        # `used` only when an entry is due to leave: this runs on every request.
+        if times and times[0] <= now - WINDOW_S:
+            self.used(now)
+        if self.total + cost > limit:
             return False
         self._add(cost, now)
         return True
+
+    def copy(self) -> SlidingLog:
+        """A log holding the same takes (given back to on its own)."""
+        log = SlidingLog()
+        log.times.extend(self.times)
+        log.amounts.extend(self.amounts)
+        log.total = self.total
+        return log
 
     def give_back(self, handle: int, count: int) -> None:
         """Return up to `count` of the take at `handle` (never more than its entry holds):
@@ -140,7 +159,7 @@ class SlidingLog:
 
     def wait(self, cost: int, limit: int, now: float) -> float:
         """Seconds until `cost` fits (the oldest takes leave first); WINDOW_S when it never
-        fits (`cost` above `limit`)."""
+        fits (`cost` above `limit`: ClientLimits refuses that as bad input instead)."""
         room = limit - self.used(now)
         if room >= cost:
             return 0.0
@@ -148,7 +167,9 @@ class SlidingLog:
             for at, amount in zip(self.times, self.amounts, strict=True):
                 room += amount
                 if room >= cost:
-                    return max(0.0, (at + WINDOW_MS) / 1000 - now)
+                    # Not `at + WINDOW_S - now`: that sum rounds, and a take at `now`
+                    # came to 60.0000000000001 s, a Retry-After of 61.
+                    return WINDOW_S - (now - at)
         return WINDOW_S
 
 
@@ -176,9 +197,13 @@ class MissReservation:
         self.refused += count - allowed
         return allowed
 
-    def settle(self, answered_elsewhere: int) -> None:
-        """The lookup ended: give back the ids another fetch answered, and count the rest."""
-        back = min(answered_elsewhere, self.allowed)
+    def settle(self, fetched_here: int) -> None:
+        """The lookup ended: count the new ids it fetched here, and give back the rest of
+        what it took: those another fetch answered, and those it never started (the
+        gateway takes the quota before it checks its bounds, and may then shed the
+        request)."""
+        spent = min(fetched_here, self.allowed)
+        back = self.allowed - spent
         for log, handle, taken in reversed(self._entries):
             if back <= 0:
                 break
@@ -186,7 +211,7 @@ class MissReservation:
             log.give_back(handle, returned)
             back -= returned
         usage = self._limits.usage(self._name)
-        usage.misses += self.allowed - min(answered_elsewhere, self.allowed)
+        usage.misses += spent
         usage.over_quota += self.refused
 
 
@@ -221,13 +246,21 @@ class ClientLimits:
     def share(self, name: str) -> int:
         """This process's share of a limit: with N processes behind one balancer, 1/N each
         (at least 1)."""
-        return max(1, self._limits[name] // max(1, self._processes()))
+        processes = self._processes()  # every request asks: one call, no max() when alone
+        limit = self._limits[name]
+        return limit if processes <= 1 else max(1, limit // processes)
 
     def log(self, client: str, name: str) -> SlidingLog:
-        """The client's log for one limit (a new one, if it has none yet)."""
+        """The client's log for one limit (a new one, if it has none yet); an address
+        client without a place in the table (it never had one, or it left) counts in the
+        `ip:*` logs."""
         log = self._logs.get((client, name))
         if log is None:
-            log = self._logs[(client, name)] = SlidingLog()
+            if client not in self._keyed and client not in self._addresses:
+                client = ADDRESSES
+                log = self._logs.get((client, name))
+            if log is None:
+                log = self._logs[(client, name)] = SlidingLog()
         return log
 
     def usage(self, name: str, now: float | None = None) -> Usage:
@@ -246,21 +279,37 @@ class ClientLimits:
         if name in self._key_names:
             usage = self._keyed[name] = Usage()
             return usage
+        self._expire(now, room=True)
+        if len(self._addresses) >= MAX_ADDRESS_CLIENTS:
+            return self._gone  # no place: it counts with the others, as `ip:*`
         usage = self._addresses[name] = Usage(seen=now)
-        self._expire(now)
+        for limit in LIMITS:  # what it may have taken as `ip:*` still counts
+            shared = self._logs.get((ADDRESSES, limit))
+            if shared is not None and shared.used(now):
+                self._logs[(name, limit)] = shared.copy()
         return usage
 
-    def _expire(self, now: float) -> None:
-        """Address clients past MAX_ADDRESS_CLIENTS or idle for IDLE_S leave."""
+    def _expire(self, now: float, *, room: bool = False) -> None:
+        """Address clients idle for IDLE_S leave; with `room`, so does the least recently
+        seen while the table is full; either only once nothing it took is in the window."""
         clients = self._addresses
         while clients:
             name, oldest = next(iter(clients.items()))
-            if len(clients) <= MAX_ADDRESS_CLIENTS and now - oldest.seen < IDLE_S:
+            due = now - oldest.seen >= IDLE_S or (room and len(clients) >= MAX_ADDRESS_CLIENTS)
+            if not (due and self._idle(name, now)):
                 return
             del clients[name]
             self._gone.add(oldest)
             for limit in LIMITS:
                 self._logs.pop((name, limit), None)
+
+    def _idle(self, name: str, now: float) -> bool:
+        """Nothing the client took is in the window ending at `now`."""
+        for limit in LIMITS:
+            log = self._logs.get((name, limit))
+            if log is not None and log.used(now):
+                return False
+        return True
 
     def admit(self, client: Client) -> None:
         """Count a request; TooManyRequests when the client is past its requests a minute."""
@@ -281,6 +330,14 @@ class ClientLimits:
         limit = self.share(name)
         if log.take_all(cost, limit, now):
             return
+        if cost > limit:  # it never fits: no wait would help (only ids cost more than 1)
+            whole = self._limits[name]
+            shared = f" ({whole} over the processes)" if limit < whole else ""
+            raise InvalidRequest(
+                f"user_ids must hold at most {limit} ids (got {cost}): {client.name!r} may "
+                f"look up {limit} {name} a minute here{shared}",
+                status_code=400,
+            )
         usage.refused += 1
         retry_after = max(1, math.ceil(log.wait(cost, limit, now)))
         remaining = max(0, limit - log.used(now))

@@ -89,7 +89,7 @@ async def finish_lookup(
     try:
         return await gateway.finish(lookup)
     finally:
-        reservation.settle(answered_elsewhere=lookup.answered_elsewhere)
+        reservation.settle(fetched_here=lookup.fetched_here)
 
 
 def log_audit(client: Client, action: str, size: int) -> None:
