@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -267,7 +268,7 @@ def test_retry_after_is_the_minute_when_the_room_leaves_at_the_same_instant(
     """Two requests in one clock tick against a limit of 1: the room comes back in exactly
     a minute, so Retry-After says 60 (the sum `at + 60 - now` came to 60.0000000000001
     in floats, and 61 went out)."""
-    monkeypatch.setattr(client_limits.time, "monotonic", lambda: now)
+    monkeypatch.setattr(client_limits, "time", SimpleNamespace(monotonic=lambda: now))
     limits = ClientLimits(make_settings(tmp_path, rate_limit_per_min=1))
     client = Client("k", "read")
     limits.admit(client)
@@ -291,7 +292,7 @@ def test_address_clients_rotating_past_the_table_never_pass_their_limit(
         clock[0] += 0.001
         return clock[0]
 
-    monkeypatch.setattr(client_limits.time, "monotonic", monotonic)
+    monkeypatch.setattr(client_limits, "time", SimpleNamespace(monotonic=monotonic))
     limits = ClientLimits(make_settings(tmp_path, rate_limit_per_min=2))
     addresses = [f"ip:10.0.{i // 256}.{i % 256}" for i in range(300)]
     admitted = dict.fromkeys(addresses, 0)
@@ -315,7 +316,7 @@ def test_an_address_counted_as_ip_star_keeps_its_count_when_it_gets_a_place(
     """Past a full table a newcomer counts in the `ip:*` share; when a place frees up within
     the minute, what it took there still counts (its logs start from that share's)."""
     clock = [5000.0]
-    monkeypatch.setattr(client_limits.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(client_limits, "time", SimpleNamespace(monotonic=lambda: clock[0]))
     limits = ClientLimits(make_settings(tmp_path, rate_limit_per_min=2))
     limits.admit(Client("ip:10.0.0.1", "admin"))  # the oldest: its place frees first
     clock[0] += 30.0
