@@ -1,0 +1,161 @@
+"""Red team of the store path after the loop-thread read, admission and chunked saves:
+each test here failed on the code it was written against (the docstring says how)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from pathlib import Path
+
+import pytest
+
+from app.coordination.client import connect
+from app.coordination.redis_coordinator import RedisCoordinator
+from app.domain import UserRecord
+from app.gateway import Gateway
+from app.gateway.results import Outcome
+from app.gateway.stats import GatewayStats
+from app.gateway.write_behind import WriteBehind
+from app.store import SqliteUserStore
+from tests.store.raw import stored_ids
+from tests.support.apps import FlakyStore, make_settings, until
+from tests.support.freelancer import SlowUpstream
+from tests.support.procs import RedisServer
+
+X, Y = 501, 502
+StartGateway = Callable[[SlowUpstream], Awaitable[Gateway]]
+
+
+@pytest.fixture
+async def start_gateway(tmp_path: Path, redis_server: RedisServer) -> AsyncIterator[StartGateway]:
+    started: list[Gateway] = []
+
+    async def start(upstream: SlowUpstream) -> Gateway:
+        coordinator = RedisCoordinator(
+            connect(redis_server.url, 1.0), prefix="t", lease_s=2.0, timeout_s=1.0
+        )
+        gateway = Gateway(
+            settings=make_settings(tmp_path),
+            store=SqliteUserStore(tmp_path / "users.db"),
+            upstream=upstream,
+            coordinator=coordinator,
+        )
+        await gateway.start()
+        started.append(gateway)
+        return gateway
+
+    yield start
+    for gateway in started:
+        await gateway.stop()
+
+
+@pytest.mark.redis
+async def test_a_job_fetch_is_not_fetched_again_by_a_lookup_while_redis_hears_of_it(
+    start_gateway: StartGateway,
+) -> None:
+    """Once per id. A crawl job's fetch of X completes (memory does not hold a job's
+    user); the worker then announces it over Redis (a round trip) before handing it to
+    write-behind. A lookup of X in that round trip misses memory, misses the store on
+    the loop's thread (`read_now`, no await for the save to begin), finds nothing held
+    and nothing in flight: X is sent to Freelancer a second time."""
+    upstream = SlowUpstream(delay_s=0.01)
+    gateway = await start_gateway(upstream)
+    coordinator = gateway.coordinator
+    assert isinstance(coordinator, RedisCoordinator)
+    announcing = asyncio.Event()
+    go_on = asyncio.Event()
+    announce = coordinator.announce
+
+    async def slow_announce(outcomes: Mapping[int, Outcome]) -> None:
+        if X in outcomes:  # Redis is slow to answer this once
+            announcing.set()
+            await asyncio.wait_for(go_on.wait(), 10)
+        await announce(outcomes)
+
+    coordinator.announce = slow_announce  # type: ignore[method-assign]
+    gateway.enlist([X], {})
+    await asyncio.wait_for(announcing.wait(), 5)
+    assert X not in gateway.inflight and X not in gateway.memory.users
+    lookup = asyncio.create_task(gateway.lookup([X]))
+    await until(lambda: lookup.done() or X in gateway.inflight)
+    go_on.set()  # (a lookup that registered a fetch waits for the lease this frees)
+    result = await asyncio.wait_for(lookup, 5)
+    assert result.user_ids == [X]
+    assert await gateway.wait_idle(5)
+    assert upstream.calls == [[X]], f"X was sent upstream {len(upstream.calls)} times"
+
+
+async def test_an_eviction_during_a_failing_save_is_not_undone_by_the_next_save(
+    tmp_path: Path,
+) -> None:
+    """An eviction is never undone by a save. X waits in write-behind (an earlier save
+    failed; its batch's worker has moved on). The next save takes X in its chunk; while
+    that save is under way X is evicted (DELETE /api/cache/users/X: `forget`, then the
+    row deleted). The save fails, and the chunk goes back to the buffer with X in it:
+    the save after that writes the evicted copy back into the store."""
+    store = FlakyStore(tmp_path / "users.db", failing_saves=2)
+    await store.open()
+    writes = WriteBehind(
+        store, stats=GatewayStats(), settings=make_settings(tmp_path, store_save_attempts=1)
+    )
+    now = time.time()
+    old = UserRecord(X, "before-the-eviction", created_at=now - 60, fetched_at=now - 60)
+    await writes.save([old])  # fails: X is held for the next save
+    assert writes.held(X) is old
+    upsert = store.upsert_many
+    in_save = asyncio.Event()
+    evicted = asyncio.Event()
+
+    async def held_up(users: Sequence[UserRecord]) -> None:
+        in_save.set()
+        await asyncio.wait_for(evicted.wait(), 5)
+        await upsert(users)  # the second failure
+
+    store.upsert_many = held_up  # type: ignore[method-assign]
+    saving = asyncio.create_task(writes.save([UserRecord(Y, "other", fetched_at=now)]))
+    await asyncio.wait_for(in_save.wait(), 5)
+    await writes.delete(X)  # the eviction, while the chunk holding X is being written
+    evicted.set()
+    await saving
+    store.upsert_many = upsert  # type: ignore[method-assign]
+    await writes.save([])  # the store is back: what failed is written
+    assert await stored_ids(tmp_path / "users.db", [Y]) == {Y}
+    assert writes.held(X) is None, "the evicted copy is still held"
+    assert await stored_ids(tmp_path / "users.db", [X]) == set(), (
+        "the eviction was undone: the copy fetched before it is back in the store"
+    )
+    await store.close()
+
+
+async def test_an_eviction_between_two_tries_of_a_save_is_not_undone_by_the_retry(
+    tmp_path: Path,
+) -> None:
+    """As above, with the save's second try succeeding: X's row is deleted between the
+    first (failed) try and the retry, which writes the evicted copy back."""
+    store = FlakyStore(tmp_path / "users.db", failing_saves=2)
+    await store.open()
+    writes = WriteBehind(
+        store, stats=GatewayStats(), settings=make_settings(tmp_path, store_save_attempts=2)
+    )
+    now = time.time()
+    old = UserRecord(X, "before-the-eviction", created_at=now - 60, fetched_at=now - 60)
+    upsert = store.upsert_many
+    tries = 0
+
+    async def evicted_after_the_first_try(users: Sequence[UserRecord]) -> None:
+        nonlocal tries
+        tries += 1
+        if tries == 1:
+            await writes.delete(X)  # the eviction arrives while the first try fails
+        await upsert(users)
+
+    store.failing_saves = 1
+    store.upsert_many = evicted_after_the_first_try  # type: ignore[method-assign]
+    await writes.save([old, UserRecord(Y, "other", fetched_at=now)])
+    assert tries == 2
+    assert await stored_ids(tmp_path / "users.db", [Y]) == {Y}
+    assert await stored_ids(tmp_path / "users.db", [X]) == set(), (
+        "the eviction was undone by the save's retry"
+    )
+    await store.close()
