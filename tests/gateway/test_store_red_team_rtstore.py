@@ -18,12 +18,13 @@ from app.gateway.results import Outcome
 from app.gateway.stats import GatewayStats
 from app.gateway.write_behind import WriteBehind
 from app.store import SqliteUserStore
+from tests.gateway.test_store_read_faults import HeldSaves
 from tests.store.raw import stored_ids
-from tests.support.apps import FlakyStore, make_settings, until
-from tests.support.freelancer import SlowUpstream
+from tests.support.apps import FlakyStore, StartApp, make_settings, until
+from tests.support.freelancer import FakeFreelancer, SlowUpstream
 from tests.support.procs import RedisServer
 
-X, Y = 501, 502
+X, Y, Z = 501, 502, 503
 StartGateway = Callable[[SlowUpstream], Awaitable[Gateway]]
 
 
@@ -159,3 +160,33 @@ async def test_an_eviction_between_two_tries_of_a_save_is_not_undone_by_the_retr
         "the eviction was undone by the save's retry"
     )
     await store.close()
+
+
+async def test_over_http_an_evicted_backlog_user_is_not_written_back(
+    start_app: StartApp, freelancer: FakeFreelancer, tmp_path: Path
+) -> None:
+    """The first eviction test through the app: X's save failed (X waits in the buffer);
+    Y's batch's save takes X along and is failing when DELETE /api/cache/users/X comes;
+    Y's worker drops only its own evicted users, so X went back to the buffer and the
+    next batch's save (the store back) wrote the evicted copy into the store."""
+    store = HeldSaves(tmp_path / "users.db", failing_saves=2)
+    running = await start_app(store=store, store_save_attempts=1)
+    await running.lookup(X)
+    assert await running.gateway.wait_idle(5)
+    assert running.gateway.writes.held(X) is not None, "X's save failed: X waits"
+    store.save_gate = asyncio.Event()
+    store.save_arrived.clear()
+    await running.lookup(Y)
+    await asyncio.wait_for(store.save_arrived.wait(), 5)  # X and Y in one failing save
+    evicted = await running.client.delete(f"/api/cache/users/{X}")
+    assert evicted.status_code in (200, 204), evicted.text
+    store.save_gate.set()
+    await until(lambda: len(store.save_attempts) >= 2)
+    assert await running.gateway.wait_idle(5)
+    await running.lookup(Z)  # the store is back: this batch's save writes the buffer
+    assert await running.gateway.wait_idle(5)
+    await until(lambda: not running.gateway.writes.holding)
+    assert await stored_ids(tmp_path / "users.db", [X, Y, Z]) == {Y, Z}, (
+        "the evicted copy of X is back in the store"
+    )
+    assert freelancer.lookups[X] == 1
