@@ -277,3 +277,16 @@ class WriteBehind:
             await self.store.delete(user_id)
         except StoreUnavailable as exc:
             log.warning("could not remove user %d, gone from Freelancer: %s", user_id, exc)
+
+    async def undo(self, record: UserRecord) -> None:
+        """Take back the save of `record`, a copy fetched before its id was evicted: it and
+        older copies go, held or stored, but not a copy fetched since (after the eviction,
+        a lookup fetched the user again). A failure is logged, not raised."""
+        uid, fetched = record.user_id, record.fetched_at
+        for held in (self._unsaved, self._saving):
+            if uid in held and held[uid].fetched_at <= fetched:
+                del held[uid]
+        try:
+            await self.store.delete(uid, fetched_by=fetched)
+        except StoreUnavailable as exc:
+            log.warning("could not remove user %d, evicted: %s", uid, exc)

@@ -220,10 +220,16 @@ class SqliteUserStore:
             await run_many(db, UPSERT, rows)
             await db.commit()
 
-    async def delete(self, user_id: int) -> bool:
-        """Remove one user; True when it was there."""
+    async def delete(self, user_id: int, *, fetched_by: float | None = None) -> bool:
+        """Remove one user; True when it was there. With `fetched_by`, only a copy
+        fetched then or before."""
+        query = "DELETE FROM users WHERE user_id = ?"
+        args: list[float] = [user_id]
+        if fetched_by is not None:
+            query += " AND fetched_at <= ?"
+            args.append(fetched_by)
         async with self._guard() as db:
-            deleted = await run(db, "DELETE FROM users WHERE user_id = ?", (user_id,))
+            deleted = await run(db, query, args)
             await db.commit()
             return deleted > 0
 

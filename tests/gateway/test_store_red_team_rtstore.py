@@ -190,3 +190,32 @@ async def test_over_http_an_evicted_backlog_user_is_not_written_back(
         "the evicted copy of X is back in the store"
     )
     assert freelancer.lookups[X] == 1
+
+
+async def test_a_copy_fetched_after_an_eviction_is_not_deleted_by_the_older_batchs_undo(
+    start_app: StartApp, freelancer: FakeFreelancer, tmp_path: Path
+) -> None:
+    """Nothing lost. X's first save is on its way to the store when X is evicted; a lookup
+    then fetches X again (a copy from after the eviction), saved after the first. The
+    first batch's worker then undoes its save of the evicted copy (`evicted_since_fetch`
+    -> `WriteBehind.delete`), which deletes the row whatever copy it holds: the copy
+    fetched after the eviction is gone from the store (a restart, or another process,
+    fetches X again)."""
+    store = HeldSaves(tmp_path / "users.db")
+    store.save_gate = asyncio.Event()
+    running = await start_app(store=store)
+    await running.lookup(X)
+    await asyncio.wait_for(store.save_arrived.wait(), 5)  # X's save is on its way
+    evicted = await running.client.delete(f"/api/cache/users/{X}")
+    assert evicted.status_code in (200, 204), evicted.text
+    again = await running.lookup(X)  # fetched again: the eviction asked for a new copy
+    assert freelancer.lookups[X] == 2
+    store.save_gate.set()
+    assert await running.gateway.wait_idle(5)
+    await until(lambda: not running.gateway.writes.holding)
+    forgetting = [t for t in running.gateway._tasks if t.get_name() == "forget"]
+    await asyncio.wait_for(asyncio.gather(*forgetting), 5)  # the eviction's own delete
+    assert await stored_ids(tmp_path / "users.db", [X]) == {X}, (
+        "the copy fetched after the eviction was deleted from the store"
+    )
+    assert again["users"][0]["user_id"] == X
