@@ -4,6 +4,11 @@ each test here failed on the code it was written against (the docstring says how
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
@@ -19,6 +24,7 @@ from app.gateway.stats import GatewayStats
 from app.gateway.write_behind import WriteBehind
 from app.store import SqliteUserStore
 from tests.gateway.test_store_read_faults import HeldSaves
+from tests.gateway.test_store_read_races import save_directly
 from tests.store.raw import stored_ids
 from tests.support.apps import FlakyStore, StartApp, make_settings, until
 from tests.support.freelancer import FakeFreelancer, SlowUpstream
@@ -219,3 +225,82 @@ async def test_a_copy_fetched_after_an_eviction_is_not_deleted_by_the_older_batc
         "the copy fetched after the eviction was deleted from the store"
     )
     assert again["users"][0]["user_id"] == X
+
+
+async def test_a_store_file_overwritten_in_place_is_a_503_not_a_miss(
+    start_app: StartApp, freelancer: FakeFreelancer, tmp_path: Path
+) -> None:
+    """Faults answer in time; once per id. An operator copies another SQLite file over the
+    store's (`cp other.db users.db`: the file truncated, then rewritten). The threaded
+    read fails ("no such table"), but the loop-thread read, on a file mapped into memory,
+    answered {}: every stored user a miss, sent to Freelancer again (seen failing so)."""
+    path = tmp_path / "users.db"
+    now = time.time()
+    await save_directly(
+        path, [UserRecord(i, "u" * 200, created_at=now, fetched_at=now) for i in range(1, 3001)]
+    )
+    running = await start_app()
+    assert len(running.gateway.store.read_now(range(1, 51)) or {}) == 50
+    other = tmp_path / "other.db"
+    with sqlite3.connect(other) as db:
+        db.execute("CREATE TABLE t (x)")
+    db.close()
+    shutil.copyfile(other, path)
+    response = await running.client.post("/api/users", json={"user_ids": [1, 2]})
+    assert freelancer.calls == [], "stored users sent to Freelancer again"
+    # A read from the file fails (503); one the read connection's page cache still
+    # answers gives the users as they were stored. Never a miss.
+    if response.status_code == 503:
+        assert response.json()["error"] == "store_unavailable"
+    else:
+        assert response.status_code == 200, response.text
+        assert [u["username"] for u in response.json()["users"]] == ["u" * 200] * 2
+
+
+TRUNCATED = """
+import asyncio, os, sqlite3, sys, time
+from pathlib import Path
+from app.domain import UserRecord
+from app.errors import StoreUnavailable
+from app.store import SqliteUserStore
+
+async def main() -> None:
+    path = Path(sys.argv[1])
+    store = SqliteUserStore(path, timeout_s=2.0)
+    await store.open()
+    now = time.time()
+    await store.upsert_many(
+        [UserRecord(i, "u" * 200, created_at=now, fetched_at=now) for i in range(1, 3001)]
+    )
+    with sqlite3.connect(path) as other:  # the WAL written into the file
+        other.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    other.close()
+    assert len(store.read_now(range(1, 3001)) or {}) == 3000
+    os.truncate(path, 4096)  # another program truncates the file under the process
+    print("read_now", store.read_now(range(1, 3001)), flush=True)
+    try:
+        await store.get_rendered(list(range(1, 3001)))
+    except StoreUnavailable as exc:
+        print("threaded StoreUnavailable", exc, flush=True)
+    await store.close()
+
+asyncio.run(main())
+"""
+
+
+def test_a_store_file_truncated_under_the_process_is_reported_not_a_crash(
+    tmp_path: Path,
+) -> None:
+    """Faults answer in time (no crash). The store's file truncated by another program
+    while it is open: reading a page the file mapped into memory no longer has killed
+    the process with SIGBUS (exit -7), where reads from the file report the fault."""
+    done = subprocess.run(
+        [sys.executable, "-c", TRUNCATED, str(tmp_path / "users.db")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+    )
+    assert done.returncode == 0, f"exit {done.returncode}: {done.stdout} {done.stderr[-500:]}"
+    assert "read_now None" in done.stdout
+    assert "threaded StoreUnavailable" in done.stdout
