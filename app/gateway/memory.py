@@ -189,13 +189,13 @@ class Memory:
     def unevicted(self, records: list[UserRecord]) -> list[UserRecord]:
         """`records` but those fetched before their id was evicted: the eviction asked
         for a copy fetched after it, so they are not saved."""
-        gone = set(self.evicted_since_fetch(records))
-        return [r for r in records if r.user_id not in gone] if gone else records
+        gone = self.evicted_since_fetch(records)
+        return [r for r in records if r not in gone] if gone else records
 
-    def evicted_since_fetch(self, records: list[UserRecord]) -> list[int]:
-        """Ids of `records` evicted after the record was fetched (a save that was under
+    def evicted_since_fetch(self, records: list[UserRecord]) -> list[UserRecord]:
+        """`records` whose id was evicted after they were fetched (a save that was under
         way when the eviction arrived must be undone)."""
-        return [r.user_id for r in records if self.evicted_after(r.user_id, r.fetched_at)]
+        return [r for r in records if self.evicted_after(r.user_id, r.fetched_at)]
 
     def expire_before(self, cutoff: float) -> int:
         """Drop users fetched before `cutoff`; how many were dropped. An infinite cutoff

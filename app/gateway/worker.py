@@ -123,7 +123,9 @@ class FetchWorker:
             await gateway.coordinator.announce({u: outcomes.get(u, default) for u in claimed})
             if records or gateway.writes.pending:
                 await gateway.writes.save(gateway.memory.unevicted(records))
-            for uid in [*gone, *gateway.memory.evicted_since_fetch(records)]:
+            for uid in gone:
                 await gateway.writes.delete(uid)
+            for record in gateway.memory.evicted_since_fetch(records):
+                await gateway.writes.undo(record)
         except Exception:
             log.exception("announcing or saving a batch of %d ids failed", len(claimed))

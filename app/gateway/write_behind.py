@@ -145,15 +145,20 @@ class WriteBehind:
 
     async def _save(self, pending: dict[int, UserRecord]) -> bool:
         """Save `pending` with STORE_SAVE_ATTEMPTS tries; False (and the users kept, up to
-        MEMORY_CACHE_SIZE) when every try failed."""
+        MEMORY_CACHE_SIZE) when every try failed. Each try, and what is kept, leaves out
+        the users evicted meanwhile (`forget` takes them out of `_saving`): their row was
+        deleted, and a retry or the next save would write the evicted copy back."""
         for attempt in range(1, self.attempts + 1):
+            users = self._still_saving(pending)
+            if not users:
+                return True
             try:
-                await self.store.upsert_many(list(pending.values()))
+                await self.store.upsert_many(users)
             except StoreUnavailable as exc:
                 self.stats.store_save_failures += 1
                 log.warning(
                     "saving %d users failed (attempt %d/%d): %s",
-                    len(pending),
+                    len(users),
                     attempt,
                     self.attempts,
                     exc,
@@ -162,12 +167,17 @@ class WriteBehind:
                     await asyncio.sleep(backoff_s(attempt, 0.1))
                 continue
             self.store_ready = True
-            log.debug("saved %d users", len(pending))
+            log.debug("saved %d users", len(users))
             return True
         self.store_ready = False
-        keep = list(pending.items())[-self.keep_max :]
+        keep = [(r.user_id, r) for r in self._still_saving(pending)][-self.keep_max :]
         self._unsaved = dict(keep) | self._unsaved
         return False
+
+    def _still_saving(self, pending: dict[int, UserRecord]) -> list[UserRecord]:
+        """The users of `pending` not evicted since the save took them."""
+        saving = self._saving
+        return [record for uid, record in pending.items() if saving.get(uid) is record]
 
     async def read(self, user_ids: list[int]) -> dict[int, UserRecord]:
         """Stored users among `user_ids`; raises StoreUnavailable (and marks the store down)."""
@@ -255,8 +265,10 @@ class WriteBehind:
         return answer
 
     def forget(self, user_id: int) -> None:
-        """Drop an unsaved copy (the user was evicted)."""
+        """Drop an unsaved copy (the user was evicted), and one a save under way is
+        writing: its next try, or the next save, leaves it out (see `_save`)."""
         self._unsaved.pop(user_id, None)
+        self._saving.pop(user_id, None)
 
     async def delete(self, user_id: int) -> None:
         """Remove a user Freelancer no longer has; a failure is logged, not raised."""
@@ -265,3 +277,16 @@ class WriteBehind:
             await self.store.delete(user_id)
         except StoreUnavailable as exc:
             log.warning("could not remove user %d, gone from Freelancer: %s", user_id, exc)
+
+    async def undo(self, record: UserRecord) -> None:
+        """Take back the save of `record`, a copy fetched before its id was evicted: it and
+        older copies go, held or stored, but not a copy fetched since (after the eviction,
+        a lookup fetched the user again). A failure is logged, not raised."""
+        uid, fetched = record.user_id, record.fetched_at
+        for held in (self._unsaved, self._saving):
+            if uid in held and held[uid].fetched_at <= fetched:
+                del held[uid]
+        try:
+            await self.store.delete(uid, fetched_by=fetched)
+        except StoreUnavailable as exc:
+            log.warning("could not remove user %d, evicted: %s", uid, exc)

@@ -65,8 +65,9 @@ class UserStore(Protocol):
         that user from its fields until the next save.
         """
 
-    async def delete(self, user_id: int) -> bool:
-        """Remove one user; True when it was there."""
+    async def delete(self, user_id: int, *, fetched_by: float | None = None) -> bool:
+        """Remove one user; True when it was there. With `fetched_by`, only a copy fetched
+        then or before (undoing the save of that copy leaves a newer one alone)."""
         ...
 
     async def count(self) -> int:

@@ -152,10 +152,14 @@ class MongoUserStore:
                 if not errors or any(e.get("code") != DUPLICATE_KEY for e in errors):
                     raise
 
-    async def delete(self, user_id: int) -> bool:
-        """Remove one user; True when it was there."""
+    async def delete(self, user_id: int, *, fetched_by: float | None = None) -> bool:
+        """Remove one user; True when it was there. With `fetched_by`, only a copy
+        fetched then or before."""
+        query: dict[str, Any] = {"user_id": user_id}
+        if fetched_by is not None:
+            query["fetched_at"] = {"$lte": _datetime(fetched_by)}
         async with self._guard():
-            result = await self._users.delete_one({"user_id": user_id})
+            result = await self._users.delete_one(query)
         return result.deleted_count > 0
 
     async def count(self) -> int:

@@ -3,9 +3,10 @@
 Each user's JSON (`UserRecord.rendered()`) is kept in a column beside its fields, so a
 lookup's store hit is three columns joined into the answer as they are: one query for a
 batch, on a read connection of its own (one aiosqlite thread), so reads never wait for a
-save on the write connection, with the file mapped into memory. In `make bench` a store
-hit went from 19 % of a memory hit's speed to about 50 %: rendering was most of the cost,
-and reads queued behind saves on the one connection most of the rest.
+save on the write connection (the file is not mapped into memory: see the note at
+CHUNK). In `make bench` a store hit went from 19 % of a memory hit's speed to about
+50 %: rendering was most of the cost, and reads queued behind saves on the one
+connection most of the rest.
 
 Every statement runs in one trip to its connection's thread and leaves no cursor open
 (`execute_fetchall`, or a cursor closed by `async with`). A cursor dropped open would be
@@ -16,7 +17,7 @@ and a write on the same connection after another connection committed would then
 at once with "database is locked".
 
 `read_now` reads the lookups' users on the caller's (the event loop's) thread, with the
-stdlib `sqlite3` on a third connection (mapped, query_only), skipping aiosqlite's trip to
+stdlib `sqlite3` on a third connection (query_only), skipping aiosqlite's trip to
 its thread and back: a 50-id read took 110 µs so, 165 µs through aiosqlite. It can block
 the loop only briefly: its busy timeout is 0, so when the file is locked (a WAL reader
 waits only while another connection recovers the WAL or holds the file in exclusive
@@ -94,8 +95,10 @@ UPSERT = (
 # SQLite caps the number of `?` in one statement; 500 stays well under every build's limit.
 CHUNK = 500
 WAL_ATTEMPTS = 50
-MMAP_BYTES = 256 * 1024 * 1024
-"""Reads map the file (up to this much) instead of copying pages through read()."""
+# No connection maps the file into memory (PRAGMA mmap_size): a read through the map of
+# a file another program truncated kills the process with SIGBUS, and one copied over in
+# place was answered as "no users" (every stored user a miss, fetched again), where
+# read() reports both (StoreUnavailable, a 503). The map saved about 33 us a 50-row read.
 
 
 class SqliteUserStore:
@@ -220,10 +223,16 @@ class SqliteUserStore:
             await run_many(db, UPSERT, rows)
             await db.commit()
 
-    async def delete(self, user_id: int) -> bool:
-        """Remove one user; True when it was there."""
+    async def delete(self, user_id: int, *, fetched_by: float | None = None) -> bool:
+        """Remove one user; True when it was there. With `fetched_by`, only a copy
+        fetched then or before."""
+        query = "DELETE FROM users WHERE user_id = ?"
+        args: list[float] = [user_id]
+        if fetched_by is not None:
+            query += " AND fetched_at <= ?"
+            args.append(fetched_by)
         async with self._guard() as db:
-            deleted = await run(db, "DELETE FROM users WHERE user_id = ?", (user_id,))
+            deleted = await run(db, query, args)
             await db.commit()
             return deleted > 0
 
@@ -327,11 +336,9 @@ async def wal(db: aiosqlite.Connection) -> None:
 
 async def connect_reader(path: Path) -> aiosqlite.Connection:
     """The read connection: its own thread, so reads never queue behind a save on the
-    write connection (WAL lets them run beside it); the file mapped into memory, so a
-    read copies no page; and unable to write."""
+    write connection (WAL lets them run beside it); and unable to write."""
     db = await aiosqlite.connect(path)
     try:
-        await db.execute_fetchall(f"PRAGMA mmap_size={MMAP_BYTES}")
         await db.execute_fetchall("PRAGMA query_only=1")
     except BaseException:
         await db.close()
@@ -345,7 +352,6 @@ def connect_now(path: Path) -> sqlite3.Connection:
     of 0 (a locked file is left to the threaded read at once)."""
     db = sqlite3.connect(path, timeout=0, isolation_level=None)
     try:
-        db.execute(f"PRAGMA mmap_size={MMAP_BYTES}").fetchall()
         db.execute("PRAGMA query_only=1").fetchall()
     except BaseException:
         db.close()

@@ -78,6 +78,14 @@ async def test_delete_says_whether_the_user_was_there(store: UserStore) -> None:
     assert await store.count() == 0
 
 
+async def test_a_delete_up_to_a_fetch_time_leaves_a_newer_copy(store: UserStore) -> None:
+    """Undoing the save of a copy fetched at t removes that copy, never one fetched later."""
+    await store.upsert_many([user(35, fetched_at=NOW - 0.25), user(36, fetched_at=NOW)])
+    assert await store.delete(35, fetched_by=NOW - 0.25) is True
+    assert await store.delete(36, fetched_by=NOW - 0.25) is False
+    assert sorted(await store.get_many([35, 36])) == [36]
+
+
 async def test_delete_fetched_before_removes_only_older_users(store: UserStore) -> None:
     await store.upsert_many([user(40, fetched_at=NOW - 500), user(41, fetched_at=NOW - 50)])
     assert await store.delete_fetched_before(NOW - 100) == 1
