@@ -170,8 +170,16 @@ class WriteBehind:
             log.debug("saved %d users", len(users))
             return True
         self.store_ready = False
-        keep = [(r.user_id, r) for r in self._still_saving(pending)][-self.keep_max :]
-        self._unsaved = dict(keep) | self._unsaved
+        # What failed goes back before what waits (it is older), and the whole buffer is
+        # held to the newest MEMORY_CACHE_SIZE: a store down for long must not grow the
+        # process without end (memory still holds those users; a dropped one that is
+        # asked for again is fetched again).
+        unsaved = {r.user_id: r for r in self._still_saving(pending)} | self._unsaved
+        dropped = len(unsaved) - self.keep_max
+        if dropped > 0:
+            unsaved = dict(itertools.islice(unsaved.items(), dropped, None))
+            log.warning("the store is down: the %d oldest unsaved users dropped", dropped)
+        self._unsaved = unsaved
         return False
 
     def _still_saving(self, pending: dict[int, UserRecord]) -> list[UserRecord]:

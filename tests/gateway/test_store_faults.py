@@ -141,3 +141,21 @@ async def test_a_failing_chunk_stops_the_turn_and_nothing_is_lost(tmp_path: Path
     assert len(await store.get_many(range(1, 1501))) == 1500
     assert not writes.holding
     await store.close()
+
+
+async def test_while_the_store_is_down_the_unsaved_users_stay_bounded(tmp_path: Path) -> None:
+    """Saves failing while users keep coming: write-behind holds the newest
+    MEMORY_CACHE_SIZE of them, not every user fetched while the store is down (chunked
+    saves trimmed only the chunk that failed, and the rest of the buffer grew)."""
+    store = FlakyStore(tmp_path / "users.db", failing_saves=10**6)
+    await store.open()
+    settings = make_settings(tmp_path, store_save_attempts=1, memory_cache_size=1000)
+    writes = WriteBehind(store, stats=GatewayStats(), settings=settings)
+    now = time.time()
+    for start in range(1, 3001, 500):
+        await writes.save(
+            [UserRecord(i, f"u{i}", fetched_at=now) for i in range(start, start + 500)]
+        )
+    held = [uid for uid in range(1, 3001) if writes.held(uid) is not None]
+    assert held == list(range(2001, 3001)), "the newest 1 000, no more"
+    await store.close()
