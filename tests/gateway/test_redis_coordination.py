@@ -7,10 +7,7 @@ separate processes.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
 
-import pytest
 from redis.asyncio import Redis
 
 from app.coordination.client import connect
@@ -19,35 +16,10 @@ from app.domain import UserRecord
 from app.gateway import Gateway
 from app.gateway.cache import cache_entry
 from app.gateway.coordinator import Event, Fetched
-from app.store import SqliteUserStore
-from tests.support.apps import make_settings, until
+from tests.gateway.conftest import StartGateway
+from tests.support.apps import until
 from tests.support.freelancer import SlowUpstream
 from tests.support.procs import RedisServer
-
-StartGateway = Callable[..., Awaitable[Gateway]]
-
-
-@pytest.fixture
-async def start_gateway(tmp_path: Path, redis_server: RedisServer) -> AsyncIterator[StartGateway]:
-    started: list[Gateway] = []
-
-    async def start(upstream: SlowUpstream, *, prefix: str = "t", **overrides: float) -> Gateway:
-        coordinator = RedisCoordinator(
-            connect(redis_server.url, 1.0), prefix=prefix, lease_s=2.0, timeout_s=1.0
-        )
-        gateway = Gateway(
-            settings=make_settings(tmp_path, **overrides),
-            store=SqliteUserStore(tmp_path / "users.db"),
-            upstream=upstream,
-            coordinator=coordinator,
-        )
-        await gateway.start()
-        started.append(gateway)
-        return gateway
-
-    yield start
-    for gateway in started:
-        await gateway.stop()
 
 
 def coordinator_of(gateway: Gateway) -> RedisCoordinator:

@@ -10,51 +10,24 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pytest
 
-from app.coordination.client import connect
 from app.coordination.redis_coordinator import RedisCoordinator
 from app.domain import UserRecord
-from app.gateway import Gateway
 from app.gateway.results import Outcome
 from app.gateway.stats import GatewayStats
 from app.gateway.write_behind import WriteBehind
-from app.store import SqliteUserStore
+from tests.gateway.conftest import StartGateway
 from tests.gateway.test_store_read_faults import HeldSaves
 from tests.gateway.test_store_read_races import save_directly
 from tests.store.raw import stored_ids
 from tests.support.apps import FlakyStore, StartApp, make_settings, until
 from tests.support.freelancer import FakeFreelancer, SlowUpstream
-from tests.support.procs import RedisServer
 
 X, Y, Z = 501, 502, 503
-StartGateway = Callable[[SlowUpstream], Awaitable[Gateway]]
-
-
-@pytest.fixture
-async def start_gateway(tmp_path: Path, redis_server: RedisServer) -> AsyncIterator[StartGateway]:
-    started: list[Gateway] = []
-
-    async def start(upstream: SlowUpstream) -> Gateway:
-        coordinator = RedisCoordinator(
-            connect(redis_server.url, 1.0), prefix="t", lease_s=2.0, timeout_s=1.0
-        )
-        gateway = Gateway(
-            settings=make_settings(tmp_path),
-            store=SqliteUserStore(tmp_path / "users.db"),
-            upstream=upstream,
-            coordinator=coordinator,
-        )
-        await gateway.start()
-        started.append(gateway)
-        return gateway
-
-    yield start
-    for gateway in started:
-        await gateway.stop()
 
 
 @pytest.mark.redis
