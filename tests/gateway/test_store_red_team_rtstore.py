@@ -66,6 +66,23 @@ async def test_a_job_fetch_is_not_fetched_again_by_a_lookup_while_redis_hears_of
     assert upstream.calls == [[X]], f"X was sent upstream {len(upstream.calls)} times"
 
 
+async def failing_saves(
+    tmp_path: Path, *, attempts: int
+) -> tuple[FlakyStore, WriteBehind, UserRecord]:
+    """A store whose first two saves fail, its write-behind trying `attempts` times a save,
+    and X's copy fetched a minute ago (before the eviction the tests make)."""
+    store = FlakyStore(tmp_path / "users.db", failing_saves=2)
+    await store.open()
+    writes = WriteBehind(
+        store,
+        stats=GatewayStats(),
+        settings=make_settings(tmp_path, store_save_attempts=attempts),
+    )
+    now = time.time()
+    old = UserRecord(X, "before-the-eviction", created_at=now - 60, fetched_at=now - 60)
+    return store, writes, old
+
+
 async def test_an_eviction_during_a_failing_save_is_not_undone_by_the_next_save(
     tmp_path: Path,
 ) -> None:
@@ -74,13 +91,8 @@ async def test_an_eviction_during_a_failing_save_is_not_undone_by_the_next_save(
     that save is under way X is evicted (DELETE /api/cache/users/X: `forget`, then the
     row deleted). The save fails, and the chunk goes back to the buffer with X in it:
     the save after that writes the evicted copy back into the store."""
-    store = FlakyStore(tmp_path / "users.db", failing_saves=2)
-    await store.open()
-    writes = WriteBehind(
-        store, stats=GatewayStats(), settings=make_settings(tmp_path, store_save_attempts=1)
-    )
+    store, writes, old = await failing_saves(tmp_path, attempts=1)
     now = time.time()
-    old = UserRecord(X, "before-the-eviction", created_at=now - 60, fetched_at=now - 60)
     await writes.save([old])  # fails: X is held for the next save
     assert writes.held(X) is old
     upsert = store.upsert_many
@@ -113,13 +125,8 @@ async def test_an_eviction_between_two_tries_of_a_save_is_not_undone_by_the_retr
 ) -> None:
     """As above, with the save's second try succeeding: X's row is deleted between the
     first (failed) try and the retry, which writes the evicted copy back."""
-    store = FlakyStore(tmp_path / "users.db", failing_saves=2)
-    await store.open()
-    writes = WriteBehind(
-        store, stats=GatewayStats(), settings=make_settings(tmp_path, store_save_attempts=2)
-    )
+    store, writes, old = await failing_saves(tmp_path, attempts=2)
     now = time.time()
-    old = UserRecord(X, "before-the-eviction", created_at=now - 60, fetched_at=now - 60)
     upsert = store.upsert_many
     tries = 0
 
