@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Literal, get_args
 
 import orjson
@@ -50,6 +51,7 @@ _TAIL: dict[str, bytes] = {
     for source in SOURCES
 }
 _NOTHING_MISSING = b'"not_found":[],"unavailable":[],"errors":{}}'
+_JSON = itemgetter(0)
 
 
 def _user_json(entry: CachedUser, source: Source) -> bytes:
@@ -64,7 +66,7 @@ class LookupResult:
     body is one `join` of pre-rendered users.
     """
 
-    users: list[CachedUser]
+    users: Sequence[CachedUser]
     sources: list[Source] | None = None
     not_found: list[int] = field(default_factory=list)
     unavailable: list[int] = field(default_factory=list)
@@ -84,7 +86,7 @@ class LookupResult:
         """The JSON body of `POST /api/users`, spliced from pre-rendered users."""
         if self.sources is None:
             # The users' JSON lacks its closing brace: the fresh hits' tail goes in the join.
-            users = CACHE_JOIN.join([entry[0] for entry in self.users])
+            users = CACHE_JOIN.join(map(_JSON, self.users))
             tail = CACHE_TAIL if self.users else b""
         else:
             users = b",".join(map(_user_json, self.users, self.sources))
@@ -102,9 +104,9 @@ def render(
     user_ids: Sequence[int], answers: Mapping[int, tuple[Source, Outcome]], stats: GatewayStats
 ) -> LookupResult:
     """The result of a lookup from each id's answer, counting hits, misses and reasons."""
-    result = LookupResult([], [])
-    users, sources = result.users, result.sources
-    assert sources is not None
+    users: list[CachedUser] = []
+    sources: list[Source] = []
+    result = LookupResult(users, sources)
     for uid in user_ids:
         source, outcome = answers[uid]
         if not isinstance(outcome, Failure):

@@ -7,6 +7,7 @@ import tracemalloc
 from pathlib import Path
 
 import orjson
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -121,7 +122,9 @@ def test_store_hits_are_held_unless_memory_has_a_newer_copy(tmp_path: Path) -> N
     assert (pending, stale) == ([3], [])
     assert answers[1] == ("cache", cache_entry(newer)), "a fetch that landed meanwhile wins"
     assert answers[2] == ("cache", cache_entry(two))
-    assert held.fresh([1, 2], NOW) == ([cache_entry(newer), answers[2][1]], []), "now held"
+    answered = held.fresh([1, 2], NOW)
+    assert answered is not None, "now held"
+    assert (list(answered[0]), answered[1]) == ([cache_entry(newer), answers[2][1]], [])
 
 
 def test_a_batch_of_fresh_hits_renders_as_one_join_the_same_bytes(tmp_path: Path) -> None:
@@ -181,3 +184,54 @@ def test_the_lru_names_the_victim_its_next_put_evicts() -> None:
         assert victim is not None and victim in lru
         lru.put(key, key)
         assert victim not in lru and len(lru) == 3
+
+
+@given(
+    held=st.dictionaries(
+        st.integers(1, 12),
+        st.tuples(
+            st.booleans(),
+            # Fresh past 0, stale at 0 and before: the edge, fractions of a second either side.
+            st.sampled_from([-30.0, -0.75, -0.001, 0.0, 0.001, 0.75]) | st.floats(-50, 50),
+        ),
+        max_size=12,
+    ),
+    missing=st.sets(st.integers(1, 12), max_size=4),
+    data=st.data(),
+    flips=st.integers(0, 3),
+)
+def test_fresh_answers_a_batch_only_when_every_id_is_held_fresh_or_known_missing(
+    tmp_path_factory: pytest.TempPathFactory,
+    held: dict[int, tuple[bool, float]],
+    missing: set[int],
+    data: st.DataObject,
+    flips: int,
+) -> None:
+    """`fresh`'s two ways (every id in the recent generation, read in C; or the loop,
+    which also finds older entries and known-missing ids) against a model: the batch is
+    answered, users in request order, exactly when each id is held fresh or known not to
+    exist."""
+    # Mostly ids held in the recent generation (the C way), sometimes any.
+    recent = sorted(uid for uid, (in_recent, _) in held.items() if in_recent)
+    from_recent: bool = bool(recent) and data.draw(st.booleans())
+    ids: st.SearchStrategy[int] = st.sampled_from(recent) if from_recent else st.integers(1, 12)
+    asked = data.draw(st.lists(ids, min_size=1, max_size=8, unique=True))
+    ttl = 100.0
+    mem = memory(tmp_path_factory.mktemp("m"), cache_ttl_s=ttl)
+    for uid, (in_recent, age) in held.items():
+        target = mem.users.recent if in_recent else mem.users.older
+        target[uid] = cache_entry(user(uid, fetched_at=NOW - ttl + age))
+    for uid in missing - held.keys():
+        mem.not_found.put(uid, True, NOW + 10)
+    for _ in range(flips):  # an older entry read once moves to the recent generation
+        mem.users.get(next(iter(mem.users.older), 0))
+    fresh = {uid: NOW - ttl + age > NOW - ttl for uid, (_, age) in held.items()}
+    answerable = all(fresh.get(uid, uid in missing) for uid in asked)
+    answered = mem.fresh(asked, NOW)
+    if not answerable:
+        assert answered is None
+        return
+    assert answered is not None
+    users, not_found = answered
+    assert [user_id_of(entry) for entry in users] == [uid for uid in asked if uid in held]
+    assert not_found == [uid for uid in asked if uid not in held]
