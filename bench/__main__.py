@@ -42,6 +42,7 @@ from bench.measure import (
     run_wrk,
     table,
     verdict,
+    wait_saved,
 )
 from bench.store_path import memory_from_store, memory_kb, memory_summary, store_path
 from bench.store_path import summary as store_summary_line
@@ -414,6 +415,7 @@ def main() -> int:
                 workloads[f"memory ({args.users} users)"] = warm(
                     gateway, sim, args.users, start_rss
                 )
+                wait_saved(gateway)
                 workloads[f"memory ({args.users} users from the store)"] = memory_from_store(
                     sim, args.users, work
                 )
@@ -423,11 +425,13 @@ def main() -> int:
                 workloads[f"memory ({args.users} users)"] = warm(
                     gateway, sim, args.users, start_rss
                 )
+                wait_saved(gateway)
                 workloads["hot (50-id batches)"] = hot(gateway, sim, args.users, work)
                 return report_hot_only(workloads)
             workloads["cold overlap"] = cold_overlap(gateway, sim)
             workloads["one miss"] = one_miss(gateway, sim)
             workloads[f"memory ({args.users} users)"] = warm(gateway, sim, args.users, start_rss)
+            wait_saved(gateway)
             workloads["hot (50-id batches)"] = hot(gateway, sim, args.users, work)
             workloads[f"memory ({args.users} users from the store)"] = memory_from_store(
                 sim, args.users, work

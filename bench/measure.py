@@ -160,6 +160,20 @@ def metric(process: Any, name: str) -> float:
     return float(match.group(1))
 
 
+def wait_saved(process: Any, within_s: float = 120.0) -> float:
+    """Wait (bounded) until a gateway has saved every user it fetched; the seconds waited.
+
+    A workload that follows the warm-up is measured once its saves are done: 100 000
+    users written behind in the background are the warm-up's cost, not the next one's.
+    """
+    started = time.perf_counter()
+    while metric(process, "gateway_store_unsaved") > 0:
+        if time.perf_counter() - started > within_s:
+            raise RuntimeError(f"the gateway still had users to save after {within_s:.0f} s")
+        time.sleep(0.2)
+    return time.perf_counter() - started
+
+
 def columns(rows: Sequence[Sequence[str]]) -> str:
     """Rows of cells as text in aligned columns (the first row the header)."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]

@@ -57,6 +57,7 @@ class FetchWorker:
 
     async def _work(self) -> None:
         while True:
+            await self.gateway.writes.room()  # the store keeps up, or is down
             await self.slots.acquire()
             batch = self._in_hand = []
             self._batch_no += 1

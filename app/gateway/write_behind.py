@@ -29,6 +29,11 @@ SAVE_MAX_USERS = 1000
 """Users a save writes in one transaction: about 20 ms of SQLite's writer on this
 project's benchmark machine, so a backlog is written in steps that each end well within
 STORE_TIMEOUT_S, and reads between them."""
+SAVE_BACKLOG_MAX = 4 * SAVE_MAX_USERS
+"""Unsaved users past which the fetch worker waits (`room`) before its next call, while
+the store is up: fetching faster than the store saves grew the backlog without bound.
+In `make bench`'s warm-up (100 000 new users as fast as the simulator answers) the
+backlog, each user held a second time as a record, took the process to 390 MB."""
 
 
 @dataclass(slots=True)
@@ -52,6 +57,10 @@ class WriteBehind:
         self.stats = stats
         self.attempts = settings.store_save_attempts
         self.keep_max = settings.memory_cache_size
+        self.timeout_s = settings.store_timeout_s
+        self._room = asyncio.Event()
+        """Set while the backlog is under SAVE_BACKLOG_MAX or the store is down."""
+        self._room.set()
         self.store_ready = False
         self._unsaved: dict[int, UserRecord] = {}
         self._turn = asyncio.Lock()
@@ -75,6 +84,30 @@ class WriteBehind:
     def holding(self) -> bool:
         """True while some users are held here that the store may not have yet."""
         return bool(self._unsaved or self._saving)
+
+    @property
+    def backlog(self) -> int:
+        """Users fetched and not yet in the store (waiting, or in a save under way)."""
+        return len(self._unsaved) + len(self._saving)
+
+    async def room(self) -> None:
+        """Wait while the store is up and the backlog is past SAVE_BACKLOG_MAX: the fetch
+        worker's backpressure. Bounded by STORE_TIMEOUT_S (a save that hangs is the
+        store's timeout to report, not a reason to stop fetching), and never while the
+        store is down (the backlog is then held to MEMORY_CACHE_SIZE instead)."""
+        self._update_room()
+        if self._room.is_set():
+            return
+        try:
+            await asyncio.wait_for(self._room.wait(), self.timeout_s)
+        except TimeoutError:
+            log.warning("the store saves slower than users are fetched: fetching on")
+
+    def _update_room(self) -> None:
+        if self.backlog < SAVE_BACKLOG_MAX or not self.store_ready:
+            self._room.set()
+        else:
+            self._room.clear()
 
     def held(self, user_id: int) -> UserRecord | None:
         """The copy of a user the store may not have yet (its save failed or is under way)."""
@@ -129,6 +162,7 @@ class WriteBehind:
                     for uid, record in pending.items():
                         if self._saving.get(uid) is record:
                             del self._saving[uid]
+                    self._update_room()
                 if not saved:
                     return  # the rest waits for the next save, as what failed does
 

@@ -79,6 +79,11 @@ class GatewayCollector(Collector):
             ("queue_size", "Ids waiting for the worker.", gateway.queue.qsize()),
             ("processing", "Ids with a fetch in flight.", gateway.processing_count),
             ("memory_cache_users", "Users in the in-memory LRU.", len(gateway.memory)),
+            (
+                "store_unsaved",
+                "Users fetched and not yet saved to the store.",
+                gateway.writes.backlog,
+            ),
             ("healthy", "1 when healthy, 0 when degraded.", 0 if health.problems(gateway) else 1),
             (
                 "processes",

@@ -7,7 +7,10 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import pytest
+
 from app.domain import UserRecord
+from app.gateway import write_behind
 from app.gateway.stats import GatewayStats
 from app.gateway.write_behind import SAVE_MAX_USERS, WriteBehind
 from app.store import SqliteUserStore
@@ -159,3 +162,69 @@ async def test_while_the_store_is_down_the_unsaved_users_stay_bounded(tmp_path: 
     held = [uid for uid in range(1, 3001) if writes.held(uid) is not None]
     assert held == list(range(2001, 3001)), "the newest 1 000, no more"
     await store.close()
+
+
+class GatedSaves(FlakyStore):
+    """A SQLite store whose saves wait for `gate` (10 s at most)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.gate = asyncio.Event()
+
+    async def upsert_many(self, users: Sequence[UserRecord]) -> None:
+        await asyncio.wait_for(self.gate.wait(), 10)
+        await super().upsert_many(users)
+
+
+async def test_fetching_waits_while_the_store_falls_behind_and_loses_nothing(
+    start_app: StartApp,
+    freelancer: FakeFreelancer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Past SAVE_BACKLOG_MAX unsaved users the worker makes no new call until the store
+    catches up (fetching faster than the store saves grew the process without bound);
+    then every lookup is answered and every user stored."""
+    monkeypatch.setattr(write_behind, "SAVE_BACKLOG_MAX", 150)
+    store = GatedSaves(tmp_path / "users.db")
+    running = await start_app(
+        store=store, upstream_concurrency=1, wait_timeout_s=20, key_misses_per_min=10_000
+    )
+    lookups = [
+        asyncio.create_task(running.lookup(*range(first, first + 100)))
+        for first in range(1, 601, 100)
+    ]
+    await until(lambda: running.gateway.writes.backlog >= 150)
+    calls = len(freelancer.calls)
+    assert calls < 6
+    await asyncio.sleep(0.5)  # a bounded look: nothing more is fetched while saves wait
+    assert len(freelancer.calls) == calls, "fetched on while the store fell behind"
+    metrics = (await running.client.get("/metrics")).text
+    assert f"gateway_store_unsaved {float(running.gateway.writes.backlog)}" in metrics
+    store.gate.set()
+    bodies = await asyncio.wait_for(asyncio.gather(*lookups), 20)
+    assert [len(body["users"]) for body in bodies] == [100] * 6
+    assert len(freelancer.calls) == 6
+    assert await running.gateway.wait_idle(10)
+    assert await store.count() == 600
+    assert running.gateway.writes.backlog == 0
+
+
+async def test_fetching_goes_on_while_the_store_is_down(
+    start_app: StartApp,
+    freelancer: FakeFreelancer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With the store down the backlog is held to MEMORY_CACHE_SIZE instead: waiting for
+    saves that fail would stop every miss."""
+    monkeypatch.setattr(write_behind, "SAVE_BACKLOG_MAX", 150)
+    store = FlakyStore(tmp_path / "users.db", failing_saves=1000)
+    running = await start_app(
+        store=store, upstream_concurrency=1, store_save_attempts=1, key_misses_per_min=10_000
+    )
+    bodies = await asyncio.wait_for(
+        asyncio.gather(*(running.lookup(*range(f, f + 100)) for f in range(1, 601, 100))), 20
+    )
+    assert [len(body["users"]) for body in bodies] == [100] * 6
+    assert len(freelancer.calls) == 6
