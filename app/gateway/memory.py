@@ -132,6 +132,10 @@ class Memory:
                 entry = (found[0][:-1], found[1])  # from_store's, inline: once an id
                 if held or admission.admits(uid):
                     users.put(uid, entry)
+                    # A put may flip the generations (new dicts): read them again, or
+                    # the ids after it are looked up in the old `recent`, now `older`,
+                    # and found without being marked used.
+                    recent_get, older = users.recent.get, users.older
             if entry is not None:
                 fetched = entry[1]
                 if fetched > fresh_after:
