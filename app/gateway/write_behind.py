@@ -302,6 +302,7 @@ class WriteBehind:
         except StoreUnavailable:
             self.stats.store_errors += 1
             self.store_ready = False
+            self._update_room()  # a worker waiting for saves fetches on
             raise
         self.store_ready = True
         return answer

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from app.domain import UserRecord
+from app.errors import StoreUnavailable
 from app.gateway import write_behind
 from app.gateway.stats import GatewayStats
 from app.gateway.write_behind import SAVE_MAX_USERS, WriteBehind
@@ -228,3 +229,27 @@ async def test_fetching_goes_on_while_the_store_is_down(
     )
     assert [len(body["users"]) for body in bodies] == [100] * 6
     assert len(freelancer.calls) == 6
+
+
+async def test_a_worker_waiting_for_saves_fetches_on_once_a_read_finds_the_store_down(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`room` waits while the store is up and behind; a read that finds the store down
+    ends the wait at once (not after STORE_TIMEOUT_S): saves that fail would never catch up."""
+    monkeypatch.setattr(write_behind, "SAVE_BACKLOG_MAX", 10)
+    store = GatedSaves(tmp_path / "users.db")
+    writes = WriteBehind(store, stats=GatewayStats(), settings=make_settings(tmp_path))
+    assert await writes.open()
+    now = time.time()
+    saving = asyncio.create_task(
+        writes.save([UserRecord(i, f"u{i}", fetched_at=now) for i in range(20)])
+    )
+    await until(lambda: writes.backlog == 20)
+    waiting = asyncio.create_task(writes.room())
+    await asyncio.sleep(0.2)  # a bounded look: it waits while the store is up
+    assert not waiting.done()
+    await store.close()  # the next read fails: the store is down
+    with pytest.raises(StoreUnavailable):
+        await writes.read([1])
+    await asyncio.wait_for(waiting, 1)  # well within STORE_TIMEOUT_S (5 s)
+    saving.cancel()
