@@ -189,7 +189,11 @@ async def test_fetching_waits_while_the_store_falls_behind_and_loses_nothing(
     monkeypatch.setattr(write_behind, "SAVE_BACKLOG_MAX", 150)
     store = GatedSaves(tmp_path / "users.db")
     running = await start_app(
-        store=store, upstream_concurrency=1, wait_timeout_s=20, key_misses_per_min=10_000
+        store=store,
+        upstream_concurrency=1,
+        wait_timeout_s=20,
+        key_misses_per_min=10_000,
+        store_timeout_s=30,  # the worker's wait outlasts any stall of a loaded machine
     )
     lookups = [
         asyncio.create_task(running.lookup(*range(first, first + 100)))
