@@ -61,7 +61,7 @@ class WriteBehind:
         self._room = asyncio.Event()
         """Set while the backlog is under SAVE_BACKLOG_MAX or the store is down."""
         self._room.set()
-        self.store_ready = False
+        self._store_ready = False
         self._unsaved: dict[int, UserRecord] = {}
         self._turn = asyncio.Lock()
         """Held by the one save under way (see `save`)."""
@@ -86,6 +86,18 @@ class WriteBehind:
         return bool(self._unsaved or self._saving)
 
     @property
+    def store_ready(self) -> bool:
+        """Whether the store answered its last operation (health says degraded if not)."""
+        return self._store_ready
+
+    @store_ready.setter
+    def store_ready(self, ready: bool) -> None:
+        # Whoever marks the store down (a save, a read, the readiness probe) also ends a
+        # worker's wait for saves that would not come.
+        self._store_ready = ready
+        self._update_room()
+
+    @property
     def backlog(self) -> int:
         """Users fetched and not yet in the store (waiting, or in a save under way)."""
         return len(self._unsaved) + len(self._saving)
@@ -104,7 +116,7 @@ class WriteBehind:
             log.warning("the store saves slower than users are fetched: fetching on")
 
     def _update_room(self) -> None:
-        if self.backlog < SAVE_BACKLOG_MAX or not self.store_ready:
+        if self.backlog < SAVE_BACKLOG_MAX or not self._store_ready:
             self._room.set()
         else:
             self._room.clear()
@@ -302,7 +314,6 @@ class WriteBehind:
         except StoreUnavailable:
             self.stats.store_errors += 1
             self.store_ready = False
-            self._update_room()  # a worker waiting for saves fetches on
             raise
         self.store_ready = True
         return answer

@@ -5,8 +5,8 @@ lookup's store hit is three columns joined into the answer as they are: one quer
 batch, on a read connection of its own (one aiosqlite thread), so reads never wait for a
 save on the write connection (the file is not mapped into memory: see the note at
 CHUNK). In `make bench` a store hit went from 19 % of a memory hit's speed to about
-50 %: rendering was most of the cost, and reads queued behind saves on the one
-connection most of the rest.
+50 % with the file mapped (29-36 % without the map): rendering was most of the cost,
+and reads queued behind saves on the one connection most of the rest.
 
 Every statement runs in one trip to its connection's thread and leaves no cursor open
 (`execute_fetchall`, or a cursor closed by `async with`). A cursor dropped open would be
