@@ -32,7 +32,7 @@ from app.http.errors import install_error_handlers
 from app.http.fast_path import FastLookup
 from app.http.local_only import LocalOnly, check_protected_mode, watch_listeners
 from app.http.metrics import JobCollector, KeyUsageCollector, RequestMetrics, create_registry
-from app.http.middleware import GatewayMiddleware
+from app.http.middleware import EdgeApp, GatewayMiddleware
 from app.http.openapi import customize_openapi
 from app.http.routers import cache, dashboard, jobs, monitoring, users
 from app.http.routers.dashboard import encode_event
@@ -96,7 +96,7 @@ def create_app(
         async with _running(services, store=store, transport=upstream_transport, clock=clock):
             yield
 
-    app = FastAPI(
+    app = EdgeApp(
         title="Freelancer user-info gateway",
         version=__version__,
         description=DESCRIPTION,
@@ -118,8 +118,8 @@ def create_app(
     install_error_handlers(app)
     # Our own body limit, not FastAPI's `max_body_size`: that one answers a declared
     # oversized Content-Length with a plain-text 413, and every error here is JSON.
-    app.add_middleware(
-        GatewayMiddleware,
+    app.edge = GatewayMiddleware(
+        app.inner(),
         max_bytes=settings.max_body_bytes,
         large_bodies={"/api/jobs": settings.job_max_body_bytes},
         metrics=request_metrics,

@@ -314,3 +314,33 @@ async def test_a_body_in_several_messages_is_read_whole_and_a_client_that_left_i
     with pytest.raises(ClientDisconnect):  # as the route raises when its client leaves
         await answer(left)
     assert counts == {"fast": 1, "route": 0}, "a lookup is not started for a client that left"
+
+
+async def test_an_unexpected_error_is_the_apps_logged_json_500_before_routing_as_after(
+    pair: Pair, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The fast path runs outside FastAPI's error layer: a bug there must still answer the
+    app's JSON 500 with the request id, logged, and count as a 500 of the route (before
+    the edge caught it, the exception went to the server: a plain-text 500)."""
+
+    def broken(user_ids: Any) -> Any:
+        raise RuntimeError("a bug in the lookup")
+
+    await warm(pair, HOT)
+    answers = []
+    for running in (pair.fast, pair.routed):
+        monkeypatch.setattr(running.gateway, "lookup_now", broken)
+        # The routed app's error layer answers, then re-raises for the server to log.
+        transport = httpx.ASGITransport(app=running.app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
+            headers = {**KEYED, "x-request-id": "bug-1"}
+            answers.append(await client.post("/api/users", content=ids_body(HOT), headers=headers))
+    fast, routed = answers
+    assert fast.status_code == routed.status_code == 500
+    internal = {"error": "internal_error", "detail": "internal error; see the log"}
+    assert fast.json() == routed.json() == internal
+    assert fast.headers["x-request-id"] == routed.headers["x-request-id"] == "bug-1"
+    assert "a bug in the lookup" not in fast.text
+    logged = [r for r in caplog.records if r.exc_info and "unexpected error" in r.getMessage()]
+    assert len(logged) == 2, "each app logged its error once"
+    assert (await request_counts(pair.fast))[("POST", "/api/users", "500")] == 1

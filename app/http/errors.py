@@ -42,6 +42,11 @@ def error_response(exc: GatewayError) -> Response:
     )
 
 
+def internal_error_response() -> Response:
+    """The 500 of anything unexpected: no detail, never a traceback (the log has it)."""
+    return _json_error(500, {"error": "internal_error", "detail": "internal error; see the log"})
+
+
 def _json_error(
     status: int, body: dict[str, Any], headers: Mapping[str, str] | None = None
 ) -> Response:
@@ -93,9 +98,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def unexpected_error(request: Request, exc: Exception) -> Response:
         log.exception("unexpected error serving %s %s", request.method, request.url.path)
-        return _json_error(
-            500, {"error": "internal_error", "detail": "internal error; see the log"}
-        )
+        return internal_error_response()
 
     app.add_exception_handler(GatewayError, gateway_error)
     app.add_exception_handler(RequestValidationError, validation_error)

@@ -1,10 +1,14 @@
 """The one ASGI middleware: request ids, the body limit, who is calling, and request metrics.
 
-Pure ASGI (no BaseHTTPMiddleware, which costs a task per request), and one layer for all
-of it: the headers are read in one pass, a declared Content-Length is checked before
-anything is read, an open gateway refuses what does not come from this machine
-(`app.http.local_only`), and a request is counted in plain lists in place, exported
-to Prometheus only when scraped.
+It is the outermost layer (`EdgeApp`), outside the layers FastAPI puts around every app
+(its error, telemetry and body-limit middlewares and its own `__call__`s): the hot lookup
+(`app.http.fast_path`) is answered before any of them, so it does what the outermost of
+them did for it, a logged JSON 500 for anything unexpected. Pure ASGI (no
+BaseHTTPMiddleware, which costs a task per request), and one layer for all of it: the
+headers are read in one pass, a declared Content-Length is checked before anything is
+read, an open gateway refuses what does not come from this machine
+(`app.http.local_only`), and a request is counted in plain lists in place, exported to
+Prometheus only when scraped.
 """
 
 from __future__ import annotations
@@ -13,20 +17,23 @@ import itertools
 import logging
 import re
 import time
+from functools import partial
 from secrets import token_hex
 
+from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.errors import GatewayError, PayloadTooLarge
 from app.http.auth import Client, KeyRing
 from app.http.client_limits import ClientLimits
-from app.http.errors import error_response
+from app.http.errors import error_response, internal_error_response
 from app.http.fast_path import PATH, FastLookup
 from app.http.local_only import LocalOnly
 from app.http.metrics import RequestMetrics
 from app.logs import request_id
 
 access = logging.getLogger("app.access")
+log = logging.getLogger("app")
 
 # X-Request-ID values we echo: a bounded token of printable characters, nothing else.
 _SANE_ID = re.compile(rb"[A-Za-z0-9._:@/+=-]{1,128}")
@@ -166,6 +173,12 @@ class GatewayMiddleware:
             if status:
                 raise
             await error_response(exc)(scope, receive, send_with_id)
+        except Exception:
+            if status:  # the app answered (FastAPI's error layer logged it): the server's turn
+                raise
+            # Raised here or in the fast path, outside FastAPI's error layer.
+            log.exception("unexpected error serving %s %s", scope["method"], scope["path"])
+            await internal_error_response()(scope, receive, send_with_id)
         finally:
             self._finish(scope, status or 500, started, client)
             request_id.reset(token)
@@ -190,6 +203,24 @@ class GatewayMiddleware:
                     "key": client.name if client else None,
                 },
             )
+
+
+class EdgeApp(FastAPI):
+    """FastAPI, with every HTTP request passing `edge` (a `GatewayMiddleware` around
+    `inner()`) before anything of FastAPI's: see the module docstring."""
+
+    edge: ASGIApp | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        edge = self.edge
+        if edge is None or scope["type"] != "http":
+            await super().__call__(scope, receive, send)
+        else:
+            await edge(scope, receive, send)
+
+    def inner(self) -> ASGIApp:
+        """FastAPI's own handling of a request: what `edge` wraps."""
+        return partial(FastAPI.__call__, self)
 
 
 def _too_large(limit: int) -> PayloadTooLarge:
