@@ -244,6 +244,7 @@ class _Admission:
 
     def admits(self, user_id: int) -> bool:
         users, counts = self.users, self.counts
+        # `len(users)` spelled out: LRU.__len__ is a Python call, once per store hit.
         if counts is None or len(users.recent) + len(users.older) < users.maxsize:
             return True
         bar = self.bar
