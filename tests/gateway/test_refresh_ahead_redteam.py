@@ -1,0 +1,94 @@
+"""Red team of refresh-ahead (issue 19): a long tail of distinct ids, coverage while the
+budget is short, a single upstream slot.
+
+Time is a `FakeClock` the tests step (the users' freshness); the windows run on the loop's
+clock, so calls spent in a test stay in the minute for the rest of it.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from app.domain import UserRecord
+from app.gateway.popularity import Popularity
+from tests.support.apps import Running, StartApp
+from tests.support.clock import FakeClock
+from tests.support.freelancer import FakeFreelancer
+
+TTL = 1000.0
+
+
+async def start(start_app: StartApp, clock: FakeClock, **overrides: Any) -> Running:
+    values: dict[str, Any] = {"cache_ttl_s": TTL, "refresh_ahead_min_hits": 3}
+    return await start_app(clock=clock, **(values | overrides))
+
+
+# ---- a long tail of distinct ids ------------------------------------------------------
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    folds=st.lists(
+        st.tuples(st.integers(2, 8), st.integers(0, 40)),  # (hot lookups, tail ids) per fold
+        min_size=1,
+        max_size=12,
+    ),
+    max_ids=st.integers(2, 10),
+)
+def test_a_long_tail_never_erodes_the_most_asked_ids_counts(
+    folds: list[tuple[int, int]], max_ids: int
+) -> None:
+    """Reference: within one decay period, an id asked more than any other is always kept
+    with its exact count, however many distinct ids come (the bound only drops the least
+    asked). Before the fix, every fold that overflowed `max_ids` halved every count: a
+    stream of distinct ids halved the popular set away within seconds."""
+    mono = [0.0]  # a fold a second: a rate far below sampling's, every lookup counted
+    popularity = Popularity(
+        min_hits=3, max_ids=max_ids, decay_s=1e9, now=0.0, clock=lambda: mono[0]
+    )
+    hot = 1
+    reference: Counter[int] = Counter()
+    tail = iter(range(1000, 10**6))
+    for hot_lookups, tail_ids in folds:
+        for _ in range(hot_lookups):
+            popularity.saw([hot])
+            reference[hot] += 1
+        for _ in range(tail_ids):  # each tail id once: the hot id stays the most asked
+            popularity.saw([next(tail)])
+        mono[0] += 1.0
+        popularity.fold(now=mono[0])
+        assert popularity.every == 1
+        assert len(popularity.counts) <= max_ids, "memory stays bounded"
+        assert popularity.estimate(hot) == reference[hot]
+        assert hot in popularity.rank() or reference[hot] < 3
+
+
+async def test_a_popular_user_stays_fresh_through_a_flood_of_distinct_ids(
+    start_app: StartApp, freelancer: FakeFreelancer
+) -> None:
+    """A client asks for user 7 every tenth of a TTL; another pages through 6 000 distinct
+    stored users (more than the counts keep) between two looks. User 7 must stay popular,
+    so refreshed ahead and never served stale."""
+    clock = FakeClock()
+    running = await start(start_app, clock, memory_cache_size=1000)
+    gateway = running.gateway
+    # Stored as fetched at the end of the test's time: they stay fresh, cost no call.
+    end = clock() + 4 * TTL
+    tail = [UserRecord(uid, f"u{uid}", fetched_at=end) for uid in range(100_000, 106_000)]
+    await gateway.store.upsert_many(tail)
+    sources = []
+    for _ in range(30):  # 3 TTLs
+        sources.append((await running.lookup(7))["users"][0]["source"])
+        for first in range(100_000, 106_000, 100):
+            await gateway.lookup(range(first, first + 100))
+        await gateway.refresh_ahead.tick()
+        assert await gateway.wait_idle(5)
+        clock.advance(TTL / 10)
+    assert {uid for call in freelancer.calls for uid in call} == {7}, "the tail cost no call"
+    assert len(gateway.refresh_ahead.popularity.counts) <= 6100, "bounded (max_ids + a fold)"
+    assert "stale" not in sources and sources.count("fetched") == 1, sources
+    assert gateway.stats.stale_popular == 0
