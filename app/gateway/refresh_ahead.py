@@ -40,7 +40,8 @@ SHARE_TOP = 5000
 
 @dataclass(frozen=True, slots=True)
 class Coverage:
-    """Of the popular set, how many ids have a fresh copy (or a refresh under way)."""
+    """Of the popular set, how many ids have a fresh copy: what their readers get. A stale
+    copy with a refresh under way is not covered (it is served stale until it lands)."""
 
     popular: int = 0
     covered: int = 0
@@ -108,7 +109,7 @@ class RefreshAhead:
         queued = self._enlist(due, now) if due else 0
         self.coverage = Coverage(
             popular=len(copies),
-            covered=sum(1 for u, at in copies.items() if at > fresh_after or u in inflight),
+            covered=sum(1 for at in copies.values() if at > fresh_after),
         )
         return queued
 

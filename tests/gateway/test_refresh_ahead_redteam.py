@@ -92,3 +92,34 @@ async def test_a_popular_user_stays_fresh_through_a_flood_of_distinct_ids(
     assert len(gateway.refresh_ahead.popularity.counts) <= 6100, "bounded (max_ids + a fold)"
     assert "stale" not in sources and sources.count("fetched") == 1, sources
     assert gateway.stats.stale_popular == 0
+
+
+# ---- coverage while the budget is short -----------------------------------------------
+
+
+async def test_coverage_does_not_count_a_user_served_stale_as_covered(
+    start_app: StartApp, freelancer: FakeFreelancer
+) -> None:
+    """Two popular users are stale while the minute is spent. Each stale read queues a
+    refresh that cannot go yet: both are served stale, so neither is covered (before the
+    fix a refresh in flight counted, and coverage said 100 % while both were served stale)."""
+    clock = FakeClock()
+    running = await start(
+        start_app, clock, upstream_rate_per_min=3, upstream_reserve_per_min=1, batch_size=1
+    )
+    gateway = running.gateway
+    for uid in (21, 22, 23):
+        assert (await running.lookup(uid))["users"][0]["source"] == "fetched"
+    assert len(freelancer.calls) == 3, "the minute is spent: no call until it rolls"
+    clock.advance(TTL + 1)
+    await gateway.refresh_ahead.tick()
+    for uid in (21, 22):  # asked 3 times each: popular, and served stale
+        for _ in range(3):
+            assert (await running.lookup(uid))["users"][0]["source"] == "stale"
+    assert {21, 22} <= gateway.inflight.keys(), "their refreshes wait for the minute"
+    await gateway.refresh_ahead.tick()
+    coverage = gateway.refresh_ahead.coverage
+    assert (coverage.popular, coverage.covered, coverage.ratio) == (2, 0, 0.0)
+    health = (await running.client.get("/")).json()
+    assert health["refresh_ahead"]["coverage"] == 0.0
+    assert len(freelancer.calls) == 3
