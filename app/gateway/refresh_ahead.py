@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from app.errors import StoreUnavailable
-from app.gateway.batching import PRIORITY_SWEEP
+from app.gateway.batching import PRIORITY_REFRESH, PRIORITY_SWEEP
 from app.gateway.cache import record_of
 from app.gateway.popularity import LocalShare, Popularity, PopularityShare
 
@@ -71,7 +71,6 @@ class RefreshAhead:
         self.popular: frozenset[int] = frozenset()
         """The popular set as last seen: the deployment's on the leader, else this process's."""
         self.coverage = Coverage()
-        self._ours: set[int] = set()
         self._stored: dict[int, UserRecord] = {}
 
     async def run(self) -> None:
@@ -116,17 +115,20 @@ class RefreshAhead:
     def _enlist(self, due: list[int], now: float) -> int:
         """Queue the first of `due` that the spare budget covers; how many were queued."""
         gateway = self.gateway
-        self._ours = {u for u in self._ours if u in gateway.inflight}
         size = gateway.settings.batch_size
-        slots = max(1, gateway.settings.upstream_concurrency - 1)
-        queued_refreshes = gateway.queue.qsize(PRIORITY_SWEEP)
-        room = min(gateway.planner.spare_calls(), slots) * size - len(self._ours)
-        room = min(room - queued_refreshes, gateway.queue.room_for(PRIORITY_SWEEP))
+        # Calls at once, every lane's counted (a job's batches in a call are not queued, so
+        # the planner sees spare budget): one slot always left to a client's miss, so with
+        # UPSTREAM_CONCURRENCY=1 nothing is refreshed ahead.
+        slots = gateway.settings.upstream_concurrency - 1 - gateway.worker.calling
+        queued_refreshes = gateway.queue.qsize(PRIORITY_SWEEP) + gateway.queue.qsize(
+            PRIORITY_REFRESH
+        )
+        room = min(gateway.planner.spare_calls(), slots) * size - queued_refreshes
+        room = min(room, gateway.queue.room_for(PRIORITY_SWEEP))
         queued = 0
         for uid in due[: max(0, room)]:
             if gateway.schedule_refresh(uid, self._record(uid), PRIORITY_SWEEP, now):
                 gateway.inflight[uid].ahead = True
-                self._ours.add(uid)
                 queued += 1
         return queued
 

@@ -7,6 +7,7 @@ clock, so calls spent in a test stay in the minute for the rest of it.
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 from typing import Any
 
@@ -15,7 +16,7 @@ from hypothesis import strategies as st
 
 from app.domain import UserRecord
 from app.gateway.popularity import Popularity
-from tests.support.apps import Running, StartApp
+from tests.support.apps import Running, StartApp, until
 from tests.support.clock import FakeClock
 from tests.support.freelancer import FakeFreelancer
 
@@ -123,3 +124,60 @@ async def test_coverage_does_not_count_a_user_served_stale_as_covered(
     health = (await running.client.get("/")).json()
     assert health["refresh_ahead"]["coverage"] == 0.0
     assert len(freelancer.calls) == 3
+
+
+# ---- a single upstream slot -----------------------------------------------------------
+
+
+async def test_with_one_upstream_slot_refresh_ahead_never_holds_a_miss_behind_it(
+    start_app: StartApp, freelancer: FakeFreelancer
+) -> None:
+    """UPSTREAM_CONCURRENCY=1: a refresh-ahead call in flight would hold the only slot, and
+    a client's miss arriving then would wait for Freelancer's answer to it. Refresh-ahead
+    must leave the slot to clients (before the fix it took it: `max(1, 1 - 1)` batches)."""
+    clock = FakeClock()
+    running = await start(start_app, clock, upstream_concurrency=1)
+    gateway = running.gateway
+    for _ in range(3):
+        await running.lookup(7)
+    clock.advance(TTL * 0.85)
+    freelancer.gate = asyncio.Event()  # Freelancer holds every answer from here on
+    await gateway.refresh_ahead.tick()
+    await asyncio.sleep(0.05)  # a refresh-ahead call, if queued, reaches Freelancer
+    miss = asyncio.create_task(running.lookup(8))
+    try:
+        await until(lambda: 8 in freelancer.lookups, within_s=2)
+    finally:
+        freelancer.gate.set()
+        body = await miss
+    assert body["users"][0]["source"] == "fetched"
+    assert freelancer.calls[1] == [8], "the miss went first"
+
+
+async def test_refresh_ahead_leaves_a_slot_free_while_a_job_holds_the_others(
+    start_app: StartApp, freelancer: FakeFreelancer
+) -> None:
+    """UPSTREAM_CONCURRENCY=2 and a job's batch in a call: its ids are not queued, so the
+    planner says spare budget, but only one slot is left. Refresh-ahead must not take it
+    (before the fix it counted only its own batches, took it, and the miss waited for
+    Freelancer's answer to the job)."""
+    clock = FakeClock()
+    running = await start(start_app, clock, upstream_concurrency=2)
+    gateway = running.gateway
+    for _ in range(3):
+        await running.lookup(7)
+    clock.advance(TTL * 0.85)
+    freelancer.gate = asyncio.Event()
+    gateway.enlist([500], {})  # a crawl job's id: its call reaches Freelancer and waits
+    await until(lambda: [500] in freelancer.calls)
+    await gateway.refresh_ahead.tick()
+    await asyncio.sleep(0.05)  # a refresh-ahead call, if queued, reaches Freelancer
+    miss = asyncio.create_task(running.lookup(8))
+    try:
+        await until(lambda: 8 in freelancer.lookups, within_s=2)
+    finally:
+        freelancer.gate.set()
+        body = await miss
+    assert body["users"][0]["source"] == "fetched"
+    assert freelancer.calls[2] == [8], "the miss took the free slot"
+    assert await gateway.wait_idle(5)
