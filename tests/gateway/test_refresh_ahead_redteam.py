@@ -68,6 +68,28 @@ def test_a_long_tail_never_erodes_the_most_asked_ids_counts(
         assert hot in popularity.rank() or reference[hot] < 3
 
 
+@given(
+    counts=st.dictionaries(st.integers(1, 200), st.integers(1, 6), max_size=60),
+    max_ids=st.integers(1, 30),
+)
+def test_the_bound_drops_the_least_asked_whole_and_keeps_the_rest_exact(
+    counts: dict[int, int], max_ids: int
+) -> None:
+    """Reference: the kept ids are those above the lowest count level that brings them
+    within `max_ids`; their counts untouched; keeping the next level down would not fit."""
+    popularity = Popularity(min_hits=3, max_ids=max_ids, decay_s=1e9, now=0.0)
+    popularity.counts = Counter(counts)
+    popularity.trim()
+    kept = dict(popularity.counts)
+    assert len(kept) <= max_ids
+    assert all(counts[u] == c for u, c in kept.items()), "exact counts"
+    dropped = {u: c for u, c in counts.items() if u not in kept}
+    assert not dropped or not kept or max(dropped.values()) < min(kept.values())
+    if dropped and len(counts) > max_ids:
+        top_dropped = max(dropped.values())
+        assert len(kept) + sum(c == top_dropped for c in dropped.values()) > max_ids
+
+
 async def test_a_popular_user_stays_fresh_through_a_flood_of_distinct_ids(
     start_app: StartApp, freelancer: FakeFreelancer
 ) -> None:
