@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from app.errors import StoreUnavailable
-from app.gateway.batching import PRIORITY_SWEEP
+from app.gateway.batching import PRIORITY_REFRESH, PRIORITY_SWEEP
 from app.gateway.cache import record_of
 from app.gateway.popularity import LocalShare, Popularity, PopularityShare
 
@@ -40,7 +40,8 @@ SHARE_TOP = 5000
 
 @dataclass(frozen=True, slots=True)
 class Coverage:
-    """Of the popular set, how many ids have a fresh copy (or a refresh under way)."""
+    """Of the popular set, how many ids have a fresh copy: what their readers get. A stale
+    copy with a refresh under way is not covered (it is served stale until it lands)."""
 
     popular: int = 0
     covered: int = 0
@@ -70,7 +71,6 @@ class RefreshAhead:
         self.popular: frozenset[int] = frozenset()
         """The popular set as last seen: the deployment's on the leader, else this process's."""
         self.coverage = Coverage()
-        self._ours: set[int] = set()
         self._stored: dict[int, UserRecord] = {}
 
     async def run(self) -> None:
@@ -108,24 +108,27 @@ class RefreshAhead:
         queued = self._enlist(due, now) if due else 0
         self.coverage = Coverage(
             popular=len(copies),
-            covered=sum(1 for u, at in copies.items() if at > fresh_after or u in inflight),
+            covered=sum(1 for at in copies.values() if at > fresh_after),
         )
         return queued
 
     def _enlist(self, due: list[int], now: float) -> int:
         """Queue the first of `due` that the spare budget covers; how many were queued."""
         gateway = self.gateway
-        self._ours = {u for u in self._ours if u in gateway.inflight}
         size = gateway.settings.batch_size
-        slots = max(1, gateway.settings.upstream_concurrency - 1)
-        queued_refreshes = gateway.queue.qsize(PRIORITY_SWEEP)
-        room = min(gateway.planner.spare_calls(), slots) * size - len(self._ours)
-        room = min(room - queued_refreshes, gateway.queue.room_for(PRIORITY_SWEEP))
+        # Calls at once, every lane's counted (a job's batches in a call are not queued, so
+        # the planner sees spare budget): one slot always left to a client's miss, so with
+        # UPSTREAM_CONCURRENCY=1 nothing is refreshed ahead.
+        slots = gateway.settings.upstream_concurrency - 1 - gateway.worker.calling
+        queued_refreshes = gateway.queue.qsize(PRIORITY_SWEEP) + gateway.queue.qsize(
+            PRIORITY_REFRESH
+        )
+        room = min(gateway.planner.spare_calls(), slots) * size - queued_refreshes
+        room = min(room, gateway.queue.room_for(PRIORITY_SWEEP))
         queued = 0
         for uid in due[: max(0, room)]:
             if gateway.schedule_refresh(uid, self._record(uid), PRIORITY_SWEEP, now):
                 gateway.inflight[uid].ahead = True
-                self._ours.add(uid)
                 queued += 1
         return queued
 

@@ -36,6 +36,9 @@ class FetchWorker:
         """Batches being fetched, announced or saved."""
         self.restarted_at: float | None = None
         """When the worker last died and was restarted (health shows it for a while)."""
+        self.calling = 0
+        """Batches granted a call that have not given their slot back yet (refresh-ahead
+        leaves a slot free for a client beside them)."""
         self._in_hand: list[int] = []
         self._batch_no = 0
 
@@ -67,6 +70,7 @@ class FetchWorker:
             except BaseException:
                 self.slots.release()
                 raise
+            self.calling += 1  # until its slot is given back (`_run_batch`)
             task = asyncio.create_task(self._run_batch(batch, turn), name="fetch-batch")
             self.batches.add(task)
             task.add_done_callback(self.batches.discard)
@@ -106,6 +110,7 @@ class FetchWorker:
                 batch = await gateway.upstream.fetch_users(claimed, turn.lane, turn.ticket, slot)
             finally:
                 slot.release()
+                self.calling -= 1
             if batch is not None:
                 previous = {u: f.previous for u in claimed if (f := inflight.get(u))}
                 outcomes, records, gone = batch_outcomes(claimed, batch.users, previous)
