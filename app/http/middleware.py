@@ -127,6 +127,11 @@ class GatewayMiddleware:
 
         try:
             path: str = scope["path"]
+            root: str = scope.get("root_path", "")
+            if root and path.startswith(root) and path[len(root) : len(root) + 1] in ("/", ""):
+                # A server with a root path (`--root-path`) sends it in the path too, as
+                # ASGI says; the router matches without it, and so is every path judged here.
+                path = path[len(root) :] or "/"
             limit = self.large_bodies.get(path, self.max_bytes)
             if length is not None and (not length.isdigit() or int(length) > limit):
                 raise _too_large(limit)
