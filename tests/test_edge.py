@@ -4,14 +4,28 @@ A server run with a root path (`uvicorn app.main:app --root-path /gw`, behind a 
 serves the gateway under /gw) sends, as ASGI says, the full path in `scope["path"]` and the
 prefix in `scope["root_path"]`: the router matches the path without the prefix, and so
 must everything the middleware judges by path (keys, limits, the body limit, metrics).
+
+A bug in a route is logged once, by the app's error handler with the request's id, and
+answered with its JSON 500: the server (a real uvicorn here) must not log it again.
 """
 
 from __future__ import annotations
 
-import httpx
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
 
-from tests.support.apps import StartApp
+import httpx
+import pytest
+import uvicorn
+from fastapi import FastAPI
+
+from app.main import create_app
+from tests.support.apps import StartApp, make_settings, until
 from tests.support.freelancer import FakeFreelancer
+from tests.support.procs import free_port
 
 KEY = "edge-key-0123456789abcdef"
 KEYS = f"reader:{KEY}:read"
@@ -59,3 +73,48 @@ async def test_under_a_root_path_api_keys_and_the_metrics_key_are_required_as_wi
         '{method="GET",route="/api/users/{user_id}",status="200"}': 1.0,
         '{method="GET",route="unmatched",status="401"}': 1.0,
     }
+
+
+@asynccontextmanager
+async def serving(app: FastAPI) -> AsyncIterator[tuple[uvicorn.Server, str]]:
+    """`app` served by a real uvicorn on loopback, in this event loop (lifespan included)."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None))
+    task = asyncio.create_task(server.serve())
+    try:
+        await until(lambda: server.started or task.done(), within_s=10)
+        assert server.started, "uvicorn did not start"
+        yield server, f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, timeout=30)
+
+
+async def test_a_bug_in_a_route_is_logged_once_and_answered_with_the_json_500_once(
+    tmp_path: Path, freelancer: FakeFreelancer, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = create_app(make_settings(tmp_path), upstream_transport=freelancer.transport)
+
+    @app.get("/bug")
+    async def bug() -> None:
+        raise RuntimeError("a bug in a route")
+
+    caplog.set_level(logging.INFO)
+    async with serving(app) as (server, url), httpx.AsyncClient(base_url=url) as client:
+        answer = await client.get("/bug", headers={"x-request-id": "bug-1"})
+        # The server is done with the request (and has logged what it would) once no
+        # request task is left.
+        await until(lambda: not server.server_state.tasks, within_s=10)
+        metrics = await client.get("/metrics")
+    assert answer.status_code == 500
+    assert answer.json() == {"error": "internal_error", "detail": "internal error; see the log"}
+    assert answer.headers["x-request-id"] == "bug-1"
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert [(r.name, r.getMessage()) for r in errors] == [
+        ("app", "unexpected error serving GET /bug")
+    ], [r.getMessage() for r in errors]
+    assert errors[0].exc_info is not None, "the one log of it has the traceback"
+    assert (
+        'gateway_http_request_duration_seconds_count{method="GET",route="/bug",status="500"} 1.0'
+        in metrics.text
+    )

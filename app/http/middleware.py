@@ -21,6 +21,7 @@ from functools import partial
 from secrets import token_hex
 
 from fastapi import FastAPI
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.errors import GatewayError, PayloadTooLarge
@@ -116,13 +117,16 @@ class GatewayMiddleware:
         rid = rid or b"%s%x" % (_ID_PREFIX, next(_ids))
         token = request_id.set(rid.decode())
         status = 0  # until the response starts
+        complete = False  # until its last body message is sent
         client: Client | None = None
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status
+            nonlocal status, complete
             if message["type"] == "http.response.start":
                 status = message["status"]
                 message["headers"] = [*message.get("headers", ()), (b"x-request-id", rid)]
+            elif message["type"] == "http.response.body" and not message.get("more_body"):
+                complete = True
             await send(message)
 
         try:
@@ -178,8 +182,14 @@ class GatewayMiddleware:
             if status:
                 raise
             await error_response(exc)(scope, receive, send_with_id)
-        except Exception:
-            if status:  # the app answered (FastAPI's error layer logged it): the server's turn
+        except Exception as exc:
+            if status:
+                # FastAPI's error layer logged it (with the request id) and answered, then
+                # raised it again for the server, which would log it a second time. Only
+                # an answer cut short (the server must close the connection) and a client
+                # that left are the server's to see.
+                if complete and not isinstance(exc, ClientDisconnect):
+                    return
                 raise
             # Raised here or in the fast path, outside FastAPI's error layer.
             log.exception("unexpected error serving %s %s", scope["method"], scope["path"])
