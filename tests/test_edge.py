@@ -22,6 +22,7 @@ import pytest
 import uvicorn
 from fastapi import FastAPI
 
+from app.logs import request_id
 from app.main import create_app
 from tests.support.apps import StartApp, make_settings, until
 from tests.support.freelancer import FakeFreelancer
@@ -100,12 +101,20 @@ async def test_a_bug_in_a_route_is_logged_once_and_answered_with_the_json_500_on
         raise RuntimeError("a bug in a route")
 
     caplog.set_level(logging.INFO)
-    async with serving(app) as (server, url), httpx.AsyncClient(base_url=url) as client:
-        answer = await client.get("/bug", headers={"x-request-id": "bug-1"})
-        # The server is done with the request (and has logged what it would) once no
-        # request task is left.
-        await until(lambda: not server.server_state.tasks, within_s=10)
-        metrics = await client.get("/metrics")
+    # The request id each record of the app's is logged with (what `app.logs` prints).
+    ids: list[tuple[str, str | None]] = []
+    tagger = logging.Handler()
+    tagger.emit = lambda record: ids.append((record.getMessage(), request_id.get()))  # type: ignore[method-assign]
+    logging.getLogger("app").addHandler(tagger)
+    try:
+        async with serving(app) as (server, url), httpx.AsyncClient(base_url=url) as client:
+            answer = await client.get("/bug", headers={"x-request-id": "bug-1"})
+            # The server is done with the request (and has logged what it would) once no
+            # request task is left.
+            await until(lambda: not server.server_state.tasks, within_s=10)
+            metrics = await client.get("/metrics")
+    finally:
+        logging.getLogger("app").removeHandler(tagger)
     assert answer.status_code == 500
     assert answer.json() == {"error": "internal_error", "detail": "internal error; see the log"}
     assert answer.headers["x-request-id"] == "bug-1"
@@ -114,6 +123,8 @@ async def test_a_bug_in_a_route_is_logged_once_and_answered_with_the_json_500_on
         ("app", "unexpected error serving GET /bug")
     ], [r.getMessage() for r in errors]
     assert errors[0].exc_info is not None, "the one log of it has the traceback"
+    # Logged inside the request (the edge is outside FastAPI's error layer): with its id.
+    assert ("unexpected error serving GET /bug", "bug-1") in ids, ids
     assert (
         'gateway_http_request_duration_seconds_count{method="GET",route="/bug",status="500"} 1.0'
         in metrics.text
