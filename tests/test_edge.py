@@ -12,10 +12,12 @@ answered with its JSON 500: the server (a real uvicorn here) must not log it aga
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, MutableMapping
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -30,7 +32,9 @@ from tests.support.procs import free_port
 
 KEY = "edge-key-0123456789abcdef"
 KEYS = f"reader:{KEY}:read"
+KEYED = {"x-api-key": KEY}
 ROOT = "/gw"
+"""Under a root path the route answers every lookup (the fast path leaves them to it)."""
 
 
 def behind(app: object, root: str = ROOT) -> httpx.AsyncClient:
@@ -129,3 +133,57 @@ async def test_a_bug_in_a_route_is_logged_once_and_answered_with_the_json_500_on
         'gateway_http_request_duration_seconds_count{method="GET",route="/bug",status="500"} 1.0'
         in metrics.text
     )
+
+
+def lookup_scope(body: bytes, root: str = "") -> dict[str, Any]:
+    """The scope uvicorn gives `POST /api/users` with a key and a JSON body of `body`."""
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": f"{root}/api/users",
+        "raw_path": f"{root}/api/users".encode(),
+        "query_string": b"",
+        "root_path": root,
+        "headers": [
+            (b"host", b"localhost"),
+            (b"content-type", b"application/json"),
+            (b"content-length", b"%d" % len(body)),
+            (b"x-api-key", KEY.encode()),
+        ],
+        "client": ("127.0.0.1", 5000),
+        "server": ("127.0.0.1", 8000),
+    }
+
+
+@pytest.mark.parametrize("root", ["", ROOT], ids=["answered at the edge", "by the route"])
+async def test_a_send_that_fails_after_the_answer_started_never_starts_a_second_one(
+    start_app: StartApp, freelancer: FakeFreelancer, root: str
+) -> None:
+    """ASGI lets `send` raise once the client is gone (OSError): the edge must not then
+    start its own 500 on top of the 200 already sent, and counts what the client was sent."""
+    running = await start_app(api_keys=KEYS)
+    ids = [1, 2, 3]
+    keyed = await running.client.post("/api/users", json={"user_ids": ids}, headers=KEYED)
+    assert keyed.status_code == 200
+    body = json.dumps({"user_ids": ids}).encode()
+    sent: list[dict[str, Any]] = []
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive() -> dict[str, Any]:
+        if messages:
+            return messages.pop(0)
+        await asyncio.sleep(30)  # never: the body was read whole
+        raise AssertionError
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        sent.append(dict(message))
+        if message["type"] == "http.response.body":
+            raise OSError("the client is gone")
+
+    with pytest.raises(OSError):  # the answer was cut short: the server's to see
+        await running.app(lookup_scope(body, root), receive, send)
+    starts = [m["status"] for m in sent if m["type"] == "http.response.start"]
+    assert starts == [200], sent

@@ -125,9 +125,11 @@ class GatewayMiddleware:
             if message["type"] == "http.response.start":
                 status = message["status"]
                 message["headers"] = [*message.get("headers", ()), (b"x-request-id", rid)]
-            elif message["type"] == "http.response.body" and not message.get("more_body"):
-                complete = True
-            await send(message)
+                await send(message)
+            else:
+                await send(message)  # complete only once the server took the last part
+                if message["type"] == "http.response.body" and not message.get("more_body"):
+                    complete = True
 
         try:
             path: str = scope["path"]
@@ -171,9 +173,8 @@ class GatewayMiddleware:
                     and not scope.get("root_path")
                 ):
                     # The hot lookup, answered here when memory holds it (`app.http.fast_path`).
-                    forward = await fast.serve(scope, receive, send, client, content_type, rid)
+                    forward = await fast.serve(scope, receive, send_with_id, client, content_type)
                     if forward is None:
-                        status = 200
                         return
                     receive = forward
             # The server holds a body with a Content-Length to it: only others are counted.
