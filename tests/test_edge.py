@@ -33,6 +33,7 @@ from tests.support.procs import free_port
 KEY = "edge-key-0123456789abcdef"
 KEYS = f"reader:{KEY}:read"
 KEYED = {"x-api-key": KEY}
+JSON_KEYED = {**KEYED, "content-type": "application/json"}
 ROOT = "/gw"
 """Under a root path the route answers every lookup (the fast path leaves them to it)."""
 
@@ -187,3 +188,66 @@ async def test_a_send_that_fails_after_the_answer_started_never_starts_a_second_
         await running.app(lookup_scope(body, root), receive, send)
     starts = [m["status"] for m in sent if m["type"] == "http.response.start"]
     assert starts == [200], sent
+
+
+def request_counts(metrics: str) -> dict[str, float]:
+    """`gateway_http_request_duration_seconds_count` by its labels."""
+    prefix = "gateway_http_request_duration_seconds_count"
+    counts = {}
+    for line in metrics.splitlines():
+        if line.startswith(prefix + "{"):
+            labels, value = line.removeprefix(prefix).split(" ")
+            counts[labels] = float(value)
+    return counts
+
+
+async def chunks(size: int) -> AsyncIterator[bytes]:
+    """A body sent without a Content-Length, in 4 KiB parts."""
+    for _ in range(size // 4096 + 1):
+        yield b"x" * 4096
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "options", "status", "route"),
+    [
+        ("GET", "/nowhere", {}, 404, "unmatched"),
+        ("GET", "/api/users/1", {"headers": {}}, 401, "unmatched"),
+        ("PUT", "/api/users", {}, 405, "/api/users"),
+        ("OPTIONS", "/api/users", {}, 405, "/api/users"),
+        ("HEAD", "/api/users/1", {}, 405, "/api/users/{user_id}"),
+        ("POST", "/api/users", {"content": b"x" * 70_000, "headers": JSON_KEYED}, 413, "unmatched"),
+        ("POST", "/api/users", {"content": "chunked", "headers": JSON_KEYED}, 413, "/api/users"),
+        ("GET", "/docs", {}, 200, "/docs"),
+        ("GET", "/dashboard", {}, 200, "/dashboard"),
+    ],
+)
+async def test_every_answer_has_the_request_id_a_json_error_and_is_counted_once(
+    start_app: StartApp,
+    freelancer: FakeFreelancer,
+    method: str,
+    path: str,
+    options: dict[str, Any],
+    status: int,
+    route: str,
+) -> None:
+    running = await start_app(api_keys=KEYS, max_body_bytes=64 * 1024)
+    client = running.client
+    before = request_counts((await client.get("/metrics")).text)
+    headers = {"x-request-id": "edge-1", **options.get("headers", KEYED)}
+    content = options.get("content")
+    if content == "chunked":
+        content = chunks(70_000)
+    answer = await client.request(method, path, headers=headers, content=content)
+    after = request_counts((await client.get("/metrics")).text)
+    assert answer.status_code == status, answer.text
+    assert answer.headers["x-request-id"] == "edge-1"
+    if status >= 400 and method != "HEAD":
+        assert answer.headers["content-type"] == "application/json"
+        assert answer.json()["error"]
+    scrape = '{method="GET",route="/metrics",status="200"}'
+    changed = {
+        labels: count - before.get(labels, 0)
+        for labels, count in after.items()
+        if count != before.get(labels, 0) and labels != scrape
+    }
+    assert changed == {f'{{method="{method}",route="{route}",status="{status}"}}': 1.0}
