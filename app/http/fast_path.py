@@ -55,10 +55,10 @@ class FastLookup:
         send: Send,
         client: Client,
         content_type: bytes | None,
-        request_id: bytes,
     ) -> Receive | None:
-        """Answer the lookup (None: a 200 was sent, with `request_id`), or the `receive`
-        to hand FastAPI: the body replayed.
+        """Answer the lookup (None: a 200 was sent), or the `receive` to hand FastAPI:
+        the body replayed. `send` is the middleware's, which adds the request id and
+        notes what was sent (an error after the 200 started is then not answered again).
 
         Called only for a POST to PATH with a declared Content-Length, after the
         middleware's checks. GatewayErrors raised here (429, 503) are answered by the
@@ -86,13 +86,9 @@ class FastLookup:
         if not isinstance(result, LookupResult):
             result = await finish_lookup(limits, client, gateway, result)
         answer = result.to_json()
-        # The route's `Response(media_type=...)` headers in its order, then the request id
-        # as the middleware adds it to every answer.
-        headers = [
-            (b"content-length", b"%d" % len(answer)),
-            (b"content-type", _JSON),
-            (b"x-request-id", request_id),
-        ]
+        # The route's `Response(media_type=...)` headers in its order (the middleware's
+        # `send` adds the request id after them, as to every answer).
+        headers = [(b"content-length", b"%d" % len(answer)), (b"content-type", _JSON)]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": answer})
         return None

@@ -21,6 +21,7 @@ from functools import partial
 from secrets import token_hex
 
 from fastapi import FastAPI
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.errors import GatewayError, PayloadTooLarge
@@ -116,17 +117,27 @@ class GatewayMiddleware:
         rid = rid or b"%s%x" % (_ID_PREFIX, next(_ids))
         token = request_id.set(rid.decode())
         status = 0  # until the response starts
+        complete = False  # until its last body message is sent
         client: Client | None = None
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status
+            nonlocal status, complete
             if message["type"] == "http.response.start":
                 status = message["status"]
                 message["headers"] = [*message.get("headers", ()), (b"x-request-id", rid)]
-            await send(message)
+                await send(message)
+            else:
+                await send(message)  # complete only once the server took the last part
+                if message["type"] == "http.response.body" and not message.get("more_body"):
+                    complete = True
 
         try:
             path: str = scope["path"]
+            root: str = scope.get("root_path", "")
+            if root and path.startswith(root) and path[len(root) : len(root) + 1] in ("/", ""):
+                # A server with a root path (`--root-path`) sends it in the path too, as
+                # ASGI says; the router matches without it, and so is every path judged here.
+                path = path[len(root) :] or "/"
             limit = self.large_bodies.get(path, self.max_bytes)
             if length is not None and (not length.isdigit() or int(length) > limit):
                 raise _too_large(limit)
@@ -162,9 +173,8 @@ class GatewayMiddleware:
                     and not scope.get("root_path")
                 ):
                     # The hot lookup, answered here when memory holds it (`app.http.fast_path`).
-                    forward = await fast.serve(scope, receive, send, client, content_type, rid)
+                    forward = await fast.serve(scope, receive, send_with_id, client, content_type)
                     if forward is None:
-                        status = 200
                         return
                     receive = forward
             # The server holds a body with a Content-Length to it: only others are counted.
@@ -173,8 +183,14 @@ class GatewayMiddleware:
             if status:
                 raise
             await error_response(exc)(scope, receive, send_with_id)
-        except Exception:
-            if status:  # the app answered (FastAPI's error layer logged it): the server's turn
+        except Exception as exc:
+            if status:
+                # FastAPI's error layer logged it (with the request id) and answered, then
+                # raised it again for the server, which would log it a second time. Only
+                # an answer cut short (the server must close the connection) and a client
+                # that left are the server's to see.
+                if complete and not isinstance(exc, ClientDisconnect):
+                    return
                 raise
             # Raised here or in the fast path, outside FastAPI's error layer.
             log.exception("unexpected error serving %s %s", scope["method"], scope["path"])
