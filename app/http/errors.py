@@ -15,11 +15,17 @@ import orjson
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.routing import BaseRoute, Match
 
 from app.errors import GatewayError
 
 log = logging.getLogger("app")
+
+CLIENT_CLOSED = 499
+"""The status of a request whose client left before it was read whole (nginx's 499): no
+answer can reach it, and it is no error of the gateway's, so it is neither logged as one
+nor counted as a 500 in the metrics an operator alerts on."""
 
 HTTP_ERROR_CODES = {
     404: "not_found",
@@ -96,6 +102,9 @@ def install_error_handlers(app: FastAPI) -> None:
             headers["Allow"] = ", ".join(_allowed_methods(request))
         return _json_error(exc.status_code, body, headers=headers)
 
+    async def client_left(request: Request, exc: Exception) -> Response:
+        return Response(status_code=CLIENT_CLOSED)
+
     async def unexpected_error(request: Request, exc: Exception) -> Response:
         log.exception("unexpected error serving %s %s", request.method, request.url.path)
         return internal_error_response()
@@ -103,6 +112,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(GatewayError, gateway_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(ClientDisconnect, client_left)
     app.add_exception_handler(Exception, unexpected_error)
 
 
