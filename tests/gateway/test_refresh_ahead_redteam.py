@@ -159,20 +159,9 @@ async def test_with_one_upstream_slot_refresh_ahead_never_holds_a_miss_behind_it
     must leave the slot to clients (before the fix it took it: `max(1, 1 - 1)` batches)."""
     clock = FakeClock()
     running = await start(start_app, clock, upstream_concurrency=1)
-    gateway = running.gateway
-    for _ in range(3):
-        await running.lookup(7)
-    clock.advance(TTL * 0.85)
-    freelancer.gate = asyncio.Event()  # Freelancer holds every answer from here on
-    await gateway.refresh_ahead.tick()
-    await asyncio.sleep(0.05)  # a refresh-ahead call, if queued, reaches Freelancer
-    miss = asyncio.create_task(running.lookup(8))
-    try:
-        await until(lambda: 8 in freelancer.lookups, within_s=2)
-    finally:
-        freelancer.gate.set()
-        body = await miss
-    assert body["users"][0]["source"] == "fetched"
+    await popular_and_due(running, clock)
+    gate = freelancer.gate = asyncio.Event()  # Freelancer holds every answer from here on
+    await refresh_ahead_then_a_miss(running, freelancer, gate)
     assert freelancer.calls[1] == [8], "the miss went first"
 
 
@@ -186,20 +175,33 @@ async def test_refresh_ahead_leaves_a_slot_free_while_a_job_holds_the_others(
     clock = FakeClock()
     running = await start(start_app, clock, upstream_concurrency=2)
     gateway = running.gateway
+    await popular_and_due(running, clock)
+    gate = freelancer.gate = asyncio.Event()
+    gateway.enlist([500], {})  # a crawl job's id: its call reaches Freelancer and waits
+    await until(lambda: [500] in freelancer.calls)
+    await refresh_ahead_then_a_miss(running, freelancer, gate)
+    assert freelancer.calls[2] == [8], "the miss took the free slot"
+    assert await gateway.wait_idle(5)
+
+
+async def popular_and_due(running: Running, clock: FakeClock) -> None:
+    """User 7 asked for 3 times (popular), then its copy past REFRESH_AHEAD_AT of the TTL."""
     for _ in range(3):
         await running.lookup(7)
     clock.advance(TTL * 0.85)
-    freelancer.gate = asyncio.Event()
-    gateway.enlist([500], {})  # a crawl job's id: its call reaches Freelancer and waits
-    await until(lambda: [500] in freelancer.calls)
-    await gateway.refresh_ahead.tick()
+
+
+async def refresh_ahead_then_a_miss(
+    running: Running, freelancer: FakeFreelancer, gate: asyncio.Event
+) -> None:
+    """Refresh-ahead looks while Freelancer holds its answers (`gate`); then a
+    client's miss (id 8) must reach Freelancer and be answered by its own fetch."""
+    await running.gateway.refresh_ahead.tick()
     await asyncio.sleep(0.05)  # a refresh-ahead call, if queued, reaches Freelancer
     miss = asyncio.create_task(running.lookup(8))
     try:
         await until(lambda: 8 in freelancer.lookups, within_s=2)
     finally:
-        freelancer.gate.set()
+        gate.set()
         body = await miss
     assert body["users"][0]["source"] == "fetched"
-    assert freelancer.calls[2] == [8], "the miss took the free slot"
-    assert await gateway.wait_idle(5)
