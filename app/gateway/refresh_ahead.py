@@ -11,6 +11,8 @@ reserve and the pace kept), 100 ids to a call, and never more batches than leave
 free for a client. As Caffeine's refreshAfterWrite, a popular user is refreshed while its
 copy is still served fresh; unlike it, nothing is refreshed on a read, so a read never
 pays for it. `coverage()` says how many of the popular set are fresh (`GET /` shows it).
+Before an id is queued on memory's word, the store is asked too: another process may have
+refreshed it, and its announcement may never have come.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import TYPE_CHECKING
 
 from app.errors import StoreUnavailable
 from app.gateway.batching import PRIORITY_REFRESH, PRIORITY_SWEEP
-from app.gateway.cache import record_of
+from app.gateway.cache import cache_entry, record_of
 from app.gateway.popularity import LocalShare, Popularity, PopularityShare
 
 if TYPE_CHECKING:
@@ -105,6 +107,8 @@ class RefreshAhead:
         inflight = gateway.inflight
         fresh_after, due_before = now - self.ttl_s, now - self.due_after_s
         due = [u for u in ranked if u in copies and copies[u] <= due_before and u not in inflight]
+        if due:
+            due = await self._not_refreshed_elsewhere(due, copies, due_before)
         queued = self._enlist(due, now) if due else 0
         self.coverage = Coverage(
             popular=len(copies),
@@ -150,6 +154,31 @@ class RefreshAhead:
             self._stored = await self.gateway.writes.read(absent)
             copies.update((u, r.fetched_at) for u, r in self._stored.items())
         return copies
+
+    async def _not_refreshed_elsewhere(
+        self, due: list[int], copies: dict[int, float], due_before: float
+    ) -> list[int]:
+        """`due` less the ids judged by memory whose stored copy is newer and not due:
+        another process refreshed them and this one missed its announcement (the link to
+        Redis was down, or this process led only since). Memory takes those copies, and
+        `copies` says when they were fetched."""
+        judged_by_memory = [u for u in due if u not in self._stored]
+        if not judged_by_memory:
+            return due
+        gateway = self.gateway
+        try:
+            stored = await gateway.writes.read(judged_by_memory)
+        except StoreUnavailable as exc:
+            # Memory still serves: its popular users are refreshed rather than left to
+            # turn stale for want of a second opinion.
+            log.warning("refresh-ahead judges by memory alone: %s", exc)
+            return due
+        now = gateway.clock()
+        for uid, record in stored.items():
+            if record.fetched_at > copies[uid]:
+                copies[uid] = record.fetched_at
+                gateway.memory.learn(uid, cache_entry(record), now, hold=False)
+        return [u for u in due if copies[u] <= due_before]
 
     def _record(self, uid: int) -> UserRecord | None:
         """The copy being refreshed (its `created_at` is kept)."""

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from collections.abc import Sequence
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from app.domain import UserRecord
+from app.errors import StoreUnavailable
 from app.gateway.popularity import Popularity
 from tests.support.apps import Running, StartApp, until
 from tests.support.clock import FakeClock
@@ -205,3 +208,49 @@ async def refresh_ahead_then_a_miss(
         gate.set()
         body = await miss
     assert body["users"][0]["source"] == "fetched"
+
+
+# ---- a leader that missed another process's refresh -----------------------------------
+
+
+async def test_a_leader_that_missed_a_refresh_elsewhere_does_not_fetch_it_again(
+    start_app: StartApp, freelancer: FakeFreelancer
+) -> None:
+    """User 7 is popular and due in this process's memory, but another process (the leader
+    before this one) refreshed it and saved the copy; its announcement never arrived here
+    (lost while the link was down). The leader must see the store's newer copy and spend
+    no call on it (before the fix it judged by memory alone and fetched 7 again), and it
+    then serves that copy."""
+    clock = FakeClock()
+    running = await start(start_app, clock)
+    gateway = running.gateway
+    await popular_and_due(running, clock)
+    calls = len(freelancer.calls)
+    newer = UserRecord(7, "renamed7", "Renamed", created_at=clock() - TTL, fetched_at=clock())
+    await gateway.writes.store.upsert_many([newer])  # the other process's save
+    assert await gateway.refresh_ahead.tick() == 0
+    await asyncio.sleep(0.05)  # a refresh, if queued, reaches Freelancer
+    assert len(freelancer.calls) == calls, "no call for a copy refreshed elsewhere"
+    assert gateway.refresh_ahead.coverage.covered == 1
+    clock.advance(TTL * 0.5)  # past the old copy's TTL, well within the new one's
+    user = (await running.lookup(7))["users"][0]
+    assert (user["username"], user["source"]) == ("renamed7", "cache")
+    assert len(freelancer.calls) == calls
+
+
+async def test_with_the_store_down_memory_alone_decides_what_is_refreshed_ahead(
+    start_app: StartApp, freelancer: FakeFreelancer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store cannot say whether 7 was refreshed elsewhere: memory still serves it, so
+    it is refreshed ahead on memory's word rather than left to turn stale."""
+    clock = FakeClock()
+    running = await start(start_app, clock)
+    gateway = running.gateway
+    await popular_and_due(running, clock)
+
+    async def down(user_ids: Sequence[int]) -> dict[int, UserRecord]:
+        raise StoreUnavailable("the store is down (test)")
+
+    monkeypatch.setattr(gateway.writes.store, "get_many", down)
+    assert await gateway.refresh_ahead.tick() == 1
+    await until(lambda: [7] in freelancer.calls)
