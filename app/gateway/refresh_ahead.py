@@ -160,8 +160,9 @@ class RefreshAhead:
     ) -> list[int]:
         """`due` less the ids judged by memory whose stored copy is newer and not due:
         another process refreshed them and this one missed its announcement (the link to
-        Redis was down, or this process led only since). Memory takes those copies, and
-        `copies` says when they were fetched."""
+        Redis was down, or this process led only since), or a client's fetch refreshed
+        while the store answered. Memory takes the stored copies, and `copies` says when
+        the newest of each was fetched."""
         judged_by_memory = [u for u in due if u not in self._stored]
         if not judged_by_memory:
             return due
@@ -178,6 +179,11 @@ class RefreshAhead:
             if record.fetched_at > copies[uid]:
                 copies[uid] = record.fetched_at
                 gateway.memory.learn(uid, cache_entry(record), now, hold=False)
+        users = gateway.memory.users
+        for uid in judged_by_memory:  # a client's fetch may have landed while the store read
+            entry = users.recent.get(uid) or users.older.get(uid)
+            if entry is not None and entry[1] > copies[uid]:
+                copies[uid] = entry[1]
         return [u for u in due if copies[u] <= due_before]
 
     def _record(self, uid: int) -> UserRecord | None:

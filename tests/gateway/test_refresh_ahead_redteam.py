@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from app.domain import UserRecord
 from app.errors import StoreUnavailable
+from app.gateway.cache import cache_entry
 from app.gateway.popularity import Popularity
 from tests.support.apps import Running, StartApp, until
 from tests.support.clock import FakeClock
@@ -254,3 +255,27 @@ async def test_with_the_store_down_memory_alone_decides_what_is_refreshed_ahead(
     monkeypatch.setattr(gateway.writes.store, "get_many", down)
     assert await gateway.refresh_ahead.tick() == 1
     await until(lambda: [7] in freelancer.calls)
+
+
+async def test_a_user_fetched_while_the_store_answers_is_not_refreshed_again(
+    start_app: StartApp, freelancer: FakeFreelancer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While refresh-ahead waits for the store's word on 7, a client's fetch of 7 lands in
+    memory: refresh-ahead must see that copy and spend no call on it."""
+    clock = FakeClock()
+    running = await start(start_app, clock)
+    gateway = running.gateway
+    await popular_and_due(running, clock)
+    calls = len(freelancer.calls)
+    read = gateway.writes.store.get_many
+
+    async def read_while_7_is_fetched(user_ids: Sequence[int]) -> dict[int, UserRecord]:
+        stored = await read(user_ids)
+        fresh = UserRecord(7, "fetched7", "Fetched", created_at=clock() - TTL, fetched_at=clock())
+        gateway.memory.learn(7, cache_entry(fresh), clock())  # as a client's fetch would
+        return stored
+
+    monkeypatch.setattr(gateway.writes.store, "get_many", read_while_7_is_fetched)
+    assert await gateway.refresh_ahead.tick() == 0
+    await asyncio.sleep(0.05)
+    assert len(freelancer.calls) == calls
