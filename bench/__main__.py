@@ -197,17 +197,22 @@ def hot(gateway: Process, sim: Process, max_id: int, work: Path) -> dict[str, An
     body_file.write_bytes(same_size_body(gateway, script))
     base = baseline_process(work, body_file)
     bare = baseline_process(work, body_file, bare=True)
+    lookup_floor = baseline_process(work, body_file, users=work / "data" / "users.db")
     secured = gateway_process(work, sim, API_KEYS=f"bench:{BENCH_KEY}:read", LOG_FORMAT="json")
     base.start("/")
     bare.start("/")
+    lookup_floor.start("/")
     secured.start()
     try:
         warm_from_store(secured, max_id)
+        if same_size_body(lookup_floor, script) != body_file.read_bytes():
+            raise RuntimeError("the lookup floor must answer as the gateway does, byte for byte")
         servers = {
             "gateway": (gateway, script),
             "secured": (secured, keyed_script),
             "fixed": (base, script),
             "bare": (bare, script),
+            "lookup floor": (lookup_floor, script),
         }
         for server, lua in servers.values():  # warm the connections and the code
             run_wrk(f"{server.url}/api/users", lua, 2)
@@ -222,10 +227,12 @@ def hot(gateway: Process, sim: Process, max_id: int, work: Path) -> dict[str, An
     finally:
         base.stop()
         bare.stop()
+        lookup_floor.stop()
         secured.stop()
     result = median_run(runs["gateway"])
     fixed = median_run(runs["fixed"])
     floor = median_run(runs["bare"])
+    least = median_run(runs["lookup floor"])
     keyed = median_run(runs["secured"])
     watched = median_run(runs["watched"])
     ratio = result["rps"] / fixed["rps"]
@@ -246,6 +253,9 @@ def hot(gateway: Process, sim: Process, max_id: int, work: Path) -> dict[str, An
         vs_fixed_body=ratio,
         bare_asgi=floor,
         vs_bare_asgi=bare_ratio,
+        lookup_floor=least,
+        lookup_floor_runs_rps=[round(r["rps"]) for r in runs["lookup floor"]],
+        lookup_floor_vs_bare_asgi=least["rps"] / floor["rps"],
         security_cost=security_cost,
     )
     errors = [r for rs in runs.values() for r in rs if r["non_2xx"] or r["socket_errors"]]
@@ -310,17 +320,23 @@ def same_size_body(gateway: Process, script: Path) -> bytes:
     return response.content
 
 
-def baseline_process(work: Path, body_file: Path, *, bare: bool = False) -> Process:
-    """A bare FastAPI route (or, `bare`, a bare ASGI callable) answering `body_file`,
-    served with the gateway's uvicorn flags."""
+def baseline_process(
+    work: Path, body_file: Path, *, bare: bool = False, users: Path | None = None
+) -> Process:
+    """A bare FastAPI route (or, `bare`, a bare ASGI callable) answering `body_file`, or
+    (`users`) the lookup floor over that SQLite file, served with the gateway's uvicorn
+    flags (see bench/baseline.py)."""
     port = free_port()
     args = [sys.executable, "-m", "bench.baseline", "--port", str(port), "--body", str(body_file)]
-    return Process(
-        [*args, "--bare"] if bare else args,
-        port,
-        work / ("bare.log" if bare else "base.log"),
-        cwd=HERE.parent,
-    )
+    if users is not None:
+        args += ["--users", str(users)]
+        name = "floor"
+    elif bare:
+        args.append("--bare")
+        name = "bare"
+    else:
+        name = "base"
+    return Process(args, port, work / f"{name}.log", cwd=HERE.parent)
 
 
 def scale_out(work: Path, sim: Process, max_id: int) -> dict[str, Any]:
@@ -448,6 +464,7 @@ def main() -> int:
     workloads["hot, with key + request ids + JSON logs"] = hot_result.pop("secured")
     workloads["fixed-body FastAPI"] = hot_result.pop("fixed_body")
     workloads["bare ASGI callable"] = hot_result.pop("bare_asgi")
+    workloads["lookup floor (bench/baseline.py)"] = hot_result.pop("lookup_floor")
     workloads.update(jobs.run(args.job_seconds))
     results = {
         "machine": machine(),
@@ -486,7 +503,11 @@ def hot_summary(hot_result: dict[str, Any], workloads: dict[str, Any]) -> str:
         f"callable: {hot_result['vs_bare_asgi']:.0%} (medians of {HOT_ROUNDS} alternating "
         f"{HOT_RUN_S} s runs: {hot_result['rps']:.0f} of {hot_result['runs_rps']} vs "
         f"{workloads['fixed-body FastAPI']['rps']:.0f} of {hot_result['fixed_runs_rps']} vs "
-        f"{workloads['bare ASGI callable']['rps']:.0f} of {hot_result['bare_runs_rps']})"
+        f"{workloads['bare ASGI callable']['rps']:.0f} of {hot_result['bare_runs_rps']}); "
+        f"the lookup floor (parse, look up, join; nothing else) / bare ASGI callable: "
+        f"{hot_result['lookup_floor_vs_bare_asgi']:.0%} "
+        f"({hot_result['lookup_floor_runs_rps']}), the gateway / the lookup floor: "
+        f"{hot_result['rps'] / workloads['lookup floor (bench/baseline.py)']['rps']:.0%}"
     )
 
 
@@ -496,6 +517,7 @@ def report_hot_only(workloads: dict[str, Any]) -> int:
     workloads["hot, with key + request ids + JSON logs"] = hot_result.pop("secured")
     workloads["fixed-body FastAPI"] = hot_result.pop("fixed_body")
     workloads["bare ASGI callable"] = hot_result.pop("bare_asgi")
+    workloads["lookup floor (bench/baseline.py)"] = hot_result.pop("lookup_floor")
     print(f"machine: {machine()}")
     print(table({"workloads": workloads}))
     print(hot_summary(hot_result, workloads))
