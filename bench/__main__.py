@@ -28,6 +28,7 @@ from typing import Any
 import httpx
 
 from bench import jobs, middleware
+from bench.baseline import baseline_process
 from bench.measure import (
     HERE,
     HOT_BATCH,
@@ -49,7 +50,6 @@ from bench.store_path import summary as store_summary_line
 from tests.support.procs import (
     Process,
     RedisServer,
-    free_port,
     gateway_process,
     sim_configure,
     sim_stats,
@@ -197,7 +197,7 @@ def hot(gateway: Process, sim: Process, max_id: int, work: Path) -> dict[str, An
     body_file.write_bytes(same_size_body(gateway, script))
     base = baseline_process(work, body_file)
     bare = baseline_process(work, body_file, bare=True)
-    lookup_floor = baseline_process(work, body_file, users=work / "data" / "users.db")
+    lookup_floor = baseline_process(work, users=work / "data" / "users.db")
     secured = gateway_process(work, sim, API_KEYS=f"bench:{BENCH_KEY}:read", LOG_FORMAT="json")
     base.start("/")
     bare.start("/")
@@ -318,25 +318,6 @@ def same_size_body(gateway: Process, script: Path) -> bytes:
     )
     response.raise_for_status()
     return response.content
-
-
-def baseline_process(
-    work: Path, body_file: Path, *, bare: bool = False, users: Path | None = None
-) -> Process:
-    """A bare FastAPI route (or, `bare`, a bare ASGI callable) answering `body_file`, or
-    (`users`) the lookup floor over that SQLite file, served with the gateway's uvicorn
-    flags (see bench/baseline.py)."""
-    port = free_port()
-    args = [sys.executable, "-m", "bench.baseline", "--port", str(port), "--body", str(body_file)]
-    if users is not None:
-        args += ["--users", str(users)]
-        name = "floor"
-    elif bare:
-        args.append("--bare")
-        name = "bare"
-    else:
-        name = "base"
-    return Process(args, port, work / f"{name}.log", cwd=HERE.parent)
 
 
 def scale_out(work: Path, sim: Process, max_id: int) -> dict[str, Any]:

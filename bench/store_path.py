@@ -6,7 +6,9 @@ out, so every id is a store hit). The memory side is the bench's main gateway, w
 them in its 100 000-user LRU; the store side is a second gateway on the same SQLite file
 whose LRU is capped at its minimum (MEMORY_CACHE_SIZE=1000, 5 % of the users), so nearly
 every batch reads its ids from the store. Same wrk method as the hot workload: alternating
-runs, each side's median run, and the ratio of the medians.
+runs, each side's median run, and the ratio of the medians. Beside them, the store floor
+(bench/baseline.py): each batch read by one query and joined, with none of the gateway's
+duties, for what a store hit can cost at least.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 
 import httpx
 
+from bench.baseline import baseline_process
 from bench.measure import (
     BYTES_PER_USER_TARGET,
     HOT_BATCH,
@@ -84,9 +87,11 @@ def store_path(memory: Process, sim: Process, max_id: int, work: Path) -> dict[s
     script = work / "store.lua"
     store_script(script, ids)
     store = gateway_process(work, sim, MEMORY_CACHE_SIZE=str(STORE_MEMORY_CACHE))
+    floor = baseline_process(work, users=work / "data" / "users.db", from_store=True)
     store.start()
+    floor.start("/")
     try:
-        servers = {"memory": memory, "store": store}
+        servers = {"memory": memory, "store": store, "store floor": floor}
         for server in servers.values():  # warm the connections and the code
             run_wrk(f"{server.url}/api/users", script, 2)
         before = sim_stats(sim)["calls"]
@@ -99,7 +104,9 @@ def store_path(memory: Process, sim: Process, max_id: int, work: Path) -> dict[s
         misses = metric(store, "gateway_cache_misses_total") - misses
     finally:
         store.stop()
+        floor.stop()
     from_memory, from_store = median_run(runs["memory"]), median_run(runs["store"])
+    from_floor = median_run(runs["store floor"])
     ratio = from_store["rps"] / from_memory["rps"]
     cpu = {
         name: sorted(r["cpu_us_per_request"] for r in rs)[len(rs) // 2] for name, rs in runs.items()
@@ -113,6 +120,10 @@ def store_path(memory: Process, sim: Process, max_id: int, work: Path) -> dict[s
         vs_memory=ratio,
         runs_rps=[round(r["rps"]) for r in runs["store"]],
         memory_runs_rps=[round(r["rps"]) for r in runs["memory"]],
+        floor_runs_rps=[round(r["rps"]) for r in runs["store floor"]],
+        floor_vs_memory=from_floor["rps"] / from_memory["rps"],
+        vs_floor=from_store["rps"] / from_floor["rps"],
+        floor_cpu_us_per_request=cpu["store floor"],
         connections=HOT_CONNECTIONS,
         cpu_us_per_request=cpu["store"],
         memory_cpu_us_per_request=cpu["memory"],
@@ -186,7 +197,10 @@ def summary(result: dict[str, Any]) -> str:
         f"p50/p99 {result['p50_ms']:.1f}/{result['p99_ms']:.1f} ms vs "
         f"{memory['p50_ms']:.1f}/{memory['p99_ms']:.1f} ms); CPU per request "
         f"{result['cpu_us_per_request']:.0f} vs {result['memory_cpu_us_per_request']:.0f} us "
-        f"({result['cpu_ratio']:.0%})"
+        f"({result['cpu_ratio']:.0%}); the store floor (one query, parse, join; nothing "
+        f"else) / memory path: {result['floor_vs_memory']:.0%} ({result['floor_runs_rps']}, "
+        f"CPU {result['floor_cpu_us_per_request']:.0f} us), the store path / the store floor: "
+        f"{result['vs_floor']:.0%}"
     )
 
 
