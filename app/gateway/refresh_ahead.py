@@ -74,6 +74,8 @@ class RefreshAhead:
         """The popular set as last seen: the deployment's on the leader, else this process's."""
         self.coverage = Coverage()
         self._stored: dict[int, UserRecord] = {}
+        """Copies this look judged ids by but memory may not hold: the store's (ids
+        absent from memory), and memory's as they were before the store check."""
 
     async def run(self) -> None:
         """Look every `tick_s` until cancelled; a failed look is logged and tried again."""
@@ -177,6 +179,11 @@ class RefreshAhead:
         # Once a read of this look failed the store is down for it: a second read would
         # hold the look another STORE_TIMEOUT_S for the same answer.
         if judged_by_memory and store_up:
+            users = gateway.memory.users
+            for uid in judged_by_memory:  # their copies' created_at, if memory drops one
+                entry = users.recent.get(uid) or users.older.get(uid)
+                if entry is not None:
+                    self._stored[uid] = record_of(entry)
             try:
                 stored = await gateway.writes.read(judged_by_memory)
             except StoreUnavailable as exc:
@@ -199,4 +206,5 @@ class RefreshAhead:
         """The copy being refreshed (its `created_at` is kept)."""
         users = self.gateway.memory.users
         entry = users.recent.get(uid) or users.older.get(uid)
+        # Else the copy the look judged it by: the store's, or memory's before the read.
         return record_of(entry) if entry is not None else self._stored.get(uid)

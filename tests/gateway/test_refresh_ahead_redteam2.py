@@ -187,3 +187,36 @@ async def test_coverage_does_not_count_a_copy_that_turned_stale_while_the_store_
     assert (coverage.popular, coverage.covered) == (1, 0)
     freelancer.gate.set()
     assert await gateway.wait_idle(5)
+
+
+async def test_a_user_pushed_out_of_memory_during_the_read_keeps_its_created_at(
+    start_app: StartApp, freelancer: FakeFreelancer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """7 is due in memory; while the store confirms it, clients' new users push 7 out of a
+    full memory. The refresh still goes (7 is popular, its copy due), but it must keep
+    7's `created_at` (the stored copy has it): before the fix it was refreshed with no
+    previous copy, and clients were then answered a `created_at` of the refresh's time
+    (the store kept the first: the two disagreed)."""
+    clock = FakeClock()
+    running = await start(start_app, clock, memory_cache_size=1000, key_misses_per_min=2000)
+    gateway = running.gateway
+    await popular(running, 7)
+    created = (await running.lookup(7))["users"][0]["created_at"]
+    clock.advance(TTL * 0.85)
+    read = gateway.writes.store.get_many
+
+    async def read_while_7_is_pushed_out(ids: Sequence[int]) -> dict[int, UserRecord]:
+        stored = await read(ids)
+        if ids == [7]:
+            for first in range(1000, 2100, 100):  # new users, fetched: each held; 7 drops
+                await running.lookup(*range(first, first + 100))
+            assert 7 not in gateway.memory.users
+        return stored
+
+    monkeypatch.setattr(gateway.writes.store, "get_many", read_while_7_is_pushed_out)
+    assert await gateway.refresh_ahead.tick() == 1
+    assert await gateway.wait_idle(5)
+    assert freelancer.lookups[7] == 2, "refreshed ahead once"
+    clock.advance(TTL * 0.5)  # the first copy is stale by now; the refreshed one is fresh
+    user = (await running.lookup(7))["users"][0]
+    assert (user["source"], user["created_at"]) == ("cache", created)
