@@ -74,6 +74,8 @@ class RefreshAhead:
         """The popular set as last seen: the deployment's on the leader, else this process's."""
         self.coverage = Coverage()
         self._stored: dict[int, UserRecord] = {}
+        """Copies this look judged ids by but memory may not hold: the store's (ids
+        absent from memory), and memory's as they were before the store check."""
 
     async def run(self) -> None:
         """Look every `tick_s` until cancelled; a failed look is logged and tried again."""
@@ -102,14 +104,17 @@ class RefreshAhead:
             return 0
         ranked = sorted(merged, key=merged.__getitem__, reverse=True)[:SHARE_TOP]
         self.popular = frozenset(ranked)
-        copies = await self._copies(ranked)
+        copies, store_up = await self._copies(ranked)
         now = gateway.clock()
         inflight = gateway.inflight
-        fresh_after, due_before = now - self.ttl_s, now - self.due_after_s
+        due_before = now - self.due_after_s
         due = [u for u in ranked if u in copies and copies[u] <= due_before and u not in inflight]
         if due:
-            due = await self._not_refreshed_elsewhere(due, copies, due_before)
+            due = await self._not_refreshed_elsewhere(due, copies, due_before, store_up)
         queued = self._enlist(due, now) if due else 0
+        # Freshness as of now, after the store's reads: a copy that passed its TTL while
+        # they took is served stale, not covered.
+        fresh_after = gateway.clock() - self.ttl_s
         self.coverage = Coverage(
             popular=len(copies),
             covered=sum(1 for at in copies.values() if at > fresh_after),
@@ -136,9 +141,10 @@ class RefreshAhead:
                 queued += 1
         return queued
 
-    async def _copies(self, ids: list[int]) -> dict[int, float]:
+    async def _copies(self, ids: list[int]) -> tuple[dict[int, float], bool]:
         """When each id's copy was fetched: memory's (without marking it used), else the
-        store's. Ids with neither (never found, or evicted) are left out."""
+        store's. Ids with neither (never found, or evicted) are left out. With the store
+        down (False), memory's copies alone: its popular users are still refreshed."""
         users = self.gateway.memory.users
         recent, older = users.recent, users.older
         copies: dict[int, float] = {}
@@ -151,36 +157,46 @@ class RefreshAhead:
             else:
                 copies[uid] = entry[1]
         if absent:
-            self._stored = await self.gateway.writes.read(absent)
+            try:
+                self._stored = await self.gateway.writes.read(absent)
+            except StoreUnavailable as exc:
+                log.warning("refresh-ahead judges by memory alone: %s", exc)
+                return copies, False
             copies.update((u, r.fetched_at) for u, r in self._stored.items())
-        return copies
+        return copies, True
 
     async def _not_refreshed_elsewhere(
-        self, due: list[int], copies: dict[int, float], due_before: float
+        self, due: list[int], copies: dict[int, float], due_before: float, store_up: bool
     ) -> list[int]:
-        """`due` less the ids judged by memory whose stored copy is newer and not due:
-        another process refreshed them and this one missed its announcement (the link to
-        Redis was down, or this process led only since), or a client's fetch refreshed
-        while the store answered. Memory takes the stored copies, and `copies` says when
-        the newest of each was fetched."""
-        judged_by_memory = [u for u in due if u not in self._stored]
-        if not judged_by_memory:
-            return due
+        """`due` less the ids whose copy is newer and not due: for ids judged by memory, a
+        stored copy another process saved while this one missed its announcement (the
+        link to Redis was down, or this process led only since); for every id, a client's
+        fetch that landed in memory while the store answered (either read). Memory takes
+        the stored copies, and `copies` says when the newest of each was fetched."""
         gateway = self.gateway
-        try:
-            stored = await gateway.writes.read(judged_by_memory)
-        except StoreUnavailable as exc:
-            # Memory still serves: its popular users are refreshed rather than left to
-            # turn stale for want of a second opinion.
-            log.warning("refresh-ahead judges by memory alone: %s", exc)
-            return due
+        judged_by_memory = [u for u in due if u not in self._stored]
+        stored: dict[int, UserRecord] = {}
+        # Once a read of this look failed the store is down for it: a second read would
+        # hold the look another STORE_TIMEOUT_S for the same answer.
+        if judged_by_memory and store_up:
+            users = gateway.memory.users
+            for uid in judged_by_memory:  # their copies' created_at, if memory drops one
+                entry = users.recent.get(uid) or users.older.get(uid)
+                if entry is not None:
+                    self._stored[uid] = record_of(entry)
+            try:
+                stored = await gateway.writes.read(judged_by_memory)
+            except StoreUnavailable as exc:
+                # Memory still serves: its popular users are refreshed rather than left
+                # to turn stale for want of a second opinion.
+                log.warning("refresh-ahead judges by memory alone: %s", exc)
         now = gateway.clock()
         for uid, record in stored.items():
             if record.fetched_at > copies[uid]:
                 copies[uid] = record.fetched_at
                 gateway.memory.learn(uid, cache_entry(record), now, hold=False)
         users = gateway.memory.users
-        for uid in judged_by_memory:  # a client's fetch may have landed while the store read
+        for uid in due:  # memory as it is now, after the reads' awaits
             entry = users.recent.get(uid) or users.older.get(uid)
             if entry is not None and entry[1] > copies[uid]:
                 copies[uid] = entry[1]
@@ -190,4 +206,5 @@ class RefreshAhead:
         """The copy being refreshed (its `created_at` is kept)."""
         users = self.gateway.memory.users
         entry = users.recent.get(uid) or users.older.get(uid)
+        # Else the copy the look judged it by: the store's, or memory's before the read.
         return record_of(entry) if entry is not None else self._stored.get(uid)
