@@ -127,9 +127,9 @@ def stored_users(
     db: sqlite3.Connection, user_ids: list[int] | None
 ) -> list[tuple[int, CachedUser]]:
     """The users stored (those among `user_ids`; all of them for None), as memory holds them."""
-    where = "json IS NOT NULL"
+    where = "json IS NOT NULL"  # every row the bench's gateway saved has it
     if user_ids is not None:
-        where = f"user_id IN ({','.join('?' * len(user_ids))})"
+        where += f" AND user_id IN ({','.join('?' * len(user_ids))})"
     rows = db.execute(f"{SELECT_RENDERED} WHERE {where}", user_ids or ())
     return [(uid, (json[:-1], fetched)) for uid, fetched, json in rows]
 

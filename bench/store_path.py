@@ -92,6 +92,12 @@ def store_path(memory: Process, sim: Process, max_id: int, work: Path) -> dict[s
     floor.start("/")
     try:
         servers = {"memory": memory, "store": store, "store floor": floor}
+        with httpx.Client() as client:
+            answers = [
+                post_users(client, server.url, ids[:HOT_BATCH])[1] for server in servers.values()
+            ]
+        if not answers[0] == answers[1] == answers[2]:
+            raise RuntimeError("the store path and the store floor must answer as memory does")
         for server in servers.values():  # warm the connections and the code
             run_wrk(f"{server.url}/api/users", script, 2)
         before = sim_stats(sim)["calls"]
