@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from redis.asyncio import Redis
 
 from app.coordination.client import connect
 from app.coordination.popularity_sync import RedisPopularity
@@ -185,3 +186,33 @@ async def test_a_look_that_outlives_its_lead_does_not_refresh_what_the_new_leade
     await asyncio.wait_for(look, 10)
     assert await leader.wait_idle(5)
     assert fetches_of(upstream, 7, calls) == 1, "7 refreshed ahead once in the deployment"
+
+
+async def test_a_leader_whose_clock_runs_ahead_still_merges_the_others_counts(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two processes share their counts of 7 (2 each: 4 in the deployment, popular at 3).
+    The leader's clock runs 6 minutes ahead of the other's (an unsynchronised host). The
+    merge must still count the other process, whose snapshot is live in Redis (before the
+    fix the leader pruned the list of processes by its own clock, dropped the other and
+    saw 7 at 2: not popular, never refreshed ahead)."""
+    skew = {"s": 0.0}
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() + skew["s"])  # this process's clock
+    client = Redis.from_url(redis_server.url)
+    try:
+        behind = RedisPopularity(
+            client, prefix="t", process="behind", timeout_s=1.0, leads=lambda: False
+        )
+        ahead = RedisPopularity(
+            client, prefix="t", process="ahead", timeout_s=1.0, leads=lambda: True
+        )
+        assert await behind.merge({7: 2}, min_hits=3) == {}
+        skew["s"] = 360.0
+        assert await ahead.merge({7: 2}, min_hits=3) == {7: 4}
+        skew["s"] = 0.0
+        await behind.merge({7: 2}, min_hits=3)  # the next looks: still merged
+        skew["s"] = 360.0
+        assert await ahead.merge({7: 2}, min_hits=3) == {7: 4}
+    finally:
+        await client.aclose()
