@@ -11,14 +11,14 @@ its own counts (logged), never an error on a lookup.
 Keys (REDIS_PREFIX `p`; one hash tag, so ZUNIONSTORE works on Redis Cluster too):
 
     {p:pop}:of:<process>  one process's counts, PX SNAPSHOT_TTL_MS
-    {p:pop}:procs         processes that shared, scored by when (ms, their clock)
+    {p:pop}:procs         processes that shared, scored by when (ms, Redis' clock: a
+                          process whose clock runs ahead must not prune the others)
     {p:pop}:merged        the leader's sum, rewritten each look
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Mapping
 
 from redis.asyncio import Redis
@@ -30,6 +30,13 @@ log = logging.getLogger("app.coordination")
 
 SNAPSHOT_TTL_MS = 30_000
 """A snapshot not renewed for this long is some dead process's: left out of the sum."""
+LIST_MYSELF = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZADD', KEYS[1], now, ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[2]))
+"""
+"""List this process, and prune those silent for ARGV[2] ms, on Redis' clock (`TIME`)."""
 
 
 class RedisPopularity:
@@ -69,14 +76,15 @@ class RedisPopularity:
         return merged
 
     async def _share(self, mine: Mapping[int, int]) -> None:
-        now_ms = int(time.time() * 1000)
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.delete(self.mine_key)
             if mine:
                 pipe.zadd(self.mine_key, {str(u): c for u, c in mine.items()})
                 pipe.pexpire(self.mine_key, SNAPSHOT_TTL_MS)
-            pipe.zadd(self.procs_key, {self.process: now_ms})
-            pipe.zremrangebyscore(self.procs_key, "-inf", now_ms - 10 * SNAPSHOT_TTL_MS)
+            # Each process's own clock pruned the others' entries: one running minutes
+            # ahead dropped every other process from the sum (tests/gateway/
+            # test_refresh_ahead_redteam3.py).
+            pipe.eval(LIST_MYSELF, 1, self.procs_key, self.process, 10 * SNAPSHOT_TTL_MS)
             await pipe.execute()
 
     async def _merged(self, min_hits: int) -> dict[int, int]:

@@ -78,8 +78,18 @@ class FetchWorker:
 
     def _take(self, uid: int) -> bool:
         """Whether a queued id still needs fetching (not answered meanwhile, not taken)."""
-        fetch = self.gateway.inflight.get(uid)
+        inflight = self.gateway.inflight
+        fetch = inflight.get(uid)
         if fetch is None or fetch.taken:
+            return False
+        if fetch.ahead and not fetch.waiters and not self.gateway.coordinator.leads():
+            # Queued while this process led (a refresh-ahead may wait a minute to fill):
+            # the lead moved, and the new leader refreshes the popular ids. Fetched here
+            # too it cost a second call, which the claim cannot stop when this process's
+            # link to Redis is down, the usual reason it lost the lead. Its copy is
+            # still served; a job that joined it tries again, as after a shutdown.
+            del inflight[uid]
+            fetch.future.set_result(SHUTDOWN)
             return False
         fetch.taken = self._batch_no
         return True
