@@ -54,8 +54,10 @@ class CacheAdmin:
             queued += gateway.schedule_refresh(uid, record, PRIORITY_SWEEP, now)
         return queued
 
-    async def revalidate_older_than(self, age_s: float) -> int:
-        """Queue refreshes of stored users fetched more than `age_s` ago, as room allows."""
+    async def revalidate_older_than(self, age_s: float, *, leader_only: bool = False) -> int:
+        """Queue refreshes of stored users fetched more than `age_s` ago, as room allows;
+        `leader_only` (the sweep): each dropped if this process stops leading before its
+        call goes (the new leader sweeps)."""
         gateway = self.gateway
         room = gateway.queue.room_for(PRIORITY_SWEEP)
         if room <= 0:
@@ -66,21 +68,31 @@ class CacheAdmin:
             gateway.stats.store_errors += 1
             raise
         now = gateway.clock()
-        return sum(gateway.schedule_refresh(r.user_id, r, PRIORITY_SWEEP, now) for r in records)
+        queued = 0
+        for record in records:
+            if gateway.schedule_refresh(record.user_id, record, PRIORITY_SWEEP, now):
+                gateway.inflight[record.user_id].leader_only = leader_only
+                queued += 1
+        return queued
 
     async def sweep(self) -> None:
         """Every REFRESH_INTERVAL_S, refresh users that will turn stale before the next one."""
-        interval = self.gateway.settings.refresh_interval_s
         while True:
-            await asyncio.sleep(interval)
-            if not self.gateway.coordinator.leads():
-                continue  # another process of the deployment sweeps
-            try:
-                queued = await self.revalidate_older_than(
-                    self.gateway.settings.cache_ttl_s - interval
-                )
-            except StoreUnavailable as exc:
-                log.warning("refresh sweep skipped: %s", exc)
-                continue
-            if queued:
-                log.info("refresh sweep queued %d users", queued)
+            await asyncio.sleep(self.gateway.settings.refresh_interval_s)
+            await self.sweep_once()
+
+    async def sweep_once(self) -> int:
+        """One sweep, on the leader only; how many users it queued."""
+        if not self.gateway.coordinator.leads():
+            return 0  # another process of the deployment sweeps
+        settings = self.gateway.settings
+        try:
+            queued = await self.revalidate_older_than(
+                settings.cache_ttl_s - settings.refresh_interval_s, leader_only=True
+            )
+        except StoreUnavailable as exc:
+            log.warning("refresh sweep skipped: %s", exc)
+            return 0
+        if queued:
+            log.info("refresh sweep queued %d users", queued)
+        return queued

@@ -32,6 +32,9 @@ class Fetch:
     """Answered by another process's fetch: no upstream call was spent on it here."""
     ahead: bool = False
     """Queued by refresh-ahead (a popular user about to turn stale)."""
+    leader_only: bool = False
+    """Queued by a duty of the leader (refresh-ahead, the sweep): dropped, not fetched, if
+    the lead has moved before its call goes and no client waits for it."""
 
 
 @dataclass(slots=True)

@@ -137,7 +137,8 @@ class RefreshAhead:
         queued = 0
         for uid in due[: max(0, room)]:
             if gateway.schedule_refresh(uid, self._record(uid), PRIORITY_SWEEP, now):
-                gateway.inflight[uid].ahead = True
+                fetch = gateway.inflight[uid]
+                fetch.ahead = fetch.leader_only = True
                 queued += 1
         return queued
 

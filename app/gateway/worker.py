@@ -82,9 +82,9 @@ class FetchWorker:
         fetch = inflight.get(uid)
         if fetch is None or fetch.taken:
             return False
-        if fetch.ahead and not fetch.waiters and not self.gateway.coordinator.leads():
-            # Queued while this process led (a refresh-ahead may wait a minute to fill):
-            # the lead moved, and the new leader refreshes the popular ids. Fetched here
+        if fetch.leader_only and not fetch.waiters and not self.gateway.coordinator.leads():
+            # Queued while this process led (a background refresh may wait a minute to
+            # fill): the lead moved, and the new leader does that duty now. Fetched here
             # too it cost a second call, which the claim cannot stop when this process's
             # link to Redis is down, the usual reason it lost the lead. Its copy is
             # still served; a job that joined it tries again, as after a shutdown.

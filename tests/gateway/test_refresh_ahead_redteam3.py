@@ -216,3 +216,43 @@ async def test_a_leader_whose_clock_runs_ahead_still_merges_the_others_counts(
         assert await ahead.merge({7: 2}, min_hits=3) == {7: 4}
     finally:
         await client.aclose()
+
+
+async def test_a_sweep_refresh_queued_by_a_leader_that_lost_the_lead_is_not_fetched(
+    start_nodes: StartNodes,
+) -> None:
+    """The refresh sweep (REFRESH_INTERVAL_S) is the leader's duty too, in the same lane:
+    user 7, about to turn stale, waits in the leader's queue for its call to fill. The
+    leader's link to Redis is cut, the lead moves, and the new leader's sweep queues 7.
+    The old leader must not fetch 7 as well (before the fix it did: two calls)."""
+    clock = FakeClock(time.time())
+    upstream = SlowUpstream(delay_s=0.0)
+    nodes = await start_nodes(
+        clock,
+        upstream,
+        upstream_rate_per_min=50,
+        upstream_rate_per_hour=1000,
+        upstream_burst=10,
+        stale_if_error_s=2 * LEAD_MOVES_S,  # REFRESH_PATIENCE_S: 12 s
+        refresh_interval_s=TTL / 10,
+        refresh_ahead=False,
+    )
+    leader = next(g for g, _ in nodes if g.coordinator.leads())
+    other = next(g for g, _ in nodes if g is not leader)
+    await leader.lookup([7])
+    assert await leader.wait_idle(5)
+    clock.advance(TTL * 0.95)  # within a sweep interval of turning stale
+    coordinator = leader.coordinator  # the fetch's outcome, claimable for 10 s: lapsed
+    assert isinstance(coordinator, RedisCoordinator)
+    await coordinator.redis.delete(coordinator.keys.done(7))
+    calls = len(upstream.calls)
+    assert await leader.admin.sweep_once() == 1
+    assert fetches_of(upstream, 7, calls) == 0, "queued, filling"
+
+    proxy_of(nodes, leader).cut()
+    await until(lambda: other.coordinator.leads(), within_s=LEAD_MOVES_S)
+    await until(lambda: not leader.coordinator.leads(), within_s=1)
+    assert await other.admin.sweep_once() == 1, "the new leader sweeps 7"
+    for gateway in (leader, other):
+        assert await gateway.wait_idle(3 * LEAD_MOVES_S)
+    assert fetches_of(upstream, 7, calls) == 1, "7 refreshed once in the deployment"
