@@ -37,6 +37,14 @@ LEAD_MOVES_S = 12.0
 """Bound on the lead moving to another process once the leader's link is cut (its lease
 is 6 s, renewed every 2 s)."""
 
+PRODUCTION_BUDGET: dict[str, Any] = {
+    "upstream_rate_per_min": 50,
+    "upstream_rate_per_hour": 1000,
+    "upstream_burst": 10,
+    "stale_if_error_s": 2 * LEAD_MOVES_S,  # REFRESH_PATIENCE_S: 12 s
+}
+"""Freelancer's budget, where a background refresh waits in the queue for its call to fill."""
+
 Nodes = list[tuple[Gateway, Proxy]]
 StartNodes = Callable[..., Awaitable[Nodes]]
 
@@ -120,14 +128,7 @@ async def test_a_refresh_queued_by_a_leader_that_lost_the_lead_is_not_fetched_be
     its local budget, its claim unable to reach Redis: 7 was fetched twice)."""
     clock = FakeClock(time.time())  # SlowUpstream stamps users with time.time()
     upstream = SlowUpstream(delay_s=0.0)
-    nodes = await start_nodes(
-        clock,
-        upstream,
-        upstream_rate_per_min=50,
-        upstream_rate_per_hour=1000,
-        upstream_burst=10,
-        stale_if_error_s=2 * LEAD_MOVES_S,  # REFRESH_PATIENCE_S: 12 s
-    )
+    nodes = await start_nodes(clock, upstream, **PRODUCTION_BUDGET)
     leader, other = await due_and_popular(nodes, clock, 7)
     calls = len(upstream.calls)
     await leader.refresh_ahead.tick()
@@ -228,14 +229,7 @@ async def test_a_sweep_refresh_queued_by_a_leader_that_lost_the_lead_is_not_fetc
     clock = FakeClock(time.time())
     upstream = SlowUpstream(delay_s=0.0)
     nodes = await start_nodes(
-        clock,
-        upstream,
-        upstream_rate_per_min=50,
-        upstream_rate_per_hour=1000,
-        upstream_burst=10,
-        stale_if_error_s=2 * LEAD_MOVES_S,  # REFRESH_PATIENCE_S: 12 s
-        refresh_interval_s=TTL / 10,
-        refresh_ahead=False,
+        clock, upstream, **PRODUCTION_BUDGET, refresh_interval_s=TTL / 10, refresh_ahead=False
     )
     leader = next(g for g, _ in nodes if g.coordinator.leads())
     other = next(g for g, _ in nodes if g is not leader)
