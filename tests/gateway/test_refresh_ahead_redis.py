@@ -13,12 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from app.coordination.client import connect
-from app.coordination.popularity_sync import RedisPopularity
 from app.coordination.redis_coordinator import RedisCoordinator
 from app.gateway import Gateway
-from app.store import SqliteUserStore
-from tests.support.apps import make_settings, until
+from tests.support.apps import redis_gateway, until
 from tests.support.clock import FakeClock
 from tests.support.freelancer import SlowUpstream
 from tests.support.procs import RedisServer
@@ -34,23 +31,13 @@ async def test_counts_of_two_processes_are_merged_and_only_the_leader_refreshes(
     upstream = SlowUpstream(delay_s=0.0)
     gateways: list[Gateway] = []
     for _ in range(2):
-        coordinator = RedisCoordinator(
-            connect(redis_server.url, 1.0), prefix="t", lease_s=2.0, timeout_s=1.0
-        )
-        share = RedisPopularity(
-            coordinator.redis,
-            prefix="t",
-            process=coordinator.process,
-            timeout_s=1.0,
-            leads=coordinator.leads,
-        )
-        gateway = Gateway(
-            settings=make_settings(tmp_path, cache_ttl_s=TTL, refresh_ahead_min_hits=3),
-            store=SqliteUserStore(tmp_path / "users.db"),
+        gateway = redis_gateway(
+            tmp_path,
+            redis_server.url,
             upstream=upstream,
-            coordinator=coordinator,
-            popularity=share,
             clock=clock,
+            cache_ttl_s=TTL,
+            refresh_ahead_min_hits=3,
         )
         await gateway.start()
         gateways.append(gateway)
@@ -65,6 +52,8 @@ async def test_counts_of_two_processes_are_merged_and_only_the_leader_refreshes(
         clock.advance(TTL * 0.85)
         # The fetches' outcomes stay claimable in Redis for 10 s of real time; 850 s of
         # the fake clock would have let them lapse.
+        coordinator = b.coordinator
+        assert isinstance(coordinator, RedisCoordinator)
         keys = coordinator.keys
         await coordinator.redis.delete(keys.done(5), keys.done(6))
         for gateway in (a, b, a, b):  # each shares its counts; the leader merges and queues

@@ -19,13 +19,11 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from app.coordination.client import connect
 from app.coordination.popularity_sync import RedisPopularity
 from app.coordination.redis_coordinator import RedisCoordinator
 from app.domain import UserRecord
 from app.gateway import Gateway
-from app.store import SqliteUserStore
-from tests.support.apps import make_settings, until
+from tests.support.apps import redis_gateway, until
 from tests.support.clock import FakeClock
 from tests.support.freelancer import SlowUpstream
 from tests.support.procs import RedisServer
@@ -59,24 +57,14 @@ async def start_nodes(tmp_path: Path, redis_server: RedisServer) -> AsyncIterato
         for _ in range(count):
             proxy = Proxy(redis_server.port)
             await proxy.start()
-            coordinator = RedisCoordinator(
-                connect(proxy.url, 0.5), prefix="t", lease_s=2.0, timeout_s=0.5
-            )
-            share = RedisPopularity(
-                coordinator.redis,
-                prefix="t",
-                process=coordinator.process,
-                timeout_s=0.5,
-                leads=coordinator.leads,
-            )
             values: dict[str, Any] = {"cache_ttl_s": TTL, "refresh_ahead_min_hits": 3}
-            gateway = Gateway(
-                settings=make_settings(tmp_path, **(values | overrides)),
-                store=SqliteUserStore(tmp_path / "users.db"),
+            gateway = redis_gateway(
+                tmp_path,
+                proxy.url,
                 upstream=upstream,
-                coordinator=coordinator,
-                popularity=share,
                 clock=clock,
+                timeout_s=0.5,
+                **(values | overrides),
             )
             await gateway.start()
             started.append((gateway, proxy))

@@ -14,6 +14,9 @@ import pytest
 from fastapi import FastAPI
 
 from app.config import Settings
+from app.coordination.client import connect
+from app.coordination.popularity_sync import RedisPopularity
+from app.coordination.redis_coordinator import RedisCoordinator
 from app.domain import StoredUser, UserRecord
 from app.errors import StoreUnavailable
 from app.gateway import Gateway
@@ -146,3 +149,35 @@ class Running:
 
 
 StartApp = Callable[..., Awaitable[Running]]
+
+
+def redis_gateway(
+    tmp_path: Path,
+    redis_url: str,
+    *,
+    upstream: Any,
+    clock: Callable[[], float],
+    timeout_s: float = 1.0,
+    **overrides: Any,
+) -> Gateway:
+    """A gateway on `tmp_path`'s SQLite file, coordinated and sharing its popularity
+    through the Redis at `redis_url` (prefix "t", a 2 s lease), as one process of a
+    deployment: several of them in one test are separate processes to Redis."""
+    coordinator = RedisCoordinator(
+        connect(redis_url, timeout_s), prefix="t", lease_s=2.0, timeout_s=timeout_s
+    )
+    share = RedisPopularity(
+        coordinator.redis,
+        prefix="t",
+        process=coordinator.process,
+        timeout_s=timeout_s,
+        leads=coordinator.leads,
+    )
+    return Gateway(
+        settings=make_settings(tmp_path, **overrides),
+        store=SqliteUserStore(tmp_path / "users.db"),
+        upstream=upstream,
+        coordinator=coordinator,
+        popularity=share,
+        clock=clock,
+    )
