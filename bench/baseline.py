@@ -95,10 +95,11 @@ def floor_app(db: Path, *, from_store: bool = False) -> ASGIApp:
             users = dict(stored_users(reader, None))
     fetched = itemgetter(1)
     ttl_s = Settings.model_fields["cache_ttl_s"].default  # the bench gateway's
+    other = bare_app(b"{}")  # the lifespan and the readiness probe
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] != "POST":
-            await bare_app(b"{}")(scope, receive, send)  # lifespan, the readiness probe
+            await other(scope, receive, send)
             return
         message = await receive()  # one message: wrk's bodies are small
         user_ids = orjson.loads(message["body"])["user_ids"]

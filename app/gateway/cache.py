@@ -93,6 +93,11 @@ class LRU(Generic[V]):
                 self.recent[key] = value
         return value
 
+    def peek(self, key: int) -> V | None:
+        """The value, not marked as used (a look that is not a read); None when absent."""
+        value = self.recent.get(key)
+        return value if value is not None else self.older.get(key)
+
     def put(self, key: int, value: V) -> None:
         """Insert or replace (marked as just used), evicting when full."""
         recent, older = self.recent, self.older

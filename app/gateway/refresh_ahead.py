@@ -146,13 +146,12 @@ class RefreshAhead:
         """When each id's copy was fetched: memory's (without marking it used), else the
         store's. Ids with neither (never found, or evicted) are left out. With the store
         down (False), memory's copies alone: its popular users are still refreshed."""
-        users = self.gateway.memory.users
-        recent, older = users.recent, users.older
+        peek = self.gateway.memory.users.peek
         copies: dict[int, float] = {}
         self._stored = {}
         absent: list[int] = []
         for uid in ids:
-            entry = recent.get(uid) or older.get(uid)
+            entry = peek(uid)
             if entry is None:
                 absent.append(uid)
             else:
@@ -180,9 +179,8 @@ class RefreshAhead:
         # Once a read of this look failed the store is down for it: a second read would
         # hold the look another STORE_TIMEOUT_S for the same answer.
         if judged_by_memory and store_up:
-            users = gateway.memory.users
             for uid in judged_by_memory:  # their copies' created_at, if memory drops one
-                entry = users.recent.get(uid) or users.older.get(uid)
+                entry = gateway.memory.users.peek(uid)
                 if entry is not None:
                     self._stored[uid] = record_of(entry)
             try:
@@ -196,16 +194,14 @@ class RefreshAhead:
             if record.fetched_at > copies[uid]:
                 copies[uid] = record.fetched_at
                 gateway.memory.learn(uid, cache_entry(record), now, hold=False)
-        users = gateway.memory.users
         for uid in due:  # memory as it is now, after the reads' awaits
-            entry = users.recent.get(uid) or users.older.get(uid)
+            entry = gateway.memory.users.peek(uid)
             if entry is not None and entry[1] > copies[uid]:
                 copies[uid] = entry[1]
         return [u for u in due if copies[u] <= due_before]
 
     def _record(self, uid: int) -> UserRecord | None:
         """The copy being refreshed (its `created_at` is kept)."""
-        users = self.gateway.memory.users
-        entry = users.recent.get(uid) or users.older.get(uid)
+        entry = self.gateway.memory.users.peek(uid)
         # Else the copy the look judged it by: the store's, or memory's before the read.
         return record_of(entry) if entry is not None else self._stored.get(uid)

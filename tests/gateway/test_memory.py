@@ -87,6 +87,18 @@ def test_the_lru_holds_at_most_maxsize_and_forgets_the_unused_first() -> None:
     assert lru.pop(6) == "v6" and lru.pop(6) is None and len(lru) == 3
 
 
+def test_a_peek_answers_without_marking_the_user_used() -> None:
+    """Refresh-ahead looks at its popular users' copies: a look is not a read, so it must
+    not keep a user in memory that clients no longer ask for."""
+    lru: LRU[str] = LRU(2)
+    lru.put(1, "v1")
+    lru.put(2, "v2")
+    lru.put(3, "v3")  # full: 1 goes, 2 is now the oldest
+    assert lru.peek(2) == "v2" and lru.peek(3) == "v3" and lru.peek(1) is None
+    lru.put(4, "v4")
+    assert 2 not in lru and lru.peek(4) == "v4"
+
+
 @given(
     st.lists(st.tuples(st.sampled_from(["put", "get", "pop"]), st.integers(0, 12)), max_size=300)
 )
